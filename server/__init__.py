@@ -1,0 +1,1 @@
+"""The coordinator: Flower ServerApp, round recording, the run store."""

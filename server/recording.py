@@ -1,0 +1,273 @@
+"""RecordingStrategy: wraps any Flower strategy and puts every round on the record.
+
+Wrapping (not subclassing) keeps aggregation in Flower's strategy and recording here. Each
+reply is checked at the edge before the inner strategy sees it: a site whose reply is
+malformed (missing records, arrays that do not match the global model, an invalid privacy
+event) is rejected with a recorded reason and the round goes on with the others. Error
+replies and sites that never answered are recorded too, so the participation table always
+says why a site is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from sqlalchemy.orm import Session
+
+from privacy import epsilon
+from server.store import RunStore
+from server.store import schema as S
+from veil import protocol as P
+from veil.logs import get_logger
+
+log = get_logger("server")
+
+
+def array_bytes(arrays: ArrayRecord) -> int:
+    """Bytes of tensor data in an ArrayRecord (what crosses the wire, headers aside)."""
+    return sum(len(a.data) for a in arrays.values())
+
+
+def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean loss; ε aggregated with *max* (a mean would hide the worst site)."""
+    total = sum(float(P.metric(r, weight_key)) for r in records)
+    loss = sum(P.metric(r, P.TRAIN_LOSS) * P.metric(r, weight_key) for r in records) / total
+    return MetricRecord({P.TRAIN_LOSS: loss, P.EPSILON: max(P.metric(r, P.EPSILON) for r in records)})
+
+
+@dataclass
+class RoundLog:
+    number: int
+    started: float = field(default_factory=time.perf_counter)
+    sampled: list[int] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    ok: int = 0
+    examples: int = 0
+    train_loss: float | None = None
+    max_epsilon: float | None = None
+
+
+class RecordingStrategy(Strategy):
+    def __init__(
+        self,
+        inner: Strategy,
+        store: RunStore,
+        run_id: int,
+        *,
+        num_rounds: int,
+        min_sites: int,
+        on_round: Callable[[dict[str, float | int | None]], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.store = store
+        self.run_id = run_id
+        self.num_rounds = num_rounds
+        self.min_sites = min_sites
+        self.on_round = on_round
+        self.node_sites: dict[int, str] = {}
+        self.round: RoundLog = RoundLog(0)
+        self._global_keys: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    # -- delegation ----------------------------------------------------------------------
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.round = RoundLog(server_round, sampled=[m.metadata.dst_node_id for m in messages])
+        self.round.bytes_down = array_bytes(arrays) * len(messages)
+        self._global_keys = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        with self.store.session() as s:
+            row = self.store.round_row(s, self.run_id, server_round)
+            row.sites_sampled = len(messages)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        self._eval_sampled = [m.metadata.dst_node_id for m in messages]
+        self._eval_bytes = array_bytes(arrays)
+        self.round.bytes_down += self._eval_bytes * len(messages)
+        return messages
+
+    # -- train ---------------------------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        valid: list[Message] = []
+        per_site_bytes = self.round.bytes_down // max(len(self.round.sampled), 1)
+        with self.store.session() as s:
+            answered = set()
+            for msg in replies:
+                node = msg.metadata.src_node_id
+                answered.add(node)
+                if msg.has_error():
+                    self._participation(s, server_round, node, "train", "failed",
+                                        reason=msg.error.reason, bytes_down=per_site_bytes)
+                    continue
+                try:
+                    info, report, n = self._check_train_reply(msg.content)
+                except ValueError as err:
+                    self._participation(s, server_round, node, "train", "rejected",
+                                        reason=str(err), bytes_down=per_site_bytes)
+                    log.warning("round %d: rejected reply from node %d: %s", server_round, node, err)
+                    continue
+                self.node_sites[node] = info.site_id
+                up = array_bytes(msg.content[P.ARRAYS])  # type: ignore[arg-type]
+                site = self.store.site_row(s, self.run_id, info.site_id)
+                site.num_train, site.num_test = n, info.num_test
+                site.device, site.delta = info.device, report.delta
+                s.add(S.Participation(
+                    run_id=self.run_id, round_number=server_round, site_id=site.id, phase="train",
+                    status="ok", num_examples=n, seconds=info.seconds,
+                    bytes_down=per_site_bytes, bytes_up=up,
+                ))
+                ev = report.event
+                s.add(S.PrivacyEvent(
+                    run_id=self.run_id, round_number=server_round, site_id=site.id,
+                    noise_multiplier=ev.noise_multiplier, sample_rate=ev.sample_rate,
+                    steps=ev.steps, max_grad_norm=ev.max_grad_norm, delta=report.delta,
+                    sampling=report.sampling, accountant=report.accountant,
+                    accountant_version=report.accountant_version, reported_epsilon=report.epsilon,
+                ))
+                for name in (P.TRAIN_LOSS, P.EPSILON):
+                    s.add(S.Metric(run_id=self.run_id, round_number=server_round, site_id=site.id,
+                                   phase="train", name=name, value=P.metric(msg.content, name)))
+                self.round.bytes_up += up
+                self.round.examples += n
+                valid.append(msg)
+            for node in self.round.sampled:
+                if node not in answered:
+                    self._participation(s, server_round, node, "train", "no-reply",
+                                        reason="no reply before the round timeout",
+                                        bytes_down=per_site_bytes)
+        self.round.ok = len(valid)
+        if len(valid) < self.min_sites:
+            log.warning("round %d: %d usable replies, fewer than min_sites=%d; model kept",
+                        server_round, len(valid), self.min_sites)
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        if metrics is not None:
+            self.round.train_loss = float(metrics[P.TRAIN_LOSS])  # type: ignore[arg-type]
+            self.round.max_epsilon = float(metrics[P.EPSILON])  # type: ignore[arg-type]
+        return arrays, metrics
+
+    def _check_train_reply(self, content: RecordDict) -> tuple[P.SiteInfo, P.PrivacyReport, int]:
+        info = P.site_info(content)
+        arrays = content.get(P.ARRAYS)
+        if not isinstance(arrays, ArrayRecord):
+            raise ValueError("reply has no arrays record")
+        got = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        if got != self._global_keys:
+            raise ValueError("arrays do not match the global model (keys, shapes or dtypes differ)")
+        n = P.metric(content, P.NUM_EXAMPLES)
+        if n != int(n) or n < 1:
+            raise ValueError(f"num-examples must be a positive integer, got {n}")
+        for key in (P.TRAIN_LOSS, P.EPSILON):
+            P.metric(content, key)
+        privacy = content.get(P.PRIVACY)
+        if not isinstance(privacy, ConfigRecord):
+            raise ValueError("reply has no privacy record: a site must report the mechanism it ran")
+        return info, P.PrivacyReport.from_config(privacy), int(n)
+
+    # -- evaluate ------------------------------------------------------------------------
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        valid: list[Message] = []
+        with self.store.session() as s:
+            answered = set()
+            for msg in replies:
+                node = msg.metadata.src_node_id
+                answered.add(node)
+                if msg.has_error():
+                    self._participation(s, server_round, node, "evaluate", "failed",
+                                        reason=msg.error.reason, bytes_down=self._eval_bytes)
+                    continue
+                try:
+                    info = P.site_info(msg.content)
+                    n = P.metric(msg.content, P.NUM_EXAMPLES)
+                    loss, acc = P.metric(msg.content, P.EVAL_LOSS), P.metric(msg.content, P.EVAL_ACC)
+                    if n < 1 or not 0.0 <= acc <= 1.0:
+                        raise ValueError(f"implausible evaluation (n={n}, accuracy={acc})")
+                except ValueError as err:
+                    self._participation(s, server_round, node, "evaluate", "rejected",
+                                        reason=str(err), bytes_down=self._eval_bytes)
+                    continue
+                self.node_sites[node] = info.site_id
+                site = self.store.site_row(s, self.run_id, info.site_id)
+                s.add(S.Participation(
+                    run_id=self.run_id, round_number=server_round, site_id=site.id,
+                    phase="evaluate", status="ok", num_examples=int(n), seconds=info.seconds,
+                    bytes_down=self._eval_bytes,
+                ))
+                for name, value in ((P.EVAL_LOSS, loss), (P.EVAL_ACC, acc)):
+                    s.add(S.Metric(run_id=self.run_id, round_number=server_round, site_id=site.id,
+                                   phase="evaluate", name=name, value=value))
+                valid.append(msg)
+            for node in self._eval_sampled:
+                if node not in answered:
+                    self._participation(s, server_round, node, "evaluate", "no-reply",
+                                        reason="no reply before the round timeout",
+                                        bytes_down=self._eval_bytes)
+        metrics = self.inner.aggregate_evaluate(server_round, valid) if valid else None
+        self._close_round(server_round, metrics)
+        return metrics
+
+    def _close_round(self, server_round: int, eval_metrics: MetricRecord | None) -> None:
+        r = self.round
+        seconds = time.perf_counter() - r.started
+        acc = float(eval_metrics[P.EVAL_ACC]) if eval_metrics else None  # type: ignore[arg-type]
+        loss = float(eval_metrics[P.EVAL_LOSS]) if eval_metrics else None  # type: ignore[arg-type]
+        with self.store.session() as s:
+            row = self.store.round_row(s, self.run_id, server_round)
+            row.status = "completed" if r.ok >= self.min_sites else "insufficient"
+            row.ended_at, row.seconds = datetime.now(UTC), seconds
+            row.sites_ok, row.examples = r.ok, r.examples
+            row.bytes_down, row.bytes_up = r.bytes_down, r.bytes_up
+            for name, value in ((P.TRAIN_LOSS, r.train_loss), (P.EPSILON, r.max_epsilon),
+                                (P.EVAL_LOSS, loss), (P.EVAL_ACC, acc)):
+                if value is not None:
+                    s.add(S.Metric(run_id=self.run_id, round_number=server_round, site_id=None,
+                                   phase="aggregate", name=name, value=value))
+        if self.on_round:
+            self.on_round({"round": server_round, "rounds": self.num_rounds, "accuracy": acc,
+                           "loss": loss, "max_epsilon": r.max_epsilon, "sites_ok": r.ok,
+                           "sites_sampled": len(r.sampled), "seconds": seconds})
+
+    def _participation(self, s: Session, server_round: int, node: int, phase: str, status: str,
+                       *, reason: str, bytes_down: int) -> None:
+        key = self.node_sites.get(node, f"node-{node}")
+        site = self.store.site_row(s, self.run_id, key)
+        s.add(S.Participation(run_id=self.run_id, round_number=server_round, site_id=site.id,
+                              phase=phase, status=status, reason=reason[:2000],
+                              bytes_down=bytes_down))
+
+
+def site_epsilons(store: RunStore, run_id: int) -> dict[str, tuple[float, float, str]]:
+    """ε per site recomputed from the stored events: {site: (ε, δ, accountant)}."""
+    from sqlalchemy import select
+
+    from privacy import DpSgdEvent
+
+    out: dict[str, tuple[float, float, str]] = {}
+    with store.session() as s:
+        rows = s.execute(
+            select(S.Site.site_key, S.PrivacyEvent).join(S.PrivacyEvent, S.PrivacyEvent.site_id == S.Site.id)
+            .where(S.PrivacyEvent.run_id == run_id).order_by(S.PrivacyEvent.round_number)
+        ).all()
+    by_site: dict[str, list[S.PrivacyEvent]] = {}
+    for key, ev in rows:
+        by_site.setdefault(key, []).append(ev)
+    for key, evs in by_site.items():
+        delta, acc = evs[-1].delta, evs[-1].accountant
+        events = [DpSgdEvent(e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) for e in evs]
+        out[key] = (epsilon(events, delta, acc), delta, acc)  # type: ignore[arg-type]
+    return out

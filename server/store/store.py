@@ -1,0 +1,222 @@
+"""RunStore: open (and migrate) the database, write a run's record, read it back.
+
+* One ``session()`` that commits on success and rolls back on any error, so a bad write
+  never leaves half a record.
+* SQLite (the embedded default) runs in WAL mode with foreign keys on; PostgreSQL for
+  shared deployments. The same test suite runs against both.
+* The schema is owned by Alembic: opening a store upgrades it to head (an empty database
+  is created), and a database from a *newer* Veil is refused rather than touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.store import schema as S
+from veil import __version__
+from veil.errors import StoreError
+
+DEFAULT_STORE_URL = "sqlite:///veil.db"
+STORE_ENV = "VEIL_STORE"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=5, check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+g{sha}" if sha else __version__
+
+
+def resolve_store_url(url: str | None) -> str:
+    return url or os.environ.get(STORE_ENV) or DEFAULT_STORE_URL
+
+
+def _alembic_config(connection: Any = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+class RunStore:
+    """The coordinator's record of runs, rounds, sites, participation, metrics and privacy."""
+
+    def __init__(self, url: str | None = None, *, migrate: bool = True) -> None:
+        self.url = resolve_store_url(url)
+        try:
+            parsed = make_url(self.url)
+        except ArgumentError:
+            raise StoreError(
+                f"store URL {self.url!r} is not a database URL; use e.g. sqlite:///veil.db or "
+                "postgresql://user@host:5432/db"
+            ) from None
+        kwargs: dict[str, Any] = {}
+        if parsed.get_backend_name() == "sqlite":
+            db = parsed.database
+            if db and db != ":memory:":
+                Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        try:
+            self.engine: Engine = create_engine(parsed, **kwargs)
+        except (ArgumentError, ImportError) as err:
+            raise StoreError(f"cannot open store {parsed.render_as_string()}: {err}") from None
+        if parsed.get_backend_name() == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._check_schema(migrate)
+
+    # -- schema --------------------------------------------------------------------------
+    def _check_schema(self, migrate: bool) -> None:
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+
+        safe = make_url(self.url).render_as_string(hide_password=True)
+        head = _head_revision()
+        try:
+            with self.engine.begin() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+                if current == head:
+                    return
+                known = _known_revisions()
+                if current is not None and current not in known:
+                    raise StoreError(
+                        f"store {safe} has schema revision {current}, newer than this Veil "
+                        f"(head {head}); upgrade Veil to use it"
+                    )
+                if not migrate:
+                    raise StoreError(
+                        f"store {safe} is at schema {current or 'empty'}, expected {head}; "
+                        f"run: veil db upgrade --store '{safe}'"
+                    )
+                command.upgrade(_alembic_config(conn), "head")
+        except OperationalError as err:
+            raise StoreError(f"cannot reach store {safe}: {err.orig}") from None
+
+    def upgrade(self) -> None:
+        self._check_schema(migrate=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A unit of work: commits when the block ends, rolls back if it raises."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except SQLAlchemyError as err:
+            session.rollback()
+            raise StoreError(f"store write failed and was rolled back: {err}") from err
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    # -- runs ----------------------------------------------------------------------------
+    def create_run(self, *, name: str, spec: dict[str, Any], spec_hash: str, seed: int,
+                   num_sites: int, num_rounds: int, mode: str = "simulation") -> int:
+        with self.session() as s:
+            run = S.Run(
+                name=name, status="running", spec_json=json.dumps(spec, sort_keys=True),
+                spec_hash=spec_hash, code_version=code_version(), seed=seed,
+                num_sites=num_sites, num_rounds=num_rounds, mode=mode,
+                started_at=datetime.now(UTC),
+            )
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def finish_run(self, run_id: int, *, status: str, error: str | None = None) -> None:
+        with self.session() as s:
+            run = s.get(S.Run, run_id)
+            if run is None:
+                raise StoreError(f"no run {run_id} in store")
+            run.status = status
+            run.error = error
+            run.ended_at = datetime.now(UTC)
+            if run.started_at is not None:
+                started = run.started_at if run.started_at.tzinfo else run.started_at.replace(tzinfo=UTC)
+                run.wall_seconds = (run.ended_at - started).total_seconds()
+
+    def get_run(self, run_id: int) -> S.Run:
+        with self.session() as s:
+            run = s.get(S.Run, run_id)
+            if run is None:
+                raise StoreError(f"no run {run_id} in store {self.url}")
+            return run
+
+    # -- sites & rounds ------------------------------------------------------------------
+    def site_row(self, s: Session, run_id: int, site_key: str) -> S.Site:
+        row = s.scalar(select(S.Site).where(S.Site.run_id == run_id, S.Site.site_key == site_key))
+        if row is None:
+            row = S.Site(run_id=run_id, site_key=site_key)
+            s.add(row)
+            s.flush()
+        return row
+
+    def round_row(self, s: Session, run_id: int, number: int) -> S.Round:
+        row = s.scalar(select(S.Round).where(S.Round.run_id == run_id, S.Round.number == number))
+        if row is None:
+            row = S.Round(run_id=run_id, number=number, status="running")
+            s.add(row)
+            s.flush()
+        return row
+
+    def add_artifact(self, run_id: int, *, round_number: int | None, kind: str, uri: str,
+                     sha256: str, size_bytes: int) -> None:
+        with self.session() as s:
+            s.add(S.Artifact(run_id=run_id, round_number=round_number, kind=kind, uri=uri,
+                             sha256=sha256, size_bytes=size_bytes))
+
+
+def _known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return {rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    url: str
+    revision: str

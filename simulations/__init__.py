@@ -1,0 +1,1 @@
+"""Laptop federations: partitioning, scenario files, the simulate command."""

@@ -1,0 +1,186 @@
+"""What travels between coordinator and sites, as typed records on both ends.
+
+The coordinator sends a ``TrainTask`` (flat ConfigRecord); a site answers with its arrays, a
+MetricRecord that FedAvg aggregates, and two ConfigRecords FedAvg ignores: the privacy event
+it ran and who it is. Every decoder validates what it reads and raises ``ValueError`` naming
+the field, so a malformed reply is rejected, recorded, and never aggregated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, cast
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from privacy import DpSgdEvent
+from privacy.accounting import ACCOUNTANTS, AccountantName
+from veil.spec import Scenario
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+TASK = "config"
+PRIVACY = "privacy"
+SITE = "site"
+
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"
+EVAL_LOSS = "eval-loss"
+EVAL_ACC = "eval-acc"
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """One round's local training job, as the coordinator asks for it."""
+
+    arch: str
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    max_grad_norm: float
+    noise_multiplier: float  # 0.0 means "calibrate from target_epsilon"
+    target_epsilon: float  # 0.0 means "use noise_multiplier"
+    delta: float  # 0.0 means "site default: min(1e-5, 0.1/n)"
+    accountant: str
+    planned_rounds: int
+    seed: int
+
+    @classmethod
+    def from_scenario(cls, s: Scenario) -> TrainTask:
+        p, t = s.privacy, s.training
+        return cls(
+            arch=s.model.arch,
+            local_epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            learning_rate=t.learning_rate,
+            momentum=t.momentum,
+            max_grad_norm=p.max_grad_norm,
+            noise_multiplier=p.noise_multiplier or 0.0,
+            target_epsilon=p.target_epsilon or 0.0,
+            delta=p.delta or 0.0,
+            accountant=p.accountant,
+            planned_rounds=s.federation.rounds,
+            seed=s.seed,
+        )
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord(cast(Any, asdict(self)))
+
+    @classmethod
+    def from_config(cls, rec: ConfigRecord) -> TrainTask:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in rec:
+                raise ValueError(f"training task is missing field {f.name!r}")
+            values[f.name] = rec[f.name]
+        task = cls(**values)
+        if task.accountant not in ACCOUNTANTS:
+            raise ValueError(f"task.accountant must be one of {ACCOUNTANTS}, got {task.accountant!r}")
+        if (task.noise_multiplier > 0) == (task.target_epsilon > 0):
+            raise ValueError("task must set exactly one of noise_multiplier and target_epsilon")
+        return task
+
+    @property
+    def accountant_name(self) -> AccountantName:
+        return cast(AccountantName, self.accountant)
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """A site's privacy event for this round plus its cumulative ε over the run so far."""
+
+    event: DpSgdEvent
+    delta: float
+    accountant: str
+    accountant_version: str
+    epsilon: float
+    sampling: str = "poisson"
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "noise-multiplier": self.event.noise_multiplier,
+                "sample-rate": self.event.sample_rate,
+                "steps": self.event.steps,
+                "max-grad-norm": self.event.max_grad_norm,
+                "delta": self.delta,
+                "accountant": self.accountant,
+                "accountant-version": self.accountant_version,
+                "epsilon": self.epsilon,
+                "sampling": self.sampling,
+            }
+        )
+
+    @classmethod
+    def from_config(cls, rec: ConfigRecord) -> PrivacyReport:
+        try:
+            event = DpSgdEvent(
+                noise_multiplier=float(_num(rec, "noise-multiplier")),
+                sample_rate=float(_num(rec, "sample-rate")),
+                steps=int(_num(rec, "steps")),
+                max_grad_norm=float(_num(rec, "max-grad-norm")),
+            )
+        except ValueError as err:
+            raise ValueError(f"privacy record: {err}") from None
+        delta, eps = float(_num(rec, "delta")), float(_num(rec, "epsilon"))
+        if not 0 < delta < 1:
+            raise ValueError(f"privacy record: delta must be in (0, 1), got {delta}")
+        if not (eps >= 0 and not math.isnan(eps)):
+            raise ValueError(f"privacy record: epsilon must be >= 0, got {eps}")
+        sampling = str(rec.get("sampling", ""))
+        if sampling != "poisson":
+            raise ValueError(f"privacy record: sampling must be 'poisson', got {sampling!r}")
+        return cls(
+            event, delta, str(rec.get("accountant", "")), str(rec.get("accountant-version", "")), eps
+        )
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    site_id: str
+    device: str
+    seconds: float
+    num_test: int = 0
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord(
+            {"site-id": self.site_id, "device": self.device, "seconds": self.seconds,
+             "num-test": self.num_test}
+        )
+
+    @classmethod
+    def from_config(cls, rec: ConfigRecord) -> SiteInfo:
+        site_id = rec.get("site-id")
+        if not isinstance(site_id, str) or not 0 < len(site_id) <= 200:
+            raise ValueError(f"site record: site-id must be a non-empty string, got {site_id!r}")
+        return cls(site_id, str(rec.get("device", "?")), float(_num(rec, "seconds")),
+                   int(rec.get("num-test", 0)))  # type: ignore[arg-type]
+
+
+def _num(rec: ConfigRecord | MetricRecord, key: str) -> float:
+    value = rec.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"field {key!r} must be a number, got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"field {key!r} is NaN")
+    return value
+
+
+def site_info(content: RecordDict) -> SiteInfo:
+    rec = content.get(SITE)
+    if not isinstance(rec, ConfigRecord):
+        raise ValueError("reply has no site record")
+    return SiteInfo.from_config(rec)
+
+
+def metric(content: RecordDict, key: str) -> float:
+    rec = content.get(METRICS)
+    if not isinstance(rec, MetricRecord):
+        raise ValueError("reply has no metrics record")
+    return _num(rec, key)
+
+
+Phase = Literal["train", "evaluate"]

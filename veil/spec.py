@@ -1,0 +1,178 @@
+"""The scenario (run spec): a frozen, validated model read once at the edge.
+
+Every field has a type and a range; an unknown key, a wrong type or a value out of range is
+reported as ``<field>: <problem> (got <value>)`` with the allowed values, before anything
+touches the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from veil.errors import ScenarioError
+
+DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "scenarios" / "default.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class FederationSpec(_Strict):
+    sites: int = Field(10, ge=1, le=1000, description="number of simulated sites")
+    rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
+    fraction_train: float = Field(
+        1.0, gt=0.0, le=1.0, description="fraction of sites sampled per training round"
+    )
+    min_sites: int = Field(1, ge=1, description="fewest sites that must reply for a round to count")
+    round_timeout_s: float = Field(3600.0, gt=0.0)
+
+
+class DataSpec(_Strict):
+    source: Literal["mnist-5k"] = "mnist-5k"
+    partitioner: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (smaller = more skew)")
+    shards_per_site: int = Field(2, ge=1, description="label shards per site (partitioner: shards)")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share of each site")
+    min_site_examples: int = Field(20, ge=2, description="fewest examples a Dirichlet site may get")
+
+
+class ModelSpec(_Strict):
+    arch: Literal["cnn", "mlp"] = "cnn"
+
+
+class TrainingSpec(_Strict):
+    local_epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size")
+    learning_rate: float = Field(0.1, gt=0.0, le=10.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class PrivacySpec(_Strict):
+    noise_multiplier: float | None = Field(
+        None, gt=0.0, description="Gaussian noise σ relative to the clipping norm"
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0.0, description="calibrate σ so each site spends at most this ε over all rounds"
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-sample clipping norm C")
+    delta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="δ; default min(1e-5, 0.1/n) for a site with n records"
+    )
+    accountant: Literal["pld", "rdp", "prv"] = "pld"
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacySpec:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "set exactly one of privacy.noise_multiplier or privacy.target_epsilon "
+                f"(got noise_multiplier={self.noise_multiplier}, "
+                f"target_epsilon={self.target_epsilon})"
+            )
+        return self
+
+
+class Scenario(_Strict):
+    """A simulated federation: who trains what, how privately, for how long."""
+
+    name: str = Field("mnist-dp", min_length=1, max_length=200)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    federation: FederationSpec = FederationSpec()
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    privacy: PrivacySpec = PrivacySpec(noise_multiplier=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        if self.federation.min_sites > self.federation.sites:
+            raise ValueError(
+                f"federation.min_sites ({self.federation.min_sites}) must not exceed "
+                f"federation.sites ({self.federation.sites})"
+            )
+        return self
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON form: equal specs hash equal, whatever the file layout."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def with_overrides(self, **dotted: Any) -> Scenario:
+        """Return a copy with ``{"federation.sites": 2, ...}`` applied, re-validated."""
+        raw = self.model_dump(mode="json")
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return parse_scenario(raw, source="command line")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid scenario ({source}):"]
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parent = _model_at(tuple(item["loc"][:-1]))
+            allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
+            lines.append(f"  {field}: unknown key; allowed keys here: {allowed}")
+            continue
+        msg = item["msg"].removeprefix("Value error, ")
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) or item["type"] == "value_error" else f" (got {got!r})"
+        lines.append(f"  {field}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Scenario
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def parse_scenario(raw: Any, source: str = "<dict>") -> Scenario:
+    """Validate a mapping into a Scenario, or raise ScenarioError naming each bad field."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ScenarioError(
+            f"invalid scenario ({source}): the top level must be a mapping of keys, "
+            f"got {type(raw).__name__}"
+        )
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as err:
+        raise ScenarioError(_format_errors(err, source)) from None
+
+
+def load_scenario(path: Path | str | None = None) -> Scenario:
+    """Read and validate a scenario YAML file (the default scenario when ``path`` is None)."""
+    file = Path(path) if path is not None else DEFAULT_SCENARIO
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError(f"scenario file not found: {file}") from None
+    except OSError as err:
+        raise ScenarioError(f"cannot read scenario file {file}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ScenarioError(f"scenario file {file} is not valid YAML: {err}") from None
+    return parse_scenario(raw, source=str(file))
