@@ -30,7 +30,7 @@ def _history(context: Context) -> list[DpSgdEvent]:
     if not isinstance(rec, ConfigRecord):
         return []
     cols = [rec[k] for k in ("sigma", "q", "steps", "clip")]
-    return [DpSgdEvent(float(s), float(q), int(n), float(c)) for s, q, n, c in zip(*cols, strict=True)]  # type: ignore[call-overload]
+    return [DpSgdEvent(float(s), float(q), int(n), float(c)) for s, q, n, c in zip(*cols, strict=True)]
 
 
 def _append_history(context: Context, event: DpSgdEvent, sigma_planned: float) -> None:

@@ -84,7 +84,12 @@ def train_dp_sgd(
         )
     sample_rate = float(dp_loader.sample_rate)
     steps, loss_total, seen = 0, 0.0, 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        warnings.catch_warnings(),
+    ):
+        # Opacus's hooks trigger torch's backward-hook notices on every step.
+        warnings.filterwarnings("ignore", message=".*backward hook.*")
         torch.manual_seed(seed)
         for _ in range(local_epochs):
             for x, y in dp_loader:
@@ -99,7 +104,7 @@ def train_dp_sgd(
                 dp_optimizer.step()
                 loss_total += float(loss.detach()) * len(y)
                 seen += len(y)
-    private_model.remove_hooks()  # type: ignore[operator]
+    private_model.remove_hooks()
     event = DpSgdEvent(noise_multiplier, sample_rate, steps, max_grad_norm)
     return TrainOutcome(event, len(data), loss_total / max(seen, 1), time.perf_counter() - start)
 

@@ -24,9 +24,10 @@ from privacy.events import DpSgdEvent
 AccountantName = Literal["pld", "rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = get_args(AccountantName)
 
-# A 1e-4 grid keeps PLD within ~0.001 of the exact value at ~35 ms a query; the PLD
-# accountant is pessimistic, so discretization can only over-report ε.
-PLD_DISCRETIZATION = 1e-4
+# dp_accounting's PLD is pessimistic: rounding privacy losses up to this grid can only
+# over-report ε. At 1e-3 it is 10x faster than at 1e-4 and, measured here, over-reports by
+# under 1e-4 for a few hundred steps and by ~0.013 for 10,000 steps (0.960 vs 0.947).
+PLD_DISCRETIZATION = 1e-3
 
 _History = tuple[tuple[float, float, int], ...]
 

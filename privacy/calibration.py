@@ -2,9 +2,9 @@
 
 Bisection on σ with the *same* accountant that later reports ε, returning the upper end of
 the final bracket, so the calibrated mechanism never overshoots the target by construction
-(ε is non-increasing in σ for the subsampled Gaussian). For PLD the search runs on a coarse
-grid (10x faster, still a pessimistic bound), then the result is checked on the reporting
-grid and nudged up until it holds there too.
+(ε is non-increasing in σ for the subsampled Gaussian). The search may run on a coarser PLD
+grid than the reporting one; the result is then checked on the reporting grid and nudged up
+until it holds there too.
 """
 
 from __future__ import annotations

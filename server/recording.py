@@ -111,7 +111,7 @@ class RecordingStrategy(Strategy):
                 answered.add(node)
                 if msg.has_error():
                     self._participation(s, server_round, node, "train", "failed",
-                                        reason=msg.error.reason, bytes_down=per_site_bytes)
+                                        reason=msg.error.reason or "error reply without a reason", bytes_down=per_site_bytes)
                     continue
                 try:
                     info, report, n = self._check_train_reply(msg.content)
@@ -189,7 +189,7 @@ class RecordingStrategy(Strategy):
                 answered.add(node)
                 if msg.has_error():
                     self._participation(s, server_round, node, "evaluate", "failed",
-                                        reason=msg.error.reason, bytes_down=self._eval_bytes)
+                                        reason=msg.error.reason or "error reply without a reason", bytes_down=self._eval_bytes)
                     continue
                 try:
                     info = P.site_info(msg.content)

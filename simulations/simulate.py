@@ -45,6 +45,20 @@ class SimulationResult:
     rounds: list[dict[str, float | int | None]] = field(default_factory=list)
 
 
+def first_failure(store: RunStore, run_id: int) -> str:
+    from sqlalchemy import select
+
+    from server.store import schema as S
+
+    with store.session() as s:
+        reason = s.scalar(
+            select(S.Participation.reason)
+            .where(S.Participation.run_id == run_id, S.Participation.status != "ok")
+            .order_by(S.Participation.id).limit(1)
+        )
+    return reason or "none"
+
+
 def format_progress(info: dict[str, float | int | None]) -> str:
     parts = [f"round {info['round']}/{info['rounds']}:"]
     if info["accuracy"] is not None:
@@ -101,5 +115,10 @@ def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
         if len(rounds) != scenario.federation.rounds:
             raise RuntimeError(
                 f"the simulation ended after {len(rounds)} of {scenario.federation.rounds} rounds"
+            )
+        if not any(int(r["sites_ok"] or 0) >= scenario.federation.min_sites for r in rounds):
+            raise RuntimeError(
+                "no round had enough usable site replies; first reason recorded: "
+                f"{first_failure(store, run_id)}"
             )
     return SimulationResult(run_id, time.perf_counter() - start, rounds)

@@ -30,6 +30,9 @@ def _quiet_third_parties(verbose: bool) -> None:
     Opacus attaches a root handler when imported, so flwr's records would print twice;
     flwr keeps its own handler and stops propagating.
     """
+    import flwr.simulation  # noqa: F401  (importing Flower resets its logger: import first)
+    import opacus  # noqa: F401
+
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False
     flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
