@@ -60,11 +60,23 @@ def _noise_multiplier(task: P.TrainTask, context: Context, n: int, delta: float)
     )
 
 
+def _task_config(msg: Message) -> ConfigRecord:
+    config = msg.content.get(P.TASK)
+    if not isinstance(config, ConfigRecord):
+        raise ValueError(f"message has no {P.TASK!r} config record")
+    return config
+
+
 def _model_from(msg: Message, arch: str) -> torch.nn.Module:
+    """The coordinator's model; arrays that do not fit the architecture are refused."""
     model = build_model(arch)
-    arrays = msg.content[P.ARRAYS]
-    assert isinstance(arrays, ArrayRecord)
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    arrays = msg.content.get(P.ARRAYS)
+    if not isinstance(arrays, ArrayRecord):
+        raise ValueError(f"message has no {P.ARRAYS!r} array record")
+    try:
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"arrays do not fit model {arch!r}: {err}") from None
     return model
 
 
@@ -80,8 +92,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site: Site = resolve_site(context)
-        config = msg.content[P.TASK]
-        assert isinstance(config, ConfigRecord)
+        config = _task_config(msg)
         task = P.TrainTask.from_config(config)
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
         n = len(site.train)
@@ -125,9 +136,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
 
         start = time.perf_counter()
         site = resolve_site(context)
-        config = msg.content[P.TASK]
-        assert isinstance(config, ConfigRecord)
-        model = _model_from(msg, str(config["arch"]))
+        model = _model_from(msg, str(_task_config(msg).get("arch", "")))
         out = evaluate(model, site.test, site.device)
         content = RecordDict(
             {

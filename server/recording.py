@@ -105,14 +105,9 @@ class RecordingStrategy(Strategy):
         valid: list[Message] = []
         per_site_bytes = self.round.bytes_down // max(len(self.round.sampled), 1)
         with self.store.session() as s:
-            answered = set()
-            for msg in replies:
+            for msg in self._answered(s, server_round, "train", replies, self.round.sampled,
+                                      per_site_bytes):
                 node = msg.metadata.src_node_id
-                answered.add(node)
-                if msg.has_error():
-                    self._participation(s, server_round, node, "train", "failed",
-                                        reason=msg.error.reason or "error reply without a reason", bytes_down=per_site_bytes)
-                    continue
                 try:
                     info, report, n = self._check_train_reply(msg.content)
                 except ValueError as err:
@@ -144,11 +139,6 @@ class RecordingStrategy(Strategy):
                 self.round.bytes_up += up
                 self.round.examples += n
                 valid.append(msg)
-            for node in self.round.sampled:
-                if node not in answered:
-                    self._participation(s, server_round, node, "train", "no-reply",
-                                        reason="no reply before the round timeout",
-                                        bytes_down=per_site_bytes)
         self.round.ok = len(valid)
         if len(valid) < self.min_sites:
             log.warning("round %d: %d usable replies, fewer than min_sites=%d; model kept",
@@ -183,14 +173,9 @@ class RecordingStrategy(Strategy):
         replies = list(replies)
         valid: list[Message] = []
         with self.store.session() as s:
-            answered = set()
-            for msg in replies:
+            for msg in self._answered(s, server_round, "evaluate", replies, self._eval_sampled,
+                                      self._eval_bytes):
                 node = msg.metadata.src_node_id
-                answered.add(node)
-                if msg.has_error():
-                    self._participation(s, server_round, node, "evaluate", "failed",
-                                        reason=msg.error.reason or "error reply without a reason", bytes_down=self._eval_bytes)
-                    continue
                 try:
                     info = P.site_info(msg.content)
                     n = P.metric(msg.content, P.NUM_EXAMPLES)
@@ -212,11 +197,6 @@ class RecordingStrategy(Strategy):
                     s.add(S.Metric(run_id=self.run_id, round_number=server_round, site_id=site.id,
                                    phase="evaluate", name=name, value=value))
                 valid.append(msg)
-            for node in self._eval_sampled:
-                if node not in answered:
-                    self._participation(s, server_round, node, "evaluate", "no-reply",
-                                        reason="no reply before the round timeout",
-                                        bytes_down=self._eval_bytes)
         metrics = self.inner.aggregate_evaluate(server_round, valid) if valid else None
         self._close_round(server_round, metrics)
         return metrics
@@ -241,6 +221,21 @@ class RecordingStrategy(Strategy):
             self.on_round({"round": server_round, "rounds": self.num_rounds, "accuracy": acc,
                            "loss": loss, "max_epsilon": r.max_epsilon, "sites_ok": r.ok,
                            "sites_sampled": len(r.sampled), "seconds": seconds})
+
+    def _answered(self, s: Session, server_round: int, phase: str, replies: list[Message],
+                  sampled: list[int], bytes_down: int) -> list[Message]:
+        """Record error replies and silent sites; return the replies that carry content."""
+        answered = {m.metadata.src_node_id for m in replies}
+        for msg in replies:
+            if msg.has_error():
+                self._participation(s, server_round, msg.metadata.src_node_id, phase, "failed",
+                                    reason=msg.error.reason or "error reply without a reason",
+                                    bytes_down=bytes_down)
+        for node in sampled:
+            if node not in answered:
+                self._participation(s, server_round, node, phase, "no-reply",
+                                    reason="no reply before the round timeout", bytes_down=bytes_down)
+        return [m for m in replies if not m.has_error()]
 
     def _participation(self, s: Session, server_round: int, node: int, phase: str, status: str,
                        *, reason: str, bytes_down: int) -> None:
