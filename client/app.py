@@ -1,11 +1,22 @@
-"""The site's Flower ClientApp: local DP-SGD training and evaluation.
+"""The site's Flower ClientApp: budget answers, local DP-SGD training, evaluation.
 
 ``build_client_app(resolve_site)`` makes the app; ``app`` (module level) is what
 ``flwr run .`` loads, resolving sites from the run config's scenario.
 
-Accounting across rounds: the site keeps every DP-SGD event it ran in ``Context.state``
-(which Flower persists per node for the whole run) and reports ε over that whole history
-with the task's accountant. A fresh Opacus engine each round therefore cannot under-report.
+What the site does with a training task, in this order:
+
+1. decides σ (given, or calibrated once per run so this run's ε stays within its target);
+2. checks its own policy (minimum σ, maximum q, encryption) and refuses with a
+   machine-readable reason if the task breaks it;
+3. **charges its ledger durably** (lifetime ε of this data set, across runs), or refuses
+   with ``budget-exhausted`` if the charge would pass its cap;
+4. only then trains, and releases an update whose mechanism equals what was charged.
+
+The coordinator's task cannot change any of this: policy and ledger belong to the site.
+
+Run-level ε: the site also keeps the events of the current run in ``Context.state`` and
+reports ε over them with the task's accountant, so a fresh Opacus engine each round cannot
+under-report.
 """
 
 from __future__ import annotations
@@ -17,12 +28,23 @@ from flwr.clientapp import ClientApp
 from client.site import Site, SiteResolver
 from client.training import evaluate, poisson_plan, train_dp_sgd
 from privacy import DpSgdEvent, accountant_version, calibrate_noise_multiplier, default_delta, epsilon
+from privacy.ledger import BudgetExceeded, SiteLedger, dataset_id
 from veil import protocol as P
 from veil.logs import get_logger
 from veil.models import build_model
 
 log = get_logger("client")
 _HISTORY = "veil.privacy-history"
+_SIGMA = "veil.sigma-planned"
+_LEDGERS: dict[str, SiteLedger] = {}
+
+
+def open_ledger(site: Site) -> SiteLedger:
+    """The site's ledger, opened (and verified) once per process; a damaged one raises."""
+    key = str(site.ledger)
+    if key not in _LEDGERS:
+        _LEDGERS[key] = SiteLedger(site.ledger)
+    return _LEDGERS[key]
 
 
 def _history(context: Context) -> list[DpSgdEvent]:
@@ -33,16 +55,14 @@ def _history(context: Context) -> list[DpSgdEvent]:
     return [DpSgdEvent(float(s), float(q), int(n), float(c)) for s, q, n, c in zip(*cols, strict=True)]
 
 
-def _append_history(context: Context, event: DpSgdEvent, sigma_planned: float) -> None:
-    old = _history(context)
-    rows = [*old, event]
+def _append_history(context: Context, event: DpSgdEvent) -> None:
+    rows = [*_history(context), event]
     context.state[_HISTORY] = ConfigRecord(
         {
             "sigma": [e.noise_multiplier for e in rows],
             "q": [e.sample_rate for e in rows],
             "steps": [e.steps for e in rows],
             "clip": [e.max_grad_norm for e in rows],
-            "sigma-planned": sigma_planned,
         }
     )
 
@@ -51,13 +71,45 @@ def _noise_multiplier(task: P.TrainTask, context: Context, n: int, delta: float)
     """The task's σ, or σ calibrated once per run so ε over all planned rounds ≤ target."""
     if task.noise_multiplier > 0:
         return task.noise_multiplier
-    rec = context.state.get(_HISTORY)
-    if isinstance(rec, ConfigRecord) and "sigma-planned" in rec:
-        return float(rec["sigma-planned"])  # type: ignore[arg-type]
+    rec = context.state.get(_SIGMA)
+    if isinstance(rec, ConfigRecord) and "sigma" in rec:
+        return float(rec["sigma"])  # type: ignore[arg-type]
     q, steps = poisson_plan(n, task.batch_size, task.local_epochs)
-    return calibrate_noise_multiplier(
+    sigma = calibrate_noise_multiplier(
         task.target_epsilon, delta, q, steps * task.planned_rounds, task.accountant_name
     )
+    context.state[_SIGMA] = ConfigRecord({"sigma": sigma})
+    return sigma
+
+
+def _run_delta(task: P.TrainTask, site: Site) -> float:
+    n = len(site.train)
+    delta = task.delta or default_delta(n)
+    if delta >= 1.0 / n:
+        raise ValueError(f"{site.site_id}: δ={delta} is not below 1/n = {1.0 / n:.3g}")
+    return delta
+
+
+def _planned_event(task: P.TrainTask, context: Context, site: Site) -> DpSgdEvent:
+    """The exact mechanism one round of this task runs on this site (charged before it runs)."""
+    n = len(site.train)
+    sigma = _noise_multiplier(task, context, n, _run_delta(task, site))
+    q, steps = poisson_plan(n, task.batch_size, task.local_epochs)
+    return DpSgdEvent(sigma, q, steps, task.max_grad_norm)
+
+
+def _policy_refusal(site: Site, task: P.TrainTask, planned: DpSgdEvent) -> P.Refusal | None:
+    found = site.policy.violation(planned.noise_multiplier, planned.sample_rate, task.encrypted)
+    return P.Refusal(*found) if found else None
+
+
+def _refuse(msg: Message, site: Site, refusal: P.Refusal) -> Message:
+    log.warning("%s refuses the task: %s", site.site_id, refusal)
+    content = RecordDict({
+        P.REFUSAL: refusal.to_config(),
+        P.SITE: P.SiteInfo(site.site_id, site.device.type, 0.0, len(site.test)).to_config(),
+    })
+    return Message(content=content, reply_to=msg)
 
 
 def _task_config(msg: Message) -> ConfigRecord:
@@ -89,6 +141,36 @@ def _seed(task_seed: int, site_id: str, server_round: int) -> int:
 def build_client_app(resolve_site: SiteResolver) -> ClientApp:
     app = ClientApp()
 
+    @app.query("budget")
+    def budget(msg: Message, context: Context) -> Message:
+        """Pre-flight: what this run would cost this site, and how much of it the site allows."""
+        site: Site = resolve_site(context)
+        task = P.TrainTask.from_config(_task_config(msg))
+        planned = _planned_event(task, context, site)
+        policy = site.policy
+        lifetime_delta = policy.delta_for(len(site.train))
+        ledger = open_ledger(site)
+        fp, acc, scope = site.fingerprint, policy.accountant, policy.cap_scope
+        refusal = _policy_refusal(site, task, planned)
+        affordable = 0 if refusal else ledger.affordable_rounds(
+            fp, planned, task.planned_rounds, cap=policy.epsilon_cap, delta=lifetime_delta,
+            accountant=acc, scope=scope)
+        if refusal is None and affordable == 0:
+            refusal = P.Refusal("budget-exhausted",
+                                "not even one round of this task fits in the remaining budget")
+        status = P.BudgetStatus(
+            site_id=site.site_id, dataset_id=dataset_id(site.fingerprint),
+            num_examples=len(site.train), delta=lifetime_delta, accountant=policy.accountant,
+            cap=policy.epsilon_cap,
+            spent=ledger.spent(fp, delta=lifetime_delta, accountant=acc, scope=scope).epsilon,
+            noise_multiplier=planned.noise_multiplier, sample_rate=planned.sample_rate,
+            steps_per_round=planned.steps,
+            projected=ledger.project(fp, [planned] * task.planned_rounds, delta=lifetime_delta,
+                                     accountant=acc, scope=scope),
+            affordable_rounds=affordable, refusal=refusal,
+        )
+        return Message(content=RecordDict({P.BUDGET: status.to_config()}), reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site: Site = resolve_site(context)
@@ -96,15 +178,25 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         task = P.TrainTask.from_config(config)
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
         n = len(site.train)
-        delta = task.delta or default_delta(n)
-        if delta >= 1.0 / n:
-            raise ValueError(f"{site.site_id}: δ={delta} is not below 1/n = {1.0 / n:.3g}")
-        sigma = _noise_multiplier(task, context, n, delta)
+        delta = _run_delta(task, site)
+        planned = _planned_event(task, context, site)
+        refusal = _policy_refusal(site, task, planned)
+        if refusal:
+            return _refuse(msg, site, refusal)
+        policy = site.policy
+        charge = open_ledger(site).charge(
+            site.fingerprint, planned, delta=policy.delta_for(n), cap=policy.epsilon_cap,
+            accountant=policy.accountant, scope=policy.cap_scope, run_ref=task.run_ref,
+            round_number=server_round,
+        )
+        if isinstance(charge, BudgetExceeded):
+            return _refuse(msg, site, P.Refusal("budget-exhausted", charge.detail))
+        # the spend is on disk: from here on, a crash can only over-count
         model = _model_from(msg, task.arch)
         outcome = train_dp_sgd(
             model,
             site.train,
-            noise_multiplier=sigma,
+            noise_multiplier=planned.noise_multiplier,
             max_grad_norm=task.max_grad_norm,
             batch_size=task.batch_size,
             local_epochs=task.local_epochs,
@@ -113,10 +205,15 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             device=site.device,
             seed=_seed(task.seed, site.site_id, server_round),
         )
-        _append_history(context, outcome.event, sigma)
+        if outcome.event != planned:  # never release more than was charged
+            raise RuntimeError(f"{site.site_id}: ran {outcome.event}, but charged {planned}; not released")
+        _append_history(context, outcome.event)
         eps = epsilon(_history(context), delta, task.accountant_name)
+        lifetime = P.LifetimeSpend(dataset_id(site.fingerprint), charge.entry_id, charge.epsilon_after,
+                                   charge.delta, charge.accountant, charge.epsilon_cap)
         report = P.PrivacyReport(
-            outcome.event, delta, task.accountant, accountant_version(task.accountant_name), eps
+            outcome.event, delta, task.accountant, accountant_version(task.accountant_name), eps,
+            lifetime=lifetime,
         )
         content = RecordDict(
             {
@@ -159,7 +256,7 @@ def _resolve_from_run_config(context: Context) -> Site:
     from veil.spec import load_scenario
 
     scenario = load_scenario(str(context.run_config["scenario"]))
-    return SimulatedSites(scenario)(context)
+    return SimulatedSites(scenario, str(context.run_config.get("ledger-dir", "veil-ledgers")))(context)
 
 
 app = build_client_app(_resolve_from_run_config)

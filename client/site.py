@@ -1,4 +1,4 @@
-"""What a site is to the ClientApp: its identity, its data, its device.
+"""What a site is to the ClientApp: its identity, its data, its device, its privacy rules.
 
 A ``SiteResolver`` maps a Flower ``Context`` to the ``Site`` behind that node. Simulation
 resolves from the node's partition id (``simulations.federation``); a deployed site will
@@ -8,19 +8,34 @@ resolve from its own node config. The ClientApp never learns where data came fro
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 
 import torch
 from flwr.app import Context
 from torch.utils.data import TensorDataset
 
+from privacy.ledger import fingerprint_arrays
+from privacy.policy import SitePolicy
+
 
 @dataclass(frozen=True)
 class Site:
+    """One data-holding site. ``ledger`` is the site's own privacy ledger file; ``policy``
+    is what the site enforces on itself (the coordinator never sees or sets either)."""
+
     site_id: str
     train: TensorDataset
     test: TensorDataset
     device: torch.device
+    ledger: Path
+    policy: SitePolicy = field(default_factory=SitePolicy)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identity of the training data: the ledger's budgets are per fingerprint."""
+        return fingerprint_arrays(*self.train.tensors)
 
 
 SiteResolver = Callable[[Context], Site]

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from server.budget import ParticipationPlan, ask_budgets, wait_for_nodes
 from server.recording import RecordingStrategy, aggregate_train_metrics
 from server.store import RunStore
 from veil import protocol as P
@@ -50,43 +51,90 @@ def save_checkpoint(store: RunStore, run_id: int, round_number: int | None, arra
 
 
 def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
-                   artifacts_dir: Path, on_round: ProgressFn | None = None) -> ArrayRecord:
-    """Run every round of ``scenario`` on ``grid``; record it all under ``run_id``."""
+                   artifacts_dir: Path, on_round: ProgressFn | None = None) -> ArrayRecord | None:
+    """Run ``scenario`` on ``grid`` and record it all under ``run_id``.
+
+    Order: budget pre-flight (every site answers from its own ledger and policy), then the
+    participation plan, then the rounds. A run the plan cannot honour is marked ``refused``
+    before anything trains and returns None; a run whose sites run out of budget midway
+    (``on_budget_exhausted: drop``) stops early and is marked ``stopped`` with the reason.
+    """
     fed = scenario.federation
     model = build_model(scenario.model.arch, seed=scenario.seed)
     p = scenario.privacy
     log.info(
-        "run %d: %d sites x %d rounds, model %s (%d params), DP-SGD %s, C=%g, accountant=%s, "
-        "Poisson sampling; Opacus secure_mode off (simulation-grade RNG)",
-        run_id, fed.sites, fed.rounds, scenario.model.arch, count_parameters(model),
+        "run %d: %d sites x %d rounds (%d sampled per round), model %s (%d params), DP-SGD %s, "
+        "C=%g, accountant=%s, Poisson sampling; Opacus secure_mode off (simulation-grade RNG)",
+        run_id, fed.sites, fed.rounds, scenario.sites_per_round(), scenario.model.arch,
+        count_parameters(model),
         f"sigma={p.noise_multiplier}" if p.noise_multiplier else f"target eps={p.target_epsilon}",
         p.max_grad_norm, p.accountant,
     )
     min_sites = min(fed.min_sites, fed.sites)
     inner = FedAvg(
-        fraction_train=fed.fraction_train,
+        fraction_train=1.0,  # who trains is the participation plan's decision, not FedAvg's
         fraction_evaluate=1.0,
-        min_train_nodes=min_sites,
-        min_evaluate_nodes=min_sites,
-        min_available_nodes=fed.sites,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=1,
         weighted_by_key=P.NUM_EXAMPLES,
         arrayrecord_key=P.ARRAYS,
         configrecord_key=P.TASK,
         train_metrics_aggr_fn=aggregate_train_metrics,
     )
+    task = P.TrainTask.from_scenario(scenario).for_run(f"veil-run-{run_id}:{scenario.spec_hash()[:12]}")
+
+    nodes = wait_for_nodes(grid, fed.sites, fed.round_timeout_s)
+    standings = ask_budgets(grid, nodes, task.to_config(), fed.round_timeout_s)
+    plan = ParticipationPlan(standings, rounds=fed.rounds, per_round=scenario.sites_per_round(),
+                             min_sites=min_sites, mode=fed.on_budget_exhausted, seed=scenario.seed)
     strategy = RecordingStrategy(inner, store, run_id, num_rounds=fed.rounds, min_sites=min_sites,
-                                 on_round=on_round)
-    task = P.TrainTask.from_scenario(scenario)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=fed.rounds,
-        timeout=fed.round_timeout_s,
-        train_config=task.to_config(),
-        evaluate_config=ConfigRecord({"arch": scenario.model.arch}),
-    )
-    save_checkpoint(store, run_id, fed.rounds, result.arrays, artifacts_dir / f"run-{run_id}")
-    return result.arrays
+                                 on_round=on_round, plan=plan)
+    strategy.record_preflight(standings)
+    answered = sum(1 for st in standings.values() if st.status is not None)
+    if answered < min_sites:  # sites broken, not refusing: a failure, not a budget decision
+        failures = "; ".join(f"{st.site_id}: {st.failure}" for st in standings.values() if st.failure)
+        message = (f"pre-flight: only {answered} of {len(standings)} sites answered the budget "
+                   f"question (min_sites {min_sites}): {failures}")
+        log.error("run %d %s", run_id, message)
+        store.finish_run(run_id, status="failed", error=message[:4000])
+        return None
+    reasons = plan.refusal_reasons()
+    if reasons:
+        message = "refused before training (on_budget_exhausted: refuse): " + "; ".join(reasons)
+        log.warning("run %d %s", run_id, message)
+        store.finish_run(run_id, status="refused", error=message[:4000])
+        return None
+    for st in sorted(standings.values(), key=lambda st: st.site_id):
+        if st.status is not None:
+            b = st.status
+            log.info("pre-flight %s: spent ε=%.3f, cap %s, σ=%.3f, q=%.4f, can afford %d of %d rounds%s",
+                     b.site_id, b.spent, "none" if b.cap is None else f"{b.cap:g}", b.noise_multiplier,
+                     b.sample_rate, b.affordable_rounds, fed.rounds,
+                     f"; refuses: {b.refusal}" if b.refusal else "")
+        else:
+            log.warning("pre-flight node %d: %s", st.node, st.failure)
+
+    arrays = ArrayRecord(model.state_dict())
+    eval_config = ConfigRecord({"arch": scenario.model.arch})
+    for server_round in range(1, fed.rounds + 1):
+        messages = list(strategy.configure_train(server_round, arrays, task.to_config(), grid))
+        if not messages:
+            break
+        replies = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, eval_config, grid),
+            timeout=fed.round_timeout_s,
+        )
+        strategy.aggregate_evaluate(server_round, replies)
+    save_checkpoint(store, run_id, fed.rounds, arrays, artifacts_dir / f"run-{run_id}")
+    if plan.stopped:
+        log.warning("run %d %s", run_id, plan.stopped)
+        store.finish_run(run_id, status="stopped", error=plan.stopped)
+    return arrays
 
 
 def build_server_app(scenario: Scenario, store_url: str, run_id: int, artifacts_dir: Path,

@@ -15,12 +15,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from sqlalchemy.orm import Session
 
 from privacy import epsilon
+from server.budget import ParticipationPlan, SiteStanding
 from server.store import RunStore
 from server.store import schema as S
 from veil import protocol as P
@@ -64,8 +65,10 @@ class RecordingStrategy(Strategy):
         num_rounds: int,
         min_sites: int,
         on_round: Callable[[dict[str, float | int | None]], None] | None = None,
+        plan: ParticipationPlan | None = None,
     ) -> None:
         self.inner = inner
+        self.plan = plan
         self.store = store
         self.run_id = run_id
         self.num_rounds = num_rounds
@@ -81,7 +84,11 @@ class RecordingStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        """Train the nodes the participation plan picks (all nodes without a plan)."""
+        nodes = self.plan.choose(server_round) if self.plan else sorted(grid.get_node_ids())
+        config["server-round"] = server_round
+        record = RecordDict({P.ARRAYS: arrays, P.TASK: config})
+        messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
         self.round = RoundLog(server_round, sampled=[m.metadata.dst_node_id for m in messages])
         self.round.bytes_down = array_bytes(arrays) * len(messages)
         self._global_keys = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
@@ -108,6 +115,9 @@ class RecordingStrategy(Strategy):
             for msg in self._answered(s, server_round, "train", replies, self.round.sampled,
                                       per_site_bytes):
                 node = msg.metadata.src_node_id
+                if P.REFUSAL in msg.content:
+                    self._refusal(s, server_round, node, msg.content, per_site_bytes)
+                    continue
                 try:
                     info, report, n = self._check_train_reply(msg.content)
                 except ValueError as err:
@@ -125,14 +135,21 @@ class RecordingStrategy(Strategy):
                     status="ok", num_examples=n, seconds=info.seconds,
                     bytes_down=per_site_bytes, bytes_up=up,
                 ))
-                ev = report.event
+                ev, life = report.event, report.lifetime
+                assert life is not None  # checked in _check_train_reply
+                site.dataset_id = life.dataset_id
                 s.add(S.PrivacyEvent(
                     run_id=self.run_id, round_number=server_round, site_id=site.id,
                     noise_multiplier=ev.noise_multiplier, sample_rate=ev.sample_rate,
                     steps=ev.steps, max_grad_norm=ev.max_grad_norm, delta=report.delta,
                     sampling=report.sampling, accountant=report.accountant,
                     accountant_version=report.accountant_version, reported_epsilon=report.epsilon,
+                    dataset_id=life.dataset_id, ledger_entry=life.entry_id,
+                    lifetime_epsilon=life.epsilon, lifetime_delta=life.delta,
+                    ledger_accountant=life.accountant, epsilon_cap=life.cap,
                 ))
+                if self.plan:
+                    self.plan.trained(node)
                 for name in (P.TRAIN_LOSS, P.EPSILON):
                     s.add(S.Metric(run_id=self.run_id, round_number=server_round, site_id=site.id,
                                    phase="train", name=name, value=P.metric(msg.content, name)))
@@ -166,7 +183,52 @@ class RecordingStrategy(Strategy):
         privacy = content.get(P.PRIVACY)
         if not isinstance(privacy, ConfigRecord):
             raise ValueError("reply has no privacy record: a site must report the mechanism it ran")
-        return info, P.PrivacyReport.from_config(privacy), int(n)
+        report = P.PrivacyReport.from_config(privacy)
+        if report.lifetime is None:
+            raise ValueError("privacy record has no lifetime spend: the site must keep a privacy ledger")
+        return info, report, int(n)
+
+    def _refusal(self, s: Session, server_round: int, node: int, content: RecordDict,
+                 bytes_down: int) -> None:
+        """A site said no before training: record its code and stop sampling it."""
+        try:
+            rec = content[P.REFUSAL]
+            if not isinstance(rec, ConfigRecord):
+                raise ValueError("refusal is not a config record")
+            refusal = P.Refusal.from_config(rec)
+            self.node_sites[node] = P.site_info(content).site_id
+        except (ValueError, KeyError) as err:
+            self._participation(s, server_round, node, "train", "rejected",
+                                reason=f"malformed refusal: {err}", bytes_down=bytes_down)
+            return
+        self._participation(s, server_round, node, "train", "refused", reason=str(refusal),
+                            bytes_down=bytes_down, code=refusal.code)
+        log.warning("round %d: %s refused: %s", server_round, self.node_sites[node], refusal)
+        if self.plan:
+            self.plan.refused(node, str(refusal))
+
+    def record_preflight(self, standings: dict[int, SiteStanding]) -> None:
+        """Put each site's budget answer on the record (round 0, phase ``preflight``)."""
+        with self.store.session() as s:
+            for node, st in standings.items():
+                if st.status is None:
+                    self._participation(s, 0, node, "preflight", "no-reply" if "timeout" in
+                                        (st.failure or "") else "failed",
+                                        reason=st.failure or "no answer", bytes_down=0)
+                    continue
+                b = st.status
+                self.node_sites[node] = b.site_id
+                site = self.store.site_row(s, self.run_id, b.site_id)
+                site.dataset_id, site.epsilon_cap = b.dataset_id, b.cap
+                site.budget_delta, site.budget_accountant = b.delta, b.accountant
+                site.spent_before, site.projected_epsilon = b.spent, b.projected
+                site.affordable_rounds, site.num_train = b.affordable_rounds, b.num_examples
+                if b.refusal is not None:
+                    self._participation(s, 0, node, "preflight", "refused", reason=str(b.refusal),
+                                        bytes_down=0, code=b.refusal.code)
+                else:
+                    s.add(S.Participation(run_id=self.run_id, round_number=0, site_id=site.id,
+                                          phase="preflight", status="ok", bytes_down=0))
 
     # -- evaluate ------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -188,6 +250,7 @@ class RecordingStrategy(Strategy):
                     continue
                 self.node_sites[node] = info.site_id
                 site = self.store.site_row(s, self.run_id, info.site_id)
+                site.num_test = int(n)
                 s.add(S.Participation(
                     run_id=self.run_id, round_number=server_round, site_id=site.id,
                     phase="evaluate", status="ok", num_examples=int(n), seconds=info.seconds,
@@ -238,11 +301,11 @@ class RecordingStrategy(Strategy):
         return [m for m in replies if not m.has_error()]
 
     def _participation(self, s: Session, server_round: int, node: int, phase: str, status: str,
-                       *, reason: str, bytes_down: int) -> None:
+                       *, reason: str, bytes_down: int, code: str | None = None) -> None:
         key = self.node_sites.get(node, f"node-{node}")
         site = self.store.site_row(s, self.run_id, key)
         s.add(S.Participation(run_id=self.run_id, round_number=server_round, site_id=site.id,
-                              phase=phase, status=status, reason=reason[:2000],
+                              phase=phase, status=status, reason=reason[:2000], reason_code=code,
                               bytes_down=bytes_down))
 
 

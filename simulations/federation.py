@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from flwr.app import Context
@@ -32,7 +33,10 @@ def _partitions(data: DataSpec, num_sites: int, seed: int) -> tuple[SitePartitio
 
 @dataclass(frozen=True)
 class SimulatedSites:
+    """The scenario's sites; each keeps its privacy ledger at ``<ledger_dir>/<site>.ledger``."""
+
     scenario: Scenario
+    ledger_dir: str = "veil-ledgers"
 
     def partitions(self) -> tuple[SitePartition, ...]:
         s = self.scenario
@@ -46,13 +50,17 @@ class SimulatedSites:
             train=full.subset(part.train).to_torch(),
             test=full.subset(part.test).to_torch(),
             device=resolve_device(self.scenario.device),
+            ledger=Path(self.ledger_dir).expanduser().resolve() / f"{site_id(index)}.ledger",
+            policy=self.scenario.policy_for(site_id(index)),
         )
 
     def __call__(self, context: Context) -> Site:
         torch.set_num_threads(1)  # one thread per simulated site; Ray runs sites side by side
-        return _site_cached(self, int(context.node_config["partition-id"]))
+        index = int(context.node_config["partition-id"])
+        key = (self.scenario.spec_hash(), self.ledger_dir, index)
+        if key not in _SITES:  # one Site (data, fingerprint) per worker process
+            _SITES[key] = self.site(index)
+        return _SITES[key]
 
 
-@lru_cache(maxsize=1024)
-def _site_cached(sites: SimulatedSites, index: int) -> Site:
-    return sites.site(index)
+_SITES: dict[tuple[str, str, int], Site] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.store import RunStore
+from veil.errors import BudgetRefusedError
 from veil.logs import get_logger
 from veil.spec import Scenario
 
@@ -23,7 +24,10 @@ log = get_logger("simulate")
 
 @contextmanager
 def record_run(store: RunStore, scenario: Scenario) -> Iterator[int]:
-    """Create the run; mark it completed on success, failed (with the error) otherwise."""
+    """Create the run; mark it completed on success, failed (with the error) otherwise.
+
+    A status the run already reached on its own (``refused``, ``stopped``) is kept.
+    """
     run_id = store.create_run(
         name=scenario.name, spec=scenario.model_dump(mode="json"), spec_hash=scenario.spec_hash(),
         seed=scenario.seed, num_sites=scenario.federation.sites,
@@ -32,10 +36,12 @@ def record_run(store: RunStore, scenario: Scenario) -> Iterator[int]:
     try:
         yield run_id
     except BaseException as err:
-        reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
-        store.finish_run(run_id, status="failed", error=reason[:4000])
+        if store.get_run(run_id).status == "running":
+            reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+            store.finish_run(run_id, status="failed", error=reason[:4000])
         raise
-    store.finish_run(run_id, status="completed")
+    if store.get_run(run_id).status == "running":
+        store.finish_run(run_id, status="completed")
 
 
 @dataclass
@@ -82,7 +88,7 @@ def backend_config(scenario: Scenario) -> dict[str, object]:
 
 
 def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
-             progress: bool = True) -> SimulationResult:
+             progress: bool = True, ledger_dir: Path | str = "veil-ledgers") -> SimulationResult:
     """Run ``scenario`` end to end and return its run id; everything lands in ``store``."""
     from flwr.simulation import run_simulation
 
@@ -90,7 +96,7 @@ def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
     from server.app import build_server_app
     from simulations.federation import SimulatedSites
 
-    sites = SimulatedSites(scenario)
+    sites = SimulatedSites(scenario, str(Path(ledger_dir).expanduser().resolve()))
     parts = sites.partitions()  # fails here, before any record, if the data cannot be split
     log.info("partitioned %s into %d sites (%s): train sizes %s", scenario.data.source,
              len(parts), scenario.data.partitioner, [len(p.train) for p in parts])
@@ -112,7 +118,12 @@ def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
             num_supernodes=scenario.federation.sites,
             backend_config=backend_config(scenario),  # type: ignore[arg-type]
         )
-        if len(rounds) != scenario.federation.rounds:
+        run = store.get_run(run_id)
+        if run.status == "refused":
+            raise BudgetRefusedError(f"run {run_id} {run.error}", run_id=run_id)
+        if run.status == "failed":
+            raise RuntimeError(f"run {run_id} failed: {run.error}")
+        if len(rounds) != scenario.federation.rounds and run.status != "stopped":
             raise RuntimeError(
                 f"the simulation ended after {len(rounds)} of {scenario.federation.rounds} rounds"
             )

@@ -41,12 +41,14 @@ def _count(store: RunStore, table: type, **where: object) -> int:
 
 def test_two_sites_two_rounds_are_recorded(tmp_path: Path) -> None:
     store = RunStore(f"sqlite:///{tmp_path / 'veil.db'}")
-    result = simulate(parse_scenario(SMALL), store, tmp_path / "artifacts", progress=False)
+    result = simulate(parse_scenario(SMALL), store, tmp_path / "artifacts", progress=False,
+                      ledger_dir=tmp_path / "ledgers")
     run = store.get_run(result.run_id)
     assert run.status == "completed" and run.error is None
     assert _count(store, S.Round, run_id=run.id, status="completed") == 2
     assert _count(store, S.Site, run_id=run.id) == 2
-    assert _count(store, S.Participation, run_id=run.id, status="ok") == 8  # 2 sites x 2 rounds x 2 phases
+    assert _count(store, S.Participation, run_id=run.id, status="ok") == 10  # 2 sites x (pre-flight + 2x2)
+    assert _count(store, S.Participation, run_id=run.id, phase="preflight", status="ok") == 2
     assert _count(store, S.PrivacyEvent, run_id=run.id) == 4
 
     summary = load_summary(store, run.id)
@@ -79,8 +81,8 @@ def test_failing_sites_mark_the_run_failed_with_reason(tmp_path: Path) -> None:
     # δ = 0.5 is not below 1/n for any site: every site refuses to train
     bad = {**SMALL, "privacy": {**SMALL["privacy"], "delta": 0.5}}
     store = RunStore(f"sqlite:///{tmp_path / 'veil.db'}")
-    with pytest.raises(RuntimeError, match="no round had enough usable site replies"):
-        simulate(parse_scenario(bad), store, tmp_path / "a", progress=False)
+    with pytest.raises(RuntimeError, match="pre-flight: only 0 of 2 sites answered"):
+        simulate(parse_scenario(bad), store, tmp_path / "a", progress=False, ledger_dir=tmp_path / "l")
     with store.session() as s:
         run = s.scalars(select(S.Run)).one()
         reasons = s.scalars(select(S.Participation.reason).where(S.Participation.status == "failed")).all()
@@ -110,7 +112,7 @@ def test_cli_runs_a_scenario_and_prints_json(tmp_path: Path) -> None:
     db = tmp_path / "veil.db"
     proc = subprocess.run(
         [sys.executable, "-m", "veil.cli", "simulate", str(spec), "--sites", "2", "--store",
-         f"sqlite:///{db}", "--format", "json"],
+         f"sqlite:///{db}", "--format", "json", "--ledger-dir", str(tmp_path / "ledgers")],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

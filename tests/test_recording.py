@@ -14,13 +14,15 @@ from server.store import schema as S
 from veil import protocol as P
 
 GLOBAL = {"w": torch.zeros((2, 3), dtype=torch.float32)}
+LIFE = P.LifetimeSpend("d" * 16, "e" * 32, 1.5, 1e-5, "pld", 4.0)
 
 
 def _reply(**overrides: object) -> RecordDict:
     content = {
         P.ARRAYS: ArrayRecord({k: torch.ones_like(v) for k, v in GLOBAL.items()}),
         P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, P.TRAIN_LOSS: 0.5, P.EPSILON: 1.0}),
-        P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0).to_config(),
+        P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0,
+                                   lifetime=LIFE).to_config(),
         P.SITE: P.SiteInfo("site-0", "cpu", 0.1, 3).to_config(),
     }
     content.update(overrides)  # type: ignore[arg-type]
@@ -57,7 +59,9 @@ def test_good_reply_passes(strategy: RecordingStrategy) -> None:
                                    "max-grad-norm": 1.0, "delta": 1e-5, "epsilon": 1.0,
                                    "sampling": "poisson"})}, "Sampling rate must be in"),
         ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0,
-                                     sampling="shuffle").to_config()}, "must be 'poisson'"),
+                                     sampling="shuffle", lifetime=LIFE).to_config()}, "must be 'poisson'"),
+        ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0).to_config()},
+         "must keep a privacy ledger"),
     ],
 )
 def test_malformed_replies_are_rejected(strategy: RecordingStrategy, overrides: dict, message: str) -> None:
@@ -89,3 +93,34 @@ def test_rejection_is_recorded_with_reason(strategy: RecordingStrategy) -> None:
     assert rows["ok"] is None
     assert "no privacy record" in (rows["rejected"] or "")
     assert "no reply" in (rows["no-reply"] or "")
+
+
+def test_site_refusal_is_recorded_with_its_code_and_the_site_is_dropped(strategy: RecordingStrategy) -> None:
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.budget import ParticipationPlan, SiteStanding
+
+    def status(site: str) -> P.BudgetStatus:
+        return P.BudgetStatus(site, "d" * 16, 100, 1e-5, "pld", 4.0, 1.0, 1.0, 0.1, 10, 3.0, 3)
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    plan = ParticipationPlan({1: SiteStanding(1, status("site-0")), 2: SiteStanding(2, status("site-1"))},
+                             rounds=3, per_round=2, min_sites=1, mode="drop", seed=0)
+    strategy.plan = plan
+    good = Message(_reply(), dst_node_id=1, message_type="train")
+    refusal = RecordDict({P.REFUSAL: P.Refusal("budget-exhausted", "lifetime ε would reach 4.2 > 4").to_config(),
+                          P.SITE: P.SiteInfo("site-1", "cpu", 0.0).to_config()})
+    no = Message(refusal, dst_node_id=2, message_type="train")
+    for msg, node in ((good, 1), (no, 2)):
+        msg.metadata.__dict__["_src_node_id"] = node
+    strategy.round.sampled = [1, 2]
+    arrays, _ = strategy.aggregate_train(1, [good, no])
+    assert arrays is not None
+    with strategy.store.session() as s:
+        row = s.scalars(select(S.Participation).where(S.Participation.status == "refused")).one()
+        ev = s.scalars(select(S.PrivacyEvent)).one()
+    assert row.reason_code == "budget-exhausted" and "4.2 > 4" in (row.reason or "")
+    assert (ev.lifetime_epsilon, ev.epsilon_cap, ev.dataset_id) == (1.5, 4.0, "d" * 16)
+    # the refusing site is never sampled again; the other is charged one round
+    assert plan.choose(2) == [1] and plan.standings[1].remaining == 2

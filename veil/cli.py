@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from veil.errors import VeilError
+from veil.errors import BudgetRefusedError, VeilError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Veil: private federated training with a record of everything.")
@@ -52,6 +52,9 @@ def simulate(
     device: Annotated[str | None, typer.Option(help="override device: auto | cpu | cuda")] = None,
     store: StoreOpt = None,
     artifacts_dir: Annotated[Path, typer.Option(help="where checkpoints are written")] = Path("veil-artifacts"),
+    ledger_dir: Annotated[Path, typer.Option(
+        help="where the simulated sites keep their privacy ledgers; reuse it and their budgets "
+        "carry over between runs")] = Path("veil-ledgers"),
     output: Annotated[Literal["text", "json"], typer.Option("--format", help="summary format")] = "text",
     verbose: Annotated[bool, typer.Option(help="show Flower's own round log")] = False,
 ) -> None:
@@ -68,21 +71,80 @@ def simulate(
         if spec.federation.min_sites > spec.federation.sites:  # after --sites shrinks it
             spec = spec.with_overrides(**{"federation.min_sites": spec.federation.sites})
         from server.store import RunStore
-        from server.summary import format_summary, load_summary
+        from server.summary import load_summary
         from simulations.simulate import simulate as run_sim
 
         run_store = RunStore(store)
-        result = run_sim(spec, run_store, artifacts_dir, progress=output == "text")
+        try:
+            result = run_sim(spec, run_store, artifacts_dir, progress=output == "text",
+                             ledger_dir=ledger_dir)
+        except BudgetRefusedError as err:  # show what the sites said, then fail
+            if err.run_id is not None:
+                _echo_summary(load_summary(run_store, err.run_id), output, run_store.url)
+            raise
         summary = load_summary(run_store, result.run_id)
     except VeilError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
+    _echo_summary(summary, output, run_store.url)
+
+
+def _echo_summary(summary: object, output: str, url: str) -> None:
+    from server.summary import format_summary
+
     if output == "json":
-        typer.echo(json.dumps(asdict(summary), indent=2, default=str))
+        typer.echo(json.dumps(asdict(summary), indent=2, default=str))  # type: ignore[call-overload]
     else:
         typer.echo("")
-        typer.echo(format_summary(summary))
-        typer.echo(f"\nrecorded in {run_store.url}")
+        typer.echo(format_summary(summary))  # type: ignore[arg-type]
+        typer.echo(f"\nrecorded in {url}")
+
+
+@app.command()
+def budget(
+    store: StoreOpt = None,
+    run: Annotated[int | None, typer.Option(help="only what this run reported")] = None,
+    site: Annotated[str | None, typer.Option(help="only this site (name or data set id)")] = None,
+    ledger: Annotated[list[Path] | None, typer.Option(
+        help="read a site's own ledger file instead of the run store (repeatable)")] = None,
+    output: Annotated[Literal["text", "json"], typer.Option("--format", help="output format")] = "text",
+) -> None:
+    """Per-site privacy spend: lifetime ε spent, cap and remaining, at the site's δ."""
+    try:
+        if ledger:
+            from privacy.ledger import ledger_report
+
+            reports = {str(p): ledger_report(p) for p in ledger}
+            if output == "json":
+                typer.echo(json.dumps({k: [asdict(d) | {"remaining": d.remaining} for d in v]
+                                       for k, v in reports.items()}, indent=2))
+                return
+            for path, datasets in reports.items():
+                typer.echo(f"ledger {path} (verified)")
+                typer.echo("  data set          entries  runs    steps  lifetime ε       cap  remaining"
+                           "        δ  accountant")
+                for d in datasets:
+                    cap = f"{d.cap:g}" if d.cap is not None else "none"
+                    rem = f"{d.remaining:.3f}" if d.remaining is not None else "-"
+                    typer.echo(f"  {d.dataset_id:<16} {d.entries:>8} {d.runs:>5} {d.steps:>8}"
+                               f" {d.epsilon:>11.3f} {cap:>9} {rem:>10} {d.delta:>8.0e}  {d.accountant}")
+                if not datasets:
+                    typer.echo("  (no charges yet)")
+            return
+        from server.store import RunStore
+        from server.summary import budget_rows, format_budget
+
+        run_store = RunStore(store, migrate=False)
+        if run is not None:
+            run_store.get_run(run)
+        rows = budget_rows(run_store, run, site)
+    except VeilError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+    if output == "json":
+        typer.echo(json.dumps([asdict(r) | {"remaining": r.remaining} for r in rows], indent=2))
+    else:
+        typer.echo(format_budget(rows))
 
 
 @db_app.command("upgrade")

@@ -31,3 +31,28 @@ class StoreError(VeilError):
     """The run store is unreachable, has an unexpected schema, or refused a write."""
 
     exit_code = 5
+
+
+class PolicyError(VeilError):
+    """A site policy file is missing, unreadable or holds impossible values."""
+
+    exit_code = 6
+
+
+class LedgerError(VeilError):
+    """A site's privacy ledger is damaged, tampered with, or from an unknown schema.
+
+    Never handled by resetting the ledger: the site stops until a person looks at it.
+    """
+
+    exit_code = 7
+
+
+class BudgetRefusedError(VeilError):
+    """The coordinator refused a run before it started: some site cannot afford it."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, run_id: int | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id

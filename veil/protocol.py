@@ -23,6 +23,9 @@ METRICS = "metrics"
 TASK = "config"
 PRIVACY = "privacy"
 SITE = "site"
+BUDGET = "budget"
+REFUSAL = "refusal"
+BUDGET_QUERY = "query.budget"  # message type of the coordinator's pre-flight budget question
 
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
@@ -47,6 +50,8 @@ class TrainTask:
     accountant: str
     planned_rounds: int
     seed: int
+    run_ref: str = ""  # which run asks (for the site's ledger); not trusted for anything else
+    encrypted: bool = False  # whether the update leaves the site encrypted
 
     @classmethod
     def from_scenario(cls, s: Scenario) -> TrainTask:
@@ -66,6 +71,11 @@ class TrainTask:
             seed=s.seed,
         )
 
+    def for_run(self, run_ref: str) -> TrainTask:
+        from dataclasses import replace
+
+        return replace(self, run_ref=run_ref)
+
     def to_config(self) -> ConfigRecord:
         return ConfigRecord(cast(Any, asdict(self)))
 
@@ -77,6 +87,8 @@ class TrainTask:
                 raise ValueError(f"training task is missing field {f.name!r}")
             values[f.name] = rec[f.name]
         task = cls(**values)
+        if task.planned_rounds < 1 or task.batch_size < 1 or task.local_epochs < 1:
+            raise ValueError("task: planned_rounds, batch_size and local_epochs must be >= 1")
         if task.accountant not in ACCOUNTANTS:
             raise ValueError(f"task.accountant must be one of {ACCOUNTANTS}, got {task.accountant!r}")
         if (task.noise_multiplier > 0) == (task.target_epsilon > 0):
@@ -98,10 +110,13 @@ class PrivacyReport:
     accountant_version: str
     epsilon: float
     sampling: str = "poisson"
+    lifetime: LifetimeSpend | None = None
 
     def to_config(self) -> ConfigRecord:
+        extra = self.lifetime.to_dict() if self.lifetime else {}
         return ConfigRecord(
             {
+                **extra,
                 "noise-multiplier": self.event.noise_multiplier,
                 "sample-rate": self.event.sample_rate,
                 "steps": self.event.steps,
@@ -133,9 +148,122 @@ class PrivacyReport:
         sampling = str(rec.get("sampling", ""))
         if sampling != "poisson":
             raise ValueError(f"privacy record: sampling must be 'poisson', got {sampling!r}")
+        lifetime = LifetimeSpend.from_config(rec) if "lifetime-epsilon" in rec else None
         return cls(
-            event, delta, str(rec.get("accountant", "")), str(rec.get("accountant-version", "")), eps
+            event, delta, str(rec.get("accountant", "")), str(rec.get("accountant-version", "")), eps,
+            lifetime=lifetime,
         )
+
+
+@dataclass(frozen=True)
+class LifetimeSpend:
+    """What the site's ledger says after charging this round (lifetime, for this data set)."""
+
+    dataset_id: str
+    entry_id: str
+    epsilon: float
+    delta: float
+    accountant: str
+    cap: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "dataset-id": self.dataset_id, "ledger-entry": self.entry_id,
+            "lifetime-epsilon": self.epsilon, "lifetime-delta": self.delta,
+            "ledger-accountant": self.accountant,
+        }
+        if self.cap is not None:
+            out["epsilon-cap"] = self.cap
+        return out
+
+    @classmethod
+    def from_config(cls, rec: ConfigRecord) -> LifetimeSpend:
+        eps, delta = float(_num(rec, "lifetime-epsilon")), float(_num(rec, "lifetime-delta"))
+        if not (eps >= 0 and 0 < delta < 1):
+            raise ValueError(f"privacy record: lifetime ε={eps}, δ={delta} out of range")
+        cap = float(_num(rec, "epsilon-cap")) if "epsilon-cap" in rec else None
+        return cls(_short(rec, "dataset-id"), _short(rec, "ledger-entry"), eps, delta,
+                   _short(rec, "ledger-accountant"), cap)
+
+
+REFUSAL_CODES = (
+    "budget-exhausted", "noise-below-minimum", "sample-rate-above-maximum", "encryption-required",
+)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A site's machine-readable "no" to a task, given before it trains."""
+
+    code: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        if self.code not in REFUSAL_CODES:
+            raise ValueError(f"refusal code must be one of {REFUSAL_CODES}, got {self.code!r}")
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({"code": self.code, "detail": self.detail[:1000]})
+
+    @classmethod
+    def from_config(cls, rec: ConfigRecord) -> Refusal:
+        return cls(_short(rec, "code"), str(rec.get("detail", ""))[:1000])
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A site's answer to the pre-flight budget question for one planned run."""
+
+    site_id: str
+    dataset_id: str
+    num_examples: int
+    delta: float
+    accountant: str
+    cap: float | None
+    spent: float
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    projected: float  # lifetime ε if the site joined every planned round
+    affordable_rounds: int  # most planned rounds it can join within its cap
+    refusal: Refusal | None = None
+
+    def to_config(self) -> ConfigRecord:
+        out: dict[str, Any] = {
+            "site-id": self.site_id, "dataset-id": self.dataset_id,
+            "num-examples": self.num_examples, "delta": self.delta, "accountant": self.accountant,
+            "spent": self.spent, "noise-multiplier": self.noise_multiplier,
+            "sample-rate": self.sample_rate, "steps-per-round": self.steps_per_round,
+            "projected": self.projected, "affordable-rounds": self.affordable_rounds,
+        }
+        if self.cap is not None:
+            out["cap"] = self.cap
+        if self.refusal is not None:
+            out["refusal-code"], out["refusal-detail"] = self.refusal.code, self.refusal.detail
+        return ConfigRecord(out)
+
+    @classmethod
+    def from_config(cls, rec: ConfigRecord) -> BudgetStatus:
+        refusal = None
+        if "refusal-code" in rec:
+            refusal = Refusal(_short(rec, "refusal-code"), str(rec.get("refusal-detail", "")))
+        status = cls(
+            site_id=_short(rec, "site-id"), dataset_id=_short(rec, "dataset-id"),
+            num_examples=int(_num(rec, "num-examples")), delta=float(_num(rec, "delta")),
+            accountant=_short(rec, "accountant"),
+            cap=float(_num(rec, "cap")) if "cap" in rec else None,
+            spent=float(_num(rec, "spent")), noise_multiplier=float(_num(rec, "noise-multiplier")),
+            sample_rate=float(_num(rec, "sample-rate")),
+            steps_per_round=int(_num(rec, "steps-per-round")),
+            projected=float(_num(rec, "projected")),
+            affordable_rounds=int(_num(rec, "affordable-rounds")), refusal=refusal,
+        )
+        if status.affordable_rounds < 0 or status.spent < 0 or status.num_examples < 1:
+            raise ValueError(f"budget record: implausible values {status}")
+        return status
 
 
 @dataclass(frozen=True)
@@ -158,6 +286,13 @@ class SiteInfo:
             raise ValueError(f"site record: site-id must be a non-empty string, got {site_id!r}")
         return cls(site_id, str(rec.get("device", "?")), float(_num(rec, "seconds")),
                    int(rec.get("num-test", 0)))  # type: ignore[arg-type]
+
+
+def _short(rec: ConfigRecord, key: str) -> str:
+    value = rec.get(key)
+    if not isinstance(value, str) or len(value) > 200:
+        raise ValueError(f"field {key!r} must be a string of at most 200 characters, got {value!r}")
+    return value
 
 
 def _num(rec: ConfigRecord | MetricRecord, key: str) -> float:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from privacy.policy import SitePolicy
 from veil.errors import ScenarioError
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "scenarios" / "default.yaml"
@@ -29,6 +30,14 @@ class FederationSpec(_Strict):
     rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
     fraction_train: float = Field(
         1.0, gt=0.0, le=1.0, description="fraction of sites sampled per training round"
+    )
+    sites_per_round: int | None = Field(
+        None, ge=1, description="sites sampled per training round (overrides fraction_train)"
+    )
+    on_budget_exhausted: Literal["refuse", "drop"] = Field(
+        "refuse",
+        description="refuse: refuse the whole run if any site cannot afford its planned rounds; "
+        "drop: run anyway and stop sampling each site once its budget is spent",
     )
     min_sites: int = Field(1, ge=1, description="fewest sites that must reply for a round to count")
     round_timeout_s: float = Field(3600.0, gt=0.0)
@@ -89,15 +98,49 @@ class Scenario(_Strict):
     model: ModelSpec = ModelSpec()
     training: TrainingSpec = TrainingSpec()
     privacy: PrivacySpec = PrivacySpec(noise_multiplier=1.0)
+    site_policy: SitePolicy = Field(
+        SitePolicy(), description="what every simulated site enforces on itself"
+    )
+    site_policy_overrides: dict[str, SitePolicy] = Field(
+        default_factory=dict, description="per simulated site (site-0, ...): keys replacing site_policy's",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
-        if self.federation.min_sites > self.federation.sites:
+        fed = self.federation
+        if fed.min_sites > fed.sites:
             raise ValueError(
-                f"federation.min_sites ({self.federation.min_sites}) must not exceed "
-                f"federation.sites ({self.federation.sites})"
+                f"federation.min_sites ({fed.min_sites}) must not exceed federation.sites ({fed.sites})"
+            )
+        if fed.sites_per_round is not None and not fed.min_sites <= fed.sites_per_round <= fed.sites:
+            raise ValueError(
+                f"federation.sites_per_round ({fed.sites_per_round}) must be between "
+                f"federation.min_sites ({fed.min_sites}) and federation.sites ({fed.sites})"
+            )
+        known = {f"site-{i}" for i in range(fed.sites)}
+        unknown = sorted(set(self.site_policy_overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"site_policy_overrides: unknown sites {unknown}; simulated sites are "
+                f"site-0 ... site-{fed.sites - 1}"
             )
         return self
+
+    def policy_for(self, site_id: str) -> SitePolicy:
+        """``site_policy`` with the keys the site's override sets replacing the shared ones."""
+        override = self.site_policy_overrides.get(site_id)
+        if override is None:
+            return self.site_policy
+        return SitePolicy.model_validate(
+            {**self.site_policy.model_dump(), **override.model_dump(include=override.model_fields_set)}
+        )
+
+    def sites_per_round(self) -> int:
+        """Sites sampled per training round: the count if given, else the fraction's share."""
+        fed = self.federation
+        if fed.sites_per_round is not None:
+            return fed.sites_per_round
+        return min(fed.sites, max(fed.min_sites, int(fed.sites * fed.fraction_train)))
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -69,6 +69,14 @@ class Site(Base):
     device: Mapped[str | None] = mapped_column(String(16))
     delta: Mapped[float | None] = mapped_column(Float)
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # what the site said at the pre-flight budget question (its own ledger and policy)
+    dataset_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    epsilon_cap: Mapped[float | None] = mapped_column(Float)
+    budget_delta: Mapped[float | None] = mapped_column(Float)
+    budget_accountant: Mapped[str | None] = mapped_column(String(16))
+    spent_before: Mapped[float | None] = mapped_column(Float)
+    projected_epsilon: Mapped[float | None] = mapped_column(Float)
+    affordable_rounds: Mapped[int | None] = mapped_column(Integer)
 
 
 class Round(Base):
@@ -97,9 +105,10 @@ class Participation(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     round_number: Mapped[int] = mapped_column(Integer)
     site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"), index=True)
-    phase: Mapped[str] = mapped_column(String(16))  # train|evaluate
-    status: Mapped[str] = mapped_column(String(16))  # ok|failed|rejected|no-reply
+    phase: Mapped[str] = mapped_column(String(16))  # preflight|train|evaluate
+    status: Mapped[str] = mapped_column(String(16))  # ok|failed|rejected|refused|no-reply
     reason: Mapped[str | None] = mapped_column(Text)
+    reason_code: Mapped[str | None] = mapped_column(String(40))  # a site's refusal code
     num_examples: Mapped[int | None] = mapped_column(Integer)
     seconds: Mapped[float | None] = mapped_column(Float)
     bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -140,6 +149,13 @@ class PrivacyEvent(Base):
     accountant: Mapped[str] = mapped_column(String(16))
     accountant_version: Mapped[str] = mapped_column(String(64))
     reported_epsilon: Mapped[float] = mapped_column(Float)  # what the site said, for audit
+    # the site's ledger after charging this event: lifetime spend of its data set
+    dataset_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    ledger_entry: Mapped[str | None] = mapped_column(String(32))
+    lifetime_epsilon: Mapped[float | None] = mapped_column(Float)
+    lifetime_delta: Mapped[float | None] = mapped_column(Float)
+    ledger_accountant: Mapped[str | None] = mapped_column(String(16))
+    epsilon_cap: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

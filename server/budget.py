@@ -1,0 +1,166 @@
+"""The coordinator's side of budgets: ask before the run, plan who trains when.
+
+Before round 1 the coordinator sends every site the run's training task as a budget
+question (``query.budget``). Each site answers from its *own* ledger and policy: what it
+has spent, the σ and q it would run, the lifetime ε after every planned round, how many
+rounds it can afford, and any policy refusal. The coordinator cannot see the ledger or
+change the policy; it can only plan around the answers:
+
+* ``on_budget_exhausted: refuse`` fixes the whole sampling schedule up front and refuses
+  the run, before anything trains, if any site would be sampled more often than it can
+  afford or would refuse outright.
+* ``on_budget_exhausted: drop`` samples each round from the sites that still have budget
+  (and never from those that refused), and stops the run early when fewer than
+  ``min_sites`` are left.
+
+Either way a site is charged (by itself) only for the rounds it trains in, with no credit
+for the coordinator's client sampling. The site re-checks every task anyway, so a stale
+plan can at worst cost a round, never a site's budget.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from veil import protocol as P
+from veil.logs import get_logger
+
+log = get_logger("server")
+
+
+@dataclass
+class SiteStanding:
+    """What the coordinator knows about one node's budget."""
+
+    node: int
+    status: P.BudgetStatus | None = None
+    failure: str | None = None  # the pre-flight got no usable answer
+    remaining: int = 0  # rounds it may still be sampled for
+    excluded: str | None = None  # why it is no longer sampled ("code: detail")
+
+    @property
+    def site_id(self) -> str:
+        return self.status.site_id if self.status else f"node-{self.node}"
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """The connected node ids, once at least ``count`` are there (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < count and time.monotonic() < deadline:
+        log.info("waiting for sites: %d of %d connected", len(nodes), count)
+        time.sleep(1.0)
+    return nodes
+
+
+def ask_budgets(grid: Grid, nodes: Iterable[int], task: ConfigRecord, timeout: float
+                ) -> dict[int, SiteStanding]:
+    """Send the budget question to ``nodes``; every node gets a standing, answered or not."""
+    nodes = list(nodes)
+    messages = [
+        Message(content=RecordDict({P.TASK: task}), dst_node_id=n, message_type=P.BUDGET_QUERY)
+        for n in nodes
+    ]
+    standings = {n: SiteStanding(n) for n in nodes}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        st = standings.get(reply.metadata.src_node_id)
+        if st is None:
+            continue
+        if reply.has_error():
+            st.failure = f"pre-flight failed at the site: {reply.error.reason or 'no reason given'}"
+            continue
+        rec = reply.content.get(P.BUDGET)
+        try:
+            if not isinstance(rec, ConfigRecord):
+                raise ValueError("reply has no budget record")
+            st.status = P.BudgetStatus.from_config(rec)
+        except ValueError as err:
+            st.failure = f"malformed budget answer: {err}"
+    for st in standings.values():
+        if st.status is None and st.failure is None:
+            st.failure = "no answer to the budget question before the timeout"
+    return standings
+
+
+@dataclass
+class ParticipationPlan:
+    standings: dict[int, SiteStanding]
+    rounds: int
+    per_round: int
+    min_sites: int
+    mode: str  # "refuse" | "drop"
+    seed: int
+    schedule: dict[int, list[int]] = field(default_factory=dict)
+    stopped: str | None = None  # why the run stopped early (drop mode)
+
+    def __post_init__(self) -> None:
+        for st in self.standings.values():
+            if st.status is None:
+                st.excluded = st.failure or "no budget answer"
+            elif st.status.refusal is not None:
+                st.excluded = str(st.status.refusal)
+            else:
+                st.remaining = min(st.status.affordable_rounds, self.rounds)
+        if self.mode == "refuse":
+            pool = [n for n, st in self.standings.items() if st.excluded is None]
+            self.schedule = {r: self._sample(r, pool) for r in range(1, self.rounds + 1)}
+
+    def _sample(self, server_round: int, pool: list[int]) -> list[int]:
+        k = min(self.per_round, len(pool))
+        return sorted(random.Random(self.seed * 1_000_003 + server_round).sample(sorted(pool), k))
+
+    def joins(self) -> Counter[int]:
+        """How often the fixed schedule samples each node (refuse mode)."""
+        return Counter(n for nodes in self.schedule.values() for n in nodes)
+
+    def refusal_reasons(self) -> list[str]:
+        """Why the run cannot go ahead as planned (refuse mode); empty when it can."""
+        if self.mode != "refuse":
+            return []
+        reasons = []
+        for n, st in sorted(self.standings.items(), key=lambda kv: kv[1].site_id):
+            if st.status is not None and st.status.refusal is not None:
+                reasons.append(f"{st.site_id} refuses: {st.status.refusal}")
+            elif st.status is not None and self.joins()[n] > st.remaining:
+                s = st.status
+                cap = f"{s.cap:g}" if s.cap is not None else "none"
+                reasons.append(
+                    f"{st.site_id} can afford {st.remaining} of the {self.joins()[n]} rounds it is "
+                    f"sampled for (spent ε={s.spent:.3f}, all rounds would reach {s.projected:.3f}, "
+                    f"cap {cap} at δ={s.delta:g})"
+                )
+        usable = sum(1 for st in self.standings.values() if st.excluded is None)
+        if usable < self.min_sites:
+            reasons.append(f"only {usable} sites can train; min_sites is {self.min_sites}")
+        return reasons
+
+    def choose(self, server_round: int) -> list[int]:
+        """The nodes to train in ``server_round``; empty (with ``stopped`` set) when too few."""
+        if self.mode == "refuse":
+            nodes = [n for n in self.schedule.get(server_round, [])
+                     if self.standings[n].excluded is None]
+        else:
+            pool = [n for n, st in self.standings.items() if st.excluded is None and st.remaining > 0]
+            nodes = self._sample(server_round, pool)
+        if len(nodes) < self.min_sites:
+            self.stopped = (f"stopped before round {server_round}: only {len(nodes)} sites can still "
+                            f"train (min_sites {self.min_sites}); the others spent their budget "
+                            "or refused")
+            return []
+        return nodes
+
+    def trained(self, node: int) -> None:
+        st = self.standings.get(node)
+        if st is not None:
+            st.remaining = max(0, st.remaining - 1)
+
+    def refused(self, node: int, reason: str) -> None:
+        st = self.standings.get(node)
+        if st is not None:
+            st.remaining, st.excluded = 0, reason

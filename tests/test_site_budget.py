@@ -1,0 +1,82 @@
+"""The site enforces its own policy and ledger, whatever the coordinator's task says.
+
+These drive the real ClientApp handlers in-process (no Flower engine), with data made here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from privacy import epsilon
+from privacy.ledger import SiteLedger
+from privacy.policy import SitePolicy
+from tests.sitekit import SiteDriver, make_site, task
+from veil import protocol as P
+
+
+def _refusal(content: object) -> P.Refusal | None:
+    rec = content.get(P.REFUSAL)  # type: ignore[attr-defined]
+    return P.Refusal.from_config(rec) if rec is not None else None
+
+
+def _report(content: object) -> P.PrivacyReport:
+    return P.PrivacyReport.from_config(content[P.PRIVACY])  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("policy", "overrides", "code"),
+    [
+        (SitePolicy(min_noise_multiplier=2.0), {"noise_multiplier": 1.0}, "noise-below-minimum"),
+        (SitePolicy(max_sample_rate=0.1), {"batch_size": 60}, "sample-rate-above-maximum"),
+        (SitePolicy(require_encryption=True), {}, "encryption-required"),
+    ],
+)
+def test_policy_breaking_tasks_are_refused_before_training(tmp_path: Path, policy: SitePolicy,
+                                                           overrides: dict, code: str) -> None:
+    site = make_site(tmp_path / "l", policy)
+    driver = SiteDriver(site)
+    status = driver.query(task(**overrides))
+    assert status.refusal is not None and status.refusal.code == code and status.affordable_rounds == 0
+    content = driver.train(task(**overrides))  # the coordinator sends it anyway
+    refusal = _refusal(content)
+    assert refusal is not None and refusal.code == code
+    assert P.ARRAYS not in content  # nothing trained, nothing released
+    with SiteLedger(site.ledger) as ledger:
+        assert ledger.entries() == []  # and nothing charged
+
+
+def test_budget_is_charged_before_release_and_refused_at_the_cap(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "l", SitePolicy(epsilon_cap=6.0))
+    driver = SiteDriver(site)
+    t = task(noise_multiplier=1.0, batch_size=30)
+    status = driver.query(t)
+    assert status.spent == 0.0 and status.cap == 6.0 and 1 <= status.affordable_rounds < t.planned_rounds
+    for rnd in range(1, status.affordable_rounds + 1):
+        report = _report(driver.train(t, rnd))
+        assert report.lifetime is not None and report.lifetime.epsilon <= 6.0
+    refused = _refusal(driver.train(t, status.affordable_rounds + 1))
+    assert refused is not None and refused.code == "budget-exhausted" and "> cap 6" in refused.detail
+    with SiteLedger(site.ledger) as ledger:
+        entries = ledger.entries()
+    assert len(entries) == status.affordable_rounds
+    assert entries[-1].entry_id == report.lifetime.entry_id
+    assert entries[-1].epsilon_after == pytest.approx(report.lifetime.epsilon, rel=1e-12)
+
+
+def test_lifetime_spend_composes_across_runs_on_the_same_data(tmp_path: Path) -> None:
+    driver = SiteDriver(make_site(tmp_path / "l"))
+    first = _report(driver.train(task(run_ref="run-1")))
+    driver.new_run()  # a new run: Flower gives the site a fresh Context
+    second = _report(driver.train(task(run_ref="run-2")))
+    assert second.epsilon == pytest.approx(first.epsilon)  # run ε starts over...
+    assert second.lifetime is not None and first.lifetime is not None
+    both = epsilon([first.event, second.event], second.lifetime.delta)
+    assert second.lifetime.epsilon == pytest.approx(both, rel=1e-12)  # ...the data's does not
+    assert second.lifetime.epsilon > first.lifetime.epsilon
+    # different data at the same site: a separate budget (cap_scope: dataset)
+    other = SiteDriver(make_site(tmp_path / "l", seed=1))
+    third = _report(other.train(task(run_ref="run-3")))
+    assert third.lifetime is not None and third.lifetime.dataset_id != first.lifetime.dataset_id
+    assert third.lifetime.epsilon == pytest.approx(first.lifetime.epsilon, rel=1e-12)
