@@ -100,3 +100,47 @@ def test_calibration_never_overshoots(target: float, q: float, steps: int, accou
     # and is not wastefully large: 3% less noise would overshoot (or σ is at its floor)
     lower = sigma / 1.03
     assert lower < 0.01 or epsilon([DpSgdEvent(lower, q, steps, 1.0)], 1e-5, accountant) > target  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.0, 0.05, 40), (1.0, 0.05, 40), (1.5, 0.02, 100)],  # two runs with different σ and q
+        [(0.8, 0.1, 10)] * 5 + [(2.0, 0.1, 10)] * 5 + [(1.1, 0.03, 33)] * 3,
+        [(3.0, 0.25, 4), (0.9, 0.01, 500)],
+    ],
+)
+def test_multi_run_histories_match_dp_accounting_composition(history: list[tuple[float, float, int]]) -> None:
+    """A ledger-like history (several runs, repeated rounds) equals dp_accounting composing the
+    same events directly, in order of first appearance (PLD on our grid; RDP exactly)."""
+    events = [DpSgdEvent(s, q, n, 1.0) for s, q, n in history]
+    groups: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        groups[(s, q)] = groups.get((s, q), 0) + n
+    composed = dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n)
+        for (s, q), n in groups.items()
+    ])
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    pld.compose(composed)
+    rdp = rdp_privacy_accountant.RdpAccountant()
+    rdp.compose(composed)
+    assert epsilon(events, 1e-5, "pld") == pytest.approx(pld.get_epsilon(1e-5), rel=1e-6)
+    assert epsilon(events, 1e-5, "rdp") == pytest.approx(rdp.get_epsilon(1e-5), rel=1e-9)
+    # and the order of rounds inside a group does not matter: the history is what counts
+    assert epsilon(events[::-1], 1e-5, "rdp") == pytest.approx(epsilon(events, 1e-5, "rdp"), rel=1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(sigmas=st.lists(st.floats(0.7, 3.0), min_size=1, max_size=4), q=st.floats(0.01, 0.2),
+       steps=st.integers(1, 50))
+def test_lifetime_epsilon_never_decreases_as_rounds_are_added(sigmas: list[float], q: float, steps: int) -> None:
+    history: list[DpSgdEvent] = []
+    last = 0.0
+    for sigma in sigmas:
+        for _ in range(2):
+            history.append(DpSgdEvent(sigma, q, steps, 1.0))
+            now = epsilon(history, 1e-5, "pld")
+            assert now >= last - 1e-12
+            last = now
