@@ -14,6 +14,10 @@ What the site does with a training task, in this order:
 
 The coordinator's task cannot change any of this: policy and ledger belong to the site.
 
+With CKKS on, the site decrypts the coordinator's encrypted aggregate with its own secret
+key (``Site.keys``), and sends back its update pre-weighted by ``n / weight-norm``, flattened
+into one stream with the weight as its last value, encrypted; evaluation sums likewise.
+
 Run-level ε: the site also keeps the events of the current run in ``Context.state`` and
 reports ε over them with the task's accountant, so a fresh Opacus engine each round cannot
 under-report.
@@ -21,6 +25,7 @@ under-report.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,6 +33,7 @@ from flwr.clientapp import ClientApp
 from client.site import Site, SiteResolver
 from client.training import evaluate, poisson_plan, train_dp_sgd
 from privacy import DpSgdEvent, accountant_version, calibrate_noise_multiplier, default_delta, epsilon
+from privacy.ckks import SecretKey, flatten, unflatten
 from privacy.ledger import BudgetExceeded, SiteLedger, dataset_id
 from veil import protocol as P
 from veil.logs import get_logger
@@ -37,6 +43,36 @@ log = get_logger("client")
 _HISTORY = "veil.privacy-history"
 _SIGMA = "veil.sigma-planned"
 _LEDGERS: dict[str, SiteLedger] = {}
+_KEYS: dict[str, SecretKey] = {}
+
+
+def site_key(site: Site, key_id: object) -> SecretKey:
+    """The site's CKKS secret key (loaded once per process), checked against the task's key id."""
+    if site.keys is None:
+        raise ValueError(f"{site.site_id}: the task is encrypted (CKKS) but this site has no key set "
+                         "configured (a secret.ckks from veil keys create)")
+    path = str(site.keys)
+    if path not in _KEYS:
+        _KEYS[path] = SecretKey.load(site.keys)
+    key = _KEYS[path]
+    if key_id != key.key_id:
+        raise ValueError(f"{site.site_id}: the task is encrypted under key set {key_id!r}, "
+                         f"this site holds {key.key_id!r}")
+    return key
+
+
+def _weight(config: ConfigRecord, n: int) -> float:
+    """This site's share n / norm; the coordinator's norm must cover at least this site."""
+    norm = config.get(P.ENC_WEIGHT_NORM)
+    if isinstance(norm, bool) or not isinstance(norm, int | float) or not norm >= n:
+        raise ValueError(f"encrypted task: {P.ENC_WEIGHT_NORM} must be a number >= {n}, got {norm!r}")
+    return n / float(norm)
+
+
+def _encrypted_update(model: torch.nn.Module, key: SecretKey, weight: float) -> ConfigRecord:
+    arrays = [t.detach().cpu().numpy() for t in model.state_dict().values()]
+    stream = np.append(flatten(arrays) * weight, weight)
+    return P.encrypted_record(key.encrypt(stream))
 
 
 def open_ledger(site: Site) -> SiteLedger:
@@ -119,9 +155,19 @@ def _task_config(msg: Message) -> ConfigRecord:
     return config
 
 
-def _model_from(msg: Message, arch: str) -> torch.nn.Module:
-    """The coordinator's model; arrays that do not fit the architecture are refused."""
+def _model_from(msg: Message, arch: str, site: Site) -> torch.nn.Module:
+    """The coordinator's model; arrays that do not fit the architecture are refused.
+
+    An encrypted aggregate is decrypted with the site's key (released: noise-flooded and
+    rounded) and divided by its summed weight."""
     model = build_model(arch)
+    if P.ENC_MODEL in msg.content:
+        enc = P.encrypted_from(msg.content, P.ENC_MODEL)
+        mean, _ = site_key(site, enc.key_id).decrypt_mean(enc)
+        state = model.state_dict()
+        values = unflatten(mean, [t.numpy() for t in state.values()])
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in zip(state, values, strict=True)})
+        return model
     arrays = msg.content.get(P.ARRAYS)
     if not isinstance(arrays, ArrayRecord):
         raise ValueError(f"message has no {P.ARRAYS!r} array record")
@@ -145,7 +191,10 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
     def budget(msg: Message, context: Context) -> Message:
         """Pre-flight: what this run would cost this site, and how much of it the site allows."""
         site: Site = resolve_site(context)
-        task = P.TrainTask.from_config(_task_config(msg))
+        config = _task_config(msg)
+        task = P.TrainTask.from_config(config)
+        if task.encrypted or task.encrypted_eval:  # no key, or the wrong one: fail at the pre-flight
+            site_key(site, config.get(P.ENC_KEY_ID))
         planned = _planned_event(task, context, site)
         policy = site.policy
         lifetime_delta = policy.delta_for(len(site.train))
@@ -183,6 +232,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         refusal = _policy_refusal(site, task, planned)
         if refusal:
             return _refuse(msg, site, refusal)
+        key = site_key(site, config.get(P.ENC_KEY_ID)) if task.encrypted else None
+        weight = _weight(config, n) if key else 0.0
         policy = site.policy
         charge = open_ledger(site).charge(
             site.fingerprint, planned, delta=policy.delta_for(n), cap=policy.epsilon_cap,
@@ -192,7 +243,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         if isinstance(charge, BudgetExceeded):
             return _refuse(msg, site, P.Refusal("budget-exhausted", charge.detail))
         # the spend is on disk: from here on, a crash can only over-count
-        model = _model_from(msg, task.arch)
+        model = _model_from(msg, task.arch, site)
         outcome = train_dp_sgd(
             model,
             site.train,
@@ -215,16 +266,21 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             outcome.event, delta, task.accountant, accountant_version(task.accountant_name), eps,
             lifetime=lifetime,
         )
+        num_test = 0 if task.encrypted_eval else len(site.test)  # an encrypted evaluation hides it
         content = RecordDict(
             {
-                P.ARRAYS: ArrayRecord(model.cpu().state_dict()),
                 P.METRICS: MetricRecord(
                     {P.NUM_EXAMPLES: n, P.TRAIN_LOSS: outcome.mean_loss, P.EPSILON: eps}
                 ),
                 P.PRIVACY: report.to_config(),
-                P.SITE: P.SiteInfo(site.site_id, site.device.type, outcome.seconds, len(site.test)).to_config(),
+                P.SITE: P.SiteInfo(site.site_id, site.device.type, outcome.seconds, num_test).to_config(),
             }
         )
+        model = model.cpu()
+        if key is not None:
+            content[P.ENC_UPDATE] = _encrypted_update(model, key, weight)
+        else:
+            content[P.ARRAYS] = ArrayRecord(model.state_dict())
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
@@ -233,8 +289,18 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
 
         start = time.perf_counter()
         site = resolve_site(context)
-        model = _model_from(msg, str(_task_config(msg).get("arch", "")))
+        config = _task_config(msg)
+        model = _model_from(msg, str(config.get("arch", "")), site)
         out = evaluate(model, site.test, site.device)
+        if config.get(P.ENC_EVAL):
+            key = site_key(site, config.get(P.ENC_KEY_ID))
+            per_example = _weight(config, out.num_examples) / out.num_examples  # = 1 / norm
+            sums = np.array([out.loss_sum, out.correct, out.num_examples], dtype=np.float64) * per_example
+            seconds = time.perf_counter() - start
+            return Message(content=RecordDict({
+                P.ENC_METRICS: P.encrypted_record(key.encrypt(sums)),
+                P.SITE: P.SiteInfo(site.site_id, site.device.type, seconds, 0).to_config(),
+            }), reply_to=msg)
         content = RecordDict(
             {
                 P.METRICS: MetricRecord(
@@ -256,7 +322,9 @@ def _resolve_from_run_config(context: Context) -> Site:
     from veil.spec import load_scenario
 
     scenario = load_scenario(str(context.run_config["scenario"]))
-    return SimulatedSites(scenario, str(context.run_config.get("ledger-dir", "veil-ledgers")))(context)
+    key = context.run_config.get("key-file")
+    return SimulatedSites(scenario, str(context.run_config.get("ledger-dir", "veil-ledgers")),
+                          str(key) if key else None)(context)
 
 
 app = build_client_app(_resolve_from_run_config)

@@ -23,7 +23,8 @@ from privacy.policy import SitePolicy
 @dataclass(frozen=True)
 class Site:
     """One data-holding site. ``ledger`` is the site's own privacy ledger file; ``policy``
-    is what the site enforces on itself (the coordinator never sees or sets either)."""
+    is what the site enforces on itself (the coordinator never sees or sets either); ``keys``
+    is the CKKS secret key file it encrypts and decrypts with."""
 
     site_id: str
     train: TensorDataset
@@ -31,6 +32,7 @@ class Site:
     device: torch.device
     ledger: Path
     policy: SitePolicy = field(default_factory=SitePolicy)
+    keys: Path | None = None  # the key set's secret.ckks, when this site takes part in CKKS runs
 
     @cached_property
     def fingerprint(self) -> str:

@@ -8,17 +8,19 @@ from the run config and creates the run record itself. Both run ``run_federation
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from privacy.ckks import CoordinatorContext
 from server.budget import ParticipationPlan, ask_budgets, wait_for_nodes
-from server.recording import RecordingStrategy, aggregate_train_metrics
+from server.recording import Model, RecordingStrategy, aggregate_train_metrics
 from server.store import RunStore
 from veil import protocol as P
 from veil.logs import get_logger
@@ -50,8 +52,36 @@ def save_checkpoint(store: RunStore, run_id: int, round_number: int | None, arra
     return path
 
 
+def save_encrypted_checkpoint(store: RunStore, run_id: int, round_number: int, model: ConfigRecord,
+                              arch: str, directory: Path) -> Path:
+    """The encrypted aggregate as a file (only key holders can read it; ``veil keys decrypt``)."""
+    enc = P.encrypted_from(RecordDict({P.ENC_MODEL: model}), P.ENC_MODEL)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = (directory / f"round-{round_number:04d}.ckks").resolve()
+    layout = [[k, list(v.shape), str(v.dtype).removeprefix("torch.")]
+              for k, v in build_model(arch).state_dict().items()]
+    enc.to_file(path, {"arch": arch, "layout": layout, "run_id": run_id, "round": round_number,
+                       "stream": "weighted sum of all layers in state_dict order; last value: total weight"})
+    data = path.read_bytes()
+    store.add_artifact(run_id, round_number=round_number, kind="encrypted-checkpoint", uri=path.as_uri(),
+                       sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+    return path
+
+
+def load_coordinator_context(scenario: Scenario, coordinator_key: Path | None) -> CoordinatorContext | None:
+    """The coordinator's CKKS context when the scenario encrypts; a secret key is refused."""
+    if not scenario.encryption.enabled:
+        return None
+    if coordinator_key is None:
+        raise ValueError("the scenario turns CKKS on, but the coordinator was given no coordinator.ckks")
+    cipher = CoordinatorContext.load(coordinator_key)
+    assert not cipher.is_private()
+    return cipher
+
+
 def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
-                   artifacts_dir: Path, on_round: ProgressFn | None = None) -> ArrayRecord | None:
+                   artifacts_dir: Path, on_round: ProgressFn | None = None,
+                   coordinator_key: Path | None = None) -> Model | None:
     """Run ``scenario`` on ``grid`` and record it all under ``run_id``.
 
     Order: budget pre-flight (every site answers from its own ledger and policy), then the
@@ -83,13 +113,41 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         train_metrics_aggr_fn=aggregate_train_metrics,
     )
     task = P.TrainTask.from_scenario(scenario).for_run(f"veil-run-{run_id}:{scenario.spec_hash()[:12]}")
+    enc = scenario.encryption
+    cipher = load_coordinator_context(scenario, coordinator_key)
+    public: dict[str, str | float | bool] = {}  # what every site gets to know about the encryption
+    if cipher is not None:
+        public[P.ENC_KEY_ID] = cipher.key_id
+        description = {"aggregation": enc.aggregation, "evaluation": enc.evaluation,
+                       "key_id": cipher.key_id, "params": cipher.params.to_dict()}
+        store.set_encryption(run_id, json.dumps(description))
+        log.info("run %d: CKKS %s, key set %s, N=%d, moduli %s bits, scale 2^%d, %d B/value; coordinator "
+                 "context holds no secret key (private: %s)", run_id,
+                 "+".join(k for k in ("aggregation", "evaluation") if description[k] == "ckks"),
+                 cipher.key_id, cipher.params.poly_modulus_degree, list(cipher.params.coeff_mod_bit_sizes),
+                 cipher.params.scale_bits, cipher.params.ciphertext_bytes // cipher.params.slots,
+                 cipher.is_private())
+
+    def task_config() -> ConfigRecord:
+        config = task.to_config()
+        for key, value in public.items():
+            config[key] = value
+        return config
 
     nodes = wait_for_nodes(grid, fed.sites, fed.round_timeout_s)
-    standings = ask_budgets(grid, nodes, task.to_config(), fed.round_timeout_s)
+    standings = ask_budgets(grid, nodes, task_config(), fed.round_timeout_s)
     plan = ParticipationPlan(standings, rounds=fed.rounds, per_round=scenario.sites_per_round(),
                              min_sites=min_sites, mode=fed.on_budget_exhausted, seed=scenario.seed)
-    strategy = RecordingStrategy(inner, store, run_id, num_rounds=fed.rounds, min_sites=min_sites,
-                                 on_round=on_round, plan=plan)
+    if cipher is not None:  # sites weight by n / norm: every weighted sum stays within max |value|
+        public[P.ENC_WEIGHT_NORM] = float(max(1, sum(st.status.num_examples for st in standings.values()
+                                                     if st.status is not None)))
+        public[P.ENC_EVAL] = enc.evaluation == "ckks"
+    strategy = RecordingStrategy(
+        inner, store, run_id, num_rounds=fed.rounds, min_sites=min_sites, on_round=on_round, plan=plan,
+        cipher=cipher if enc.aggregation == "ckks" or enc.evaluation == "ckks" else None,
+        stream_values=count_parameters(model) + 1, encrypted_eval=enc.evaluation == "ckks",
+        weight_norm=float(public.get(P.ENC_WEIGHT_NORM, 0.0)),
+    )
     strategy.record_preflight(standings)
     answered = sum(1 for st in standings.values() if st.status is not None)
     if answered < min_sites:  # sites broken, not refusing: a failure, not a budget decision
@@ -115,22 +173,26 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         else:
             log.warning("pre-flight node %d: %s", st.node, st.failure)
 
-    arrays = ArrayRecord(model.state_dict())
-    eval_config = ConfigRecord({"arch": scenario.model.arch})
+    arrays: Model = ArrayRecord(model.state_dict())  # round 1 starts from the public initial model
     for server_round in range(1, fed.rounds + 1):
-        messages = list(strategy.configure_train(server_round, arrays, task.to_config(), grid))
+        messages = list(strategy.configure_train(server_round, arrays, task_config(), grid))
         if not messages:
             break
         replies = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
+        eval_config = ConfigRecord({"arch": scenario.model.arch, **public})
         replies = grid.send_and_receive(
             strategy.configure_evaluate(server_round, arrays, eval_config, grid),
             timeout=fed.round_timeout_s,
         )
         strategy.aggregate_evaluate(server_round, replies)
-    save_checkpoint(store, run_id, fed.rounds, arrays, artifacts_dir / f"run-{run_id}")
+    if isinstance(arrays, ConfigRecord):
+        save_encrypted_checkpoint(store, run_id, fed.rounds, arrays, scenario.model.arch,
+                                  artifacts_dir / f"run-{run_id}")
+    else:
+        save_checkpoint(store, run_id, fed.rounds, arrays, artifacts_dir / f"run-{run_id}")
     if plan.stopped:
         log.warning("run %d %s", run_id, plan.stopped)
         store.finish_run(run_id, status="stopped", error=plan.stopped)
@@ -138,14 +200,14 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
 
 
 def build_server_app(scenario: Scenario, store_url: str, run_id: int, artifacts_dir: Path,
-                     on_round: ProgressFn | None = None) -> ServerApp:
+                     on_round: ProgressFn | None = None, coordinator_key: Path | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         store = RunStore(store_url)
         try:
-            run_federation(grid, scenario, store, run_id, artifacts_dir, on_round)
+            run_federation(grid, scenario, store, run_id, artifacts_dir, on_round, coordinator_key)
         finally:
             store.close()
 
@@ -165,6 +227,8 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
     store = RunStore(str(context.run_config.get("store", "sqlite:///veil.db")))
     try:
         with record_run(store, scenario) as run_id:
-            run_federation(grid, scenario, store, run_id, Path("veil-artifacts"))
+            key = context.run_config.get("coordinator-key")
+            run_federation(grid, scenario, store, run_id, Path("veil-artifacts"),
+                           coordinator_key=Path(str(key)) if key else None)
     finally:
         store.close()

@@ -10,10 +10,12 @@ says why a site is missing.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -21,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from sqlalchemy.orm import Session
 
 from privacy import epsilon
+from privacy.ckks import CoordinatorContext
 from server.budget import ParticipationPlan, SiteStanding
 from server.store import RunStore
 from server.store import schema as S
@@ -30,9 +33,18 @@ from veil.logs import get_logger
 log = get_logger("server")
 
 
-def array_bytes(arrays: ArrayRecord) -> int:
-    """Bytes of tensor data in an ArrayRecord (what crosses the wire, headers aside)."""
+Model = ArrayRecord | ConfigRecord  # plaintext arrays, or the encrypted aggregate (P.encrypted_record)
+
+
+def array_bytes(arrays: Model) -> int:
+    """Bytes of tensor or ciphertext data in a model record (what crosses the wire, headers aside)."""
+    if isinstance(arrays, ConfigRecord):
+        return P.encrypted_nbytes(arrays)
     return sum(len(a.data) for a in arrays.values())
+
+
+def model_key(model: Model) -> str:
+    return P.ENC_MODEL if isinstance(model, ConfigRecord) else P.ARRAYS
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -66,7 +78,20 @@ class RecordingStrategy(Strategy):
         min_sites: int,
         on_round: Callable[[dict[str, float | int | None]], None] | None = None,
         plan: ParticipationPlan | None = None,
+        cipher: CoordinatorContext | None = None,
+        stream_values: int = 0,
+        encrypted_eval: bool = False,
+        weight_norm: float = 0.0,
     ) -> None:
+        """``cipher`` (CKKS on): replies carry encrypted updates of ``stream_values`` values,
+        which are checked and added, never decrypted; ``encrypted_eval``: evaluation replies
+        carry encrypted sums, stored as one ciphertext per round."""
+        if (cipher is None) and encrypted_eval:
+            raise ValueError("encrypted evaluation needs the coordinator's CKKS context")
+        self.cipher = cipher
+        self.stream_values = stream_values
+        self.encrypted_eval = encrypted_eval
+        self.weight_norm = weight_norm
         self.inner = inner
         self.plan = plan
         self.store = store
@@ -82,34 +107,40 @@ class RecordingStrategy(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+    def configure_train(self, server_round: int, arrays: Model, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Train the nodes the participation plan picks (all nodes without a plan)."""
         nodes = self.plan.choose(server_round) if self.plan else sorted(grid.get_node_ids())
         config["server-round"] = server_round
-        record = RecordDict({P.ARRAYS: arrays, P.TASK: config})
+        record = RecordDict({model_key(arrays): arrays, P.TASK: config})
         messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
         self.round = RoundLog(server_round, sampled=[m.metadata.dst_node_id for m in messages])
         self.round.bytes_down = array_bytes(arrays) * len(messages)
-        self._global_keys = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        if isinstance(arrays, ArrayRecord):
+            self._global_keys = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         with self.store.session() as s:
             row = self.store.round_row(s, self.run_id, server_round)
             row.sites_sampled = len(messages)
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+    def configure_evaluate(self, server_round: int, arrays: Model, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        """Every node evaluates the current global model (plaintext or encrypted)."""
+        config["server-round"] = server_round
+        messages = [Message(content=RecordDict({model_key(arrays): arrays, P.TASK: config}),
+                            message_type=MessageType.EVALUATE, dst_node_id=n)
+                    for n in sorted(grid.get_node_ids())]
         self._eval_sampled = [m.metadata.dst_node_id for m in messages]
         self._eval_bytes = array_bytes(arrays)
         self.round.bytes_down += self._eval_bytes * len(messages)
         return messages
 
     # -- train ---------------------------------------------------------------------------
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]  # type: ignore[override]
+                        ) -> tuple[Model | None, MetricRecord | None]:
         replies = list(replies)
         valid: list[Message] = []
+        streams: list[list[Any]] = []  # parsed ciphertexts of the valid replies (CKKS on)
         per_site_bytes = self.round.bytes_down // max(len(self.round.sampled), 1)
         with self.store.session() as s:
             for msg in self._answered(s, server_round, "train", replies, self.round.sampled,
@@ -120,13 +151,14 @@ class RecordingStrategy(Strategy):
                     continue
                 try:
                     info, report, n = self._check_train_reply(msg.content)
+                    parsed = self._parse_update(msg.content)
                 except ValueError as err:
                     self._participation(s, server_round, node, "train", "rejected",
                                         reason=str(err), bytes_down=per_site_bytes)
                     log.warning("round %d: rejected reply from node %d: %s", server_round, node, err)
                     continue
                 self.node_sites[node] = info.site_id
-                up = array_bytes(msg.content[P.ARRAYS])  # type: ignore[arg-type]
+                up = array_bytes(msg.content[P.ENC_UPDATE if self.cipher else P.ARRAYS])  # type: ignore[arg-type]
                 site = self.store.site_row(s, self.run_id, info.site_id)
                 site.num_train, site.num_test = n, info.num_test
                 site.device, site.delta = info.device, report.delta
@@ -156,25 +188,45 @@ class RecordingStrategy(Strategy):
                 self.round.bytes_up += up
                 self.round.examples += n
                 valid.append(msg)
+                if parsed is not None:
+                    streams.append(parsed)
         self.round.ok = len(valid)
         if len(valid) < self.min_sites:
             log.warning("round %d: %d usable replies, fewer than min_sites=%d; model kept",
                         server_round, len(valid), self.min_sites)
             return None, None
-        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        arrays: Model | None
+        metrics: MetricRecord | None
+        if self.cipher is not None:
+            arrays = P.encrypted_record(self.cipher.add(streams))
+            metrics = aggregate_train_metrics([m.content for m in valid], P.NUM_EXAMPLES)
+            log.info("round %d: added %d encrypted updates (%d bytes); the sum stays encrypted",
+                     server_round, len(streams), array_bytes(arrays))
+        else:
+            arrays, metrics = self.inner.aggregate_train(server_round, valid)
         if metrics is not None:
             self.round.train_loss = float(metrics[P.TRAIN_LOSS])  # type: ignore[arg-type]
             self.round.max_epsilon = float(metrics[P.EPSILON])  # type: ignore[arg-type]
         return arrays, metrics
 
+    def _parse_update(self, content: RecordDict) -> list[Any] | None:
+        """CKKS on: the site's encrypted stream, checked (MalformedCiphertextError otherwise)."""
+        if self.cipher is None:
+            return None
+        return self.cipher.parse(P.encrypted_from(content, P.ENC_UPDATE), self.stream_values)
+
     def _check_train_reply(self, content: RecordDict) -> tuple[P.SiteInfo, P.PrivacyReport, int]:
         info = P.site_info(content)
         arrays = content.get(P.ARRAYS)
-        if not isinstance(arrays, ArrayRecord):
+        if self.cipher is not None:
+            if arrays is not None:
+                raise ValueError("plaintext update in an encrypted run: not aggregated")
+        elif not isinstance(arrays, ArrayRecord):
             raise ValueError("reply has no arrays record")
-        got = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
-        if got != self._global_keys:
-            raise ValueError("arrays do not match the global model (keys, shapes or dtypes differ)")
+        else:
+            got = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+            if got != self._global_keys:
+                raise ValueError("arrays do not match the global model (keys, shapes or dtypes differ)")
         n = P.metric(content, P.NUM_EXAMPLES)
         if n != int(n) or n < 1:
             raise ValueError(f"num-examples must be a positive integer, got {n}")
@@ -232,6 +284,9 @@ class RecordingStrategy(Strategy):
 
     # -- evaluate ------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if self.encrypted_eval:
+            self._aggregate_encrypted_evaluate(server_round, list(replies))
+            return None
         replies = list(replies)
         valid: list[Message] = []
         with self.store.session() as s:
@@ -264,7 +319,45 @@ class RecordingStrategy(Strategy):
         self._close_round(server_round, metrics)
         return metrics
 
-    def _close_round(self, server_round: int, eval_metrics: MetricRecord | None) -> None:
+    def _aggregate_encrypted_evaluate(self, server_round: int, replies: list[Message]) -> None:
+        """Sum the sites' encrypted evaluation sums; store the ciphertext; read nothing."""
+        assert self.cipher is not None
+        streams: list[list[Any]] = []
+        with self.store.session() as s:
+            for msg in self._answered(s, server_round, "evaluate", replies, self._eval_sampled,
+                                      self._eval_bytes):
+                node = msg.metadata.src_node_id
+                try:
+                    info = P.site_info(msg.content)
+                    if P.METRICS in msg.content:
+                        raise ValueError("plaintext metrics in an encrypted evaluation: not used")
+                    enc = P.encrypted_from(msg.content, P.ENC_METRICS)
+                    streams.append(self.cipher.parse(enc, len(P.EVAL_SUMS)))
+                except ValueError as err:
+                    self._participation(s, server_round, node, "evaluate", "rejected",
+                                        reason=str(err), bytes_down=self._eval_bytes)
+                    log.warning("round %d: rejected evaluation from node %d: %s", server_round, node, err)
+                    continue
+                self.node_sites[node] = info.site_id
+                site = self.store.site_row(s, self.run_id, info.site_id)
+                s.add(S.Participation(
+                    run_id=self.run_id, round_number=server_round, site_id=site.id, phase="evaluate",
+                    status="ok", seconds=info.seconds, bytes_down=self._eval_bytes, bytes_up=enc.nbytes,
+                ))
+            if streams:
+                total = self.cipher.add(streams)
+                (blob,) = total.chunks
+                s.add(S.EncryptedMetric(
+                    run_id=self.run_id, round_number=server_round, phase="evaluate",
+                    names=",".join(P.EVAL_SUMS), key_id=total.key_id, weight_norm=self.weight_norm,
+                    sites=len(streams), ciphertext=blob, sha256=hashlib.sha256(blob).hexdigest(),
+                ))
+        log.info("round %d evaluation: encrypted (%d sites summed; readable only with the key set's "
+                 "secret key)", server_round, len(streams))
+        self._close_round(server_round, None, encrypted=bool(streams))
+
+    def _close_round(self, server_round: int, eval_metrics: MetricRecord | None,
+                     encrypted: bool = False) -> None:
         r = self.round
         seconds = time.perf_counter() - r.started
         acc = float(eval_metrics[P.EVAL_ACC]) if eval_metrics else None  # type: ignore[arg-type]
@@ -283,7 +376,8 @@ class RecordingStrategy(Strategy):
         if self.on_round:
             self.on_round({"round": server_round, "rounds": self.num_rounds, "accuracy": acc,
                            "loss": loss, "max_epsilon": r.max_epsilon, "sites_ok": r.ok,
-                           "sites_sampled": len(r.sampled), "seconds": seconds})
+                           "sites_sampled": len(r.sampled), "seconds": seconds,
+                           "encrypted": int(encrypted)})
 
     def _answered(self, s: Session, server_round: int, phase: str, replies: list[Message],
                   sampled: list[int], bytes_down: int) -> list[Message]:

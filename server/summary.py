@@ -6,10 +6,13 @@ used; the ε a site reported is kept in the events for audit and compared in tes
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 
+from privacy.ckks import EncryptedVector, SecretKey
 from server.recording import site_epsilons
 from server.store import RunStore
 from server.store import schema as S
@@ -28,6 +31,7 @@ class RoundRow:
     bytes_down: int
     bytes_up: int
     seconds: float | None
+    encrypted: bool = False  # evaluation metrics stored as a ciphertext (decrypted only with a key)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class RunSummary:
     sites: list[SiteRow]
     artifacts: list[tuple[str, str, int]]
     refusals: list[RefusalRow]
+    encryption: dict[str, Any] | None = None  # the public CKKS description: key id, parameters
+    decrypted_with: str | None = None  # key id used to read encrypted metrics, if any
 
     @property
     def bytes_moved(self) -> int:
@@ -84,10 +90,24 @@ class RunSummary:
         return sum(r.examples for r in self.rounds)
 
 
-def load_summary(store: RunStore, run_id: int) -> RunSummary:
+def decrypt_evaluation(key: SecretKey, key_id: str, blob: bytes) -> tuple[float, float]:
+    """(accuracy, loss) from a round's encrypted evaluation sums; needs the key set's secret key."""
+    loss_sum, correct, examples = key.decrypt(EncryptedVector(key_id, 3, (blob,)))
+    if examples <= 0:
+        raise ValueError("decrypted example count is not positive")
+    return float(correct / examples), float(loss_sum / examples)
+
+
+def load_summary(store: RunStore, run_id: int, key: SecretKey | None = None) -> RunSummary:
+    """The run as the store has it; with ``key``, encrypted evaluation metrics are decrypted."""
     run = store.get_run(run_id)
     eps = site_epsilons(store, run_id)
     with store.session() as s:
+        encrypted: dict[int, tuple[float | None, float | None]] = {}
+        for row in s.scalars(select(S.EncryptedMetric).where(S.EncryptedMetric.run_id == run_id,
+                                                              S.EncryptedMetric.phase == "evaluate")):
+            encrypted[row.round_number] = (
+                decrypt_evaluation(key, row.key_id, row.ciphertext) if key is not None else (None, None))
         agg: dict[tuple[int, str], float] = {
             (rn, name): value
             for rn, name, value in s.execute(
@@ -97,9 +117,12 @@ def load_summary(store: RunStore, run_id: int) -> RunSummary:
             if value is not None
         }
         rounds = [
-            RoundRow(r.number, r.status, agg.get((r.number, "eval-acc")),
-                     agg.get((r.number, "eval-loss")), agg.get((r.number, "train-loss")),
-                     r.sites_ok, r.sites_sampled, r.examples, r.bytes_down, r.bytes_up, r.seconds)
+            RoundRow(r.number, r.status,
+                     encrypted[r.number][0] if r.number in encrypted else agg.get((r.number, "eval-acc")),
+                     encrypted[r.number][1] if r.number in encrypted else agg.get((r.number, "eval-loss")),
+                     agg.get((r.number, "train-loss")),
+                     r.sites_ok, r.sites_sampled, r.examples, r.bytes_down, r.bytes_up, r.seconds,
+                     encrypted=r.number in encrypted)
             for r in s.scalars(select(S.Round).where(S.Round.run_id == run_id).order_by(S.Round.number))
         ]
         joined = dict(
@@ -145,8 +168,10 @@ def load_summary(store: RunStore, run_id: int) -> RunSummary:
                 .where(S.Participation.run_id == run_id, S.Participation.status == "refused")
                 .order_by(S.Participation.round_number, S.Participation.id))
         ]
+    encryption = json.loads(run.encryption_json) if run.encryption_json else None
     return RunSummary(run.id, run.name, run.status, run.error, run.wall_seconds, rounds, sites,
-                      artifacts, refusals)
+                      artifacts, refusals, encryption,
+                      key.key_id if key is not None and encrypted else None)
 
 
 def _natural(key: str) -> tuple[str, int]:
@@ -165,8 +190,9 @@ def format_summary(summary: RunSummary) -> str:
     out.append("")
     out.append(" round  accuracy    loss  train-loss  sites  examples   moved     secs")
     for r in summary.rounds:
-        acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "   -  "
-        loss = f"{r.loss:.4f}" if r.loss is not None else "   -  "
+        hidden = r.encrypted and r.accuracy is None
+        acc = f"{r.accuracy:.4f}" if r.accuracy is not None else ("encrypted" if hidden else "   -  ")
+        loss = f"{r.loss:.4f}" if r.loss is not None else ("   -  " if not hidden else "  *   ")
         tl = f"{r.train_loss:.4f}" if r.train_loss is not None else "   -  "
         out.append(f" {r.number:>5}  {acc:>8}  {loss:>6}  {tl:>10}  {r.sites_ok:>2}/{r.sites_sampled:<2}"
                    f"  {r.examples:>8}  {_mb(r.bytes_down + r.bytes_up):>9}  {r.seconds or 0:>6.1f}")
@@ -195,6 +221,17 @@ def format_summary(summary: RunSummary) -> str:
     if worst is not None:
         out.append(f" worst-case site ε this run = {worst:.3f} (sample-level DP, each site at its own δ);"
                    " lifetime ε is each site ledger's spend on its data set across runs")
+    if summary.encryption:
+        e, p = summary.encryption, summary.encryption["params"]
+        on = "+".join(k for k in ("aggregation", "evaluation") if e.get(k) == "ckks")
+        out.append(f" encryption: CKKS {on}, key set {e['key_id']} (N={p['poly_modulus_degree']}, moduli "
+                   f"{p['coeff_mod_bit_sizes']} bits, scale 2^{p['scale_bits']}); the coordinator only added "
+                   "ciphertexts")
+        if any(r.encrypted for r in summary.rounds):
+            out.append(f"   evaluation metrics decrypted with key set {summary.decrypted_with}"
+                       if summary.decrypted_with else
+                       f"   evaluation metrics are encrypted: veil runs show {summary.run_id} --key "
+                       "KEYSET/secret.ckks")
     out.append(f" examples trained: {summary.examples}   bytes moved: {_mb(summary.bytes_moved)}"
                f"   wall time: {summary.wall_seconds or 0:.1f}s")
     for uri, sha, size in summary.artifacts:

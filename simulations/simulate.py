@@ -7,15 +7,18 @@ is created, so an invalid scenario writes nothing. Once the run exists, any fail
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.store import RunStore
-from veil.errors import BudgetRefusedError
+from veil.errors import BudgetRefusedError, EncryptionError
 from veil.logs import get_logger
 from veil.spec import Scenario
 
@@ -69,6 +72,8 @@ def format_progress(info: dict[str, float | int | None]) -> str:
     parts = [f"round {info['round']}/{info['rounds']}:"]
     if info["accuracy"] is not None:
         parts.append(f"accuracy {info['accuracy']:.4f}, loss {info['loss']:.4f},")
+    elif info.get("encrypted"):
+        parts.append("evaluation encrypted,")
     if info["max_epsilon"] is not None:
         parts.append(f"max ε {info['max_epsilon']:.3f},")
     parts.append(f"{info['sites_ok']}/{info['sites_sampled']} sites trained, {info['seconds']:.1f}s")
@@ -85,6 +90,38 @@ def backend_config(scenario: Scenario) -> dict[str, object]:
         "client_resources": {"num_cpus": 1, "num_gpus": 0.25 if use_gpu else 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR"},
     }
+
+
+@dataclass(frozen=True)
+class KeyPaths:
+    secret: Path
+    coordinator: Path
+
+
+def prepare_keys(scenario: Scenario, fresh_dir: Path) -> KeyPaths | None:
+    """The run's CKKS key set: the scenario's ``encryption.keys``, or a fresh one in ``fresh_dir``.
+
+    A fresh key set is made in a child process (``veil keys create``'s code), so this process,
+    which also runs the coordinator, never generates or holds a secret key."""
+    enc = scenario.encryption
+    if not enc.enabled:
+        return None
+    if enc.keys is not None:
+        directory = Path(enc.keys).expanduser().resolve()
+        paths = KeyPaths(directory / "secret.ckks", directory / "coordinator.ckks")
+        for p in (paths.secret, paths.coordinator):
+            if not p.is_file():
+                raise EncryptionError(f"encryption.keys: {p} not found "
+                                      "(make a key set with: veil keys create DIR)")
+        return paths
+    code = ("import json, sys; from pathlib import Path; from privacy.ckks import CkksParams, create_keyset; "
+            "create_keyset(Path(sys.argv[1]), CkksParams.from_dict(json.loads(sys.argv[2])))")
+    proc = subprocess.run([sys.executable, "-c", code, str(fresh_dir), json.dumps(enc.params().to_dict())],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise EncryptionError(f"could not create a CKKS key set in {fresh_dir}: {proc.stderr.strip()[-800:]}")
+    log.info("created a fresh CKKS key set for this run in %s", fresh_dir)
+    return KeyPaths(fresh_dir / "secret.ckks", fresh_dir / "coordinator.ckks")
 
 
 def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
@@ -110,8 +147,10 @@ def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
 
     start = time.perf_counter()
     with record_run(store, scenario) as run_id:
-        server_app = build_server_app(scenario, store.url, run_id, artifacts_dir, on_round)
-        client_app = build_client_app(sites)
+        keys = prepare_keys(scenario, Path(artifacts_dir).resolve() / f"run-{run_id}" / "keys")
+        server_app = build_server_app(scenario, store.url, run_id, artifacts_dir, on_round,
+                                      coordinator_key=keys.coordinator if keys else None)
+        client_app = build_client_app(replace(sites, keys=str(keys.secret)) if keys else sites)
         run_simulation(
             server_app=server_app,
             client_app=client_app,

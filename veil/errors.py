@@ -56,3 +56,9 @@ class BudgetRefusedError(VeilError):
     def __init__(self, message: str, run_id: int | None = None) -> None:
         super().__init__(message)
         self.run_id = run_id
+
+
+class EncryptionError(VeilError, ValueError):
+    """CKKS parameters, key files or ciphertexts are invalid, or a role holds the wrong key."""
+
+    exit_code = 9

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from privacy import DpSgdEvent
 from privacy.accounting import ACCOUNTANTS, AccountantName
+from privacy.ckks import EncryptedVector, MalformedCiphertextError
 from veil.spec import Scenario
 
 ARRAYS = "arrays"
@@ -26,6 +27,15 @@ SITE = "site"
 BUDGET = "budget"
 REFUSAL = "refusal"
 BUDGET_QUERY = "query.budget"  # message type of the coordinator's pre-flight budget question
+ENC_MODEL = "enc-model"  # coordinator -> sites: the encrypted aggregate (global model)
+ENC_UPDATE = "enc-update"  # site -> coordinator: its pre-weighted, encrypted update
+ENC_METRICS = "enc-metrics"  # site -> coordinator: its encrypted evaluation sums
+# task-config keys of an encrypted round (public values only)
+ENC_KEY_ID = "enc-key-id"
+ENC_WEIGHT_NORM = "enc-weight-norm"  # sites weight by n / norm, so every sum stays within ±1 x |value|
+ENC_EVAL = "enc-eval"  # evaluation replies must be encrypted
+# what the slots of an encrypted evaluation hold, each divided by the weight norm
+EVAL_SUMS = ("eval-loss-sum", "eval-correct", "eval-examples")
 
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
@@ -52,6 +62,7 @@ class TrainTask:
     seed: int
     run_ref: str = ""  # which run asks (for the site's ledger); not trusted for anything else
     encrypted: bool = False  # whether the update leaves the site encrypted
+    encrypted_eval: bool = False  # whether evaluation metrics leave the site encrypted
 
     @classmethod
     def from_scenario(cls, s: Scenario) -> TrainTask:
@@ -69,6 +80,8 @@ class TrainTask:
             accountant=p.accountant,
             planned_rounds=s.federation.rounds,
             seed=s.seed,
+            encrypted=s.encryption.aggregation == "ckks",
+            encrypted_eval=s.encryption.evaluation == "ckks",
         )
 
     def for_run(self, run_ref: str) -> TrainTask:
@@ -319,3 +332,32 @@ def metric(content: RecordDict, key: str) -> float:
 
 
 Phase = Literal["train", "evaluate"]
+
+
+def encrypted_record(enc: EncryptedVector) -> ConfigRecord:
+    """Ciphertext bytes as they travel: TenSEAL protobuf bytes in a ConfigRecord, never pickle."""
+    return ConfigRecord({"key-id": enc.key_id, "values": enc.values, "chunks": list(enc.chunks)})
+
+
+def encrypted_from(content: RecordDict, key: str) -> EncryptedVector:
+    """Read an encrypted stream from a message; any shape problem is a MalformedCiphertextError."""
+    rec = content.get(key)
+    if not isinstance(rec, ConfigRecord):
+        raise MalformedCiphertextError(f"message has no {key!r} record")
+    key_id, values, chunks = rec.get("key-id"), rec.get("values"), rec.get("chunks")
+    if not isinstance(key_id, str) or len(key_id) > 64:
+        raise MalformedCiphertextError("encrypted record: key-id must be a short string")
+    if isinstance(values, bool) or not isinstance(values, int) or values < 1:
+        raise MalformedCiphertextError(f"encrypted record: values must be a positive integer, got {values!r}")
+    if isinstance(chunks, bytes):
+        chunks = [chunks]
+    if not isinstance(chunks, list) or not all(isinstance(c, bytes) for c in chunks):
+        raise MalformedCiphertextError("encrypted record: chunks must be a list of bytes")
+    return EncryptedVector(key_id, values, tuple(cast(list[bytes], chunks)))
+
+
+def encrypted_nbytes(rec: ConfigRecord) -> int:
+    chunks = rec.get("chunks")
+    if not isinstance(chunks, list):
+        return 0
+    return sum(len(c) for c in cast(list[bytes], chunks))

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from privacy.ckks import CkksParams
 from privacy.policy import SitePolicy
 from veil.errors import ScenarioError
 
@@ -87,6 +88,40 @@ class PrivacySpec(_Strict):
         return self
 
 
+class EncryptionSpec(_Strict):
+    """CKKS: the coordinator adds ciphertexts and never sees a site's update or metrics."""
+
+    aggregation: Literal["none", "ckks"] = Field("none", description="ckks: sites send encrypted updates")
+    evaluation: Literal["none", "ckks"] = Field("none", description="ckks: sites send encrypted metric sums")
+    keys: str | None = Field(
+        None, description="key-set directory from `veil keys create`; default: a fresh key set per run",
+    )
+    poly_modulus_degree: int = Field(4096, description="CKKS ring degree N (fresh key sets only)")
+    coeff_mod_bit_sizes: list[int] = Field([60, 49], description="modulus primes in bits, special prime last")
+    scale_bits: int = Field(52, description="encoding scale 2^scale_bits")
+    release_bits: int = Field(28, description="decrypted sums are noise-flooded and rounded to 2^-release_bits")
+
+    @property
+    def enabled(self) -> bool:
+        return self.aggregation == "ckks" or self.evaluation == "ckks"
+
+    def params(self) -> CkksParams:
+        return CkksParams(self.poly_modulus_degree, tuple(self.coeff_mod_bit_sizes), self.scale_bits,
+                          self.release_bits)
+
+    @model_validator(mode="after")
+    def _valid_params(self) -> EncryptionSpec:
+        param_fields = {"poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "release_bits"}
+        both = sorted(self.model_fields_set & param_fields)
+        if self.keys is not None and both:
+            raise ValueError("set either encryption.keys (an existing key set, whose parameters are used) "
+                             f"or CKKS parameters for a fresh key set, not both (got {both})")
+        problems = self.params().problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class Scenario(_Strict):
     """A simulated federation: who trains what, how privately, for how long."""
 
@@ -98,6 +133,7 @@ class Scenario(_Strict):
     model: ModelSpec = ModelSpec()
     training: TrainingSpec = TrainingSpec()
     privacy: PrivacySpec = PrivacySpec(noise_multiplier=1.0)
+    encryption: EncryptionSpec = EncryptionSpec()
     site_policy: SitePolicy = Field(
         SitePolicy(), description="what every simulated site enforces on itself"
     )

@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -56,6 +57,8 @@ class Run(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     wall_seconds: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
+    # CKKS: {"aggregation", "evaluation", "key_id", "params"}; the public description only
+    encryption_json: Mapped[str | None] = mapped_column(Text)
 
 
 class Site(Base):
@@ -169,3 +172,25 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EncryptedMetric(Base):
+    """A round's evaluation sums as one CKKS ciphertext: only a key holder can read them.
+
+    ``names`` lists what the slots hold (each divided by ``weight_norm``); the coordinator
+    only ever added ciphertexts to make it. One ciphertext per round (~65 KB at N = 4096)
+    lives in the row so a researcher with the key needs nothing but the store.
+    """
+
+    __tablename__ = "encrypted_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "round_number", "phase"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    round_number: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(16))
+    names: Mapped[str] = mapped_column(String(200))
+    key_id: Mapped[str] = mapped_column(String(32))
+    weight_norm: Mapped[float] = mapped_column(Float)
+    sites: Mapped[int] = mapped_column(Integer)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[str] = mapped_column(String(64))

@@ -186,6 +186,14 @@ class RunStore:
             s.flush()
         return row
 
+    def set_encryption(self, run_id: int, description_json: str) -> None:
+        """The run's public CKKS description (key id, parameters): never a key."""
+        with self.session() as s:
+            run = s.get(S.Run, run_id)
+            if run is None:
+                raise StoreError(f"no run {run_id} in the store")
+            run.encryption_json = description_json
+
     def round_row(self, s: Session, run_id: int, number: int) -> S.Round:
         row = s.scalar(select(S.Round).where(S.Round.run_id == run_id, S.Round.number == number))
         if row is None:
