@@ -124,3 +124,105 @@ def test_site_refusal_is_recorded_with_its_code_and_the_site_is_dropped(strategy
     assert (ev.lifetime_epsilon, ev.epsilon_cap, ev.dataset_id) == (1.5, 4.0, "d" * 16)
     # the refusing site is never sampled again; the other is charged one round
     assert plan.choose(2) == [1] and plan.standings[1].remaining == 2
+
+
+# -- CKKS: the coordinator checks and adds ciphertexts, never reads them --------------------
+
+@pytest.fixture(scope="module")
+def ckks_keys(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from privacy.ckks import CoordinatorContext, SecretKey, create_keyset
+
+    made = create_keyset(tmp_path_factory.mktemp("k") / "set")
+    return SecretKey.load(made.secret), CoordinatorContext.load(made.coordinator)
+
+
+def _encrypted_strategy(tmp_path, ckks_keys, values: int, **kw):  # type: ignore[no-untyped-def]
+    from flwr.serverapp.strategy import FedAvg
+
+    store = RunStore(f"sqlite:///{tmp_path / 'e.db'}")
+    run_id = store.create_run(name="e", spec={}, spec_hash="0" * 64, seed=0, num_sites=3, num_rounds=1)
+    return RecordingStrategy(FedAvg(), store, run_id, num_rounds=1, min_sites=1, cipher=ckks_keys[1],
+                             stream_values=values, **kw)
+
+
+def _message(content: RecordDict, node: int, kind: str = "train"):  # type: ignore[no-untyped-def]
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    msg = Message(content, dst_node_id=node, message_type=kind)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def test_malformed_ciphertexts_are_rejected_with_a_reason_and_the_round_goes_on(
+        tmp_path, ckks_keys) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from privacy.ckks import EncryptedVector
+
+    secret, _ = ckks_keys
+    strategy = _encrypted_strategy(tmp_path, ckks_keys, values=7)
+    update = np.array([0.5, -1.0, 2.0, 0.0, 3.0, 1.0, 0.25])  # 6 weighted values + weight 0.25
+
+    def encrypted(enc: EncryptedVector) -> RecordDict:
+        return _reply(**{P.ARRAYS: None, P.ENC_UPDATE: P.encrypted_record(enc)})
+
+    good = secret.encrypt(update)
+    replies = [
+        _message(encrypted(good), 1),
+        _message(encrypted(EncryptedVector(good.key_id, 7, (b"\x00garbage" * 100,))), 2),
+        _message(encrypted(secret.encrypt(update[:5])), 3),  # wrong length
+        _message(_reply(), 4),  # a plaintext update in an encrypted run
+        _message(encrypted(EncryptedVector(good.key_id, 7, (good.chunks[0] * 2,))), 5),  # oversized
+    ]
+    strategy.round.sampled = [1, 2, 3, 4, 5]
+    model, metrics = strategy.aggregate_train(1, replies)
+    assert isinstance(model, ConfigRecord) and metrics is not None
+    mean, weight = secret.decrypt_mean(P.encrypted_from(RecordDict({P.ENC_MODEL: model}), P.ENC_MODEL))
+    assert weight == pytest.approx(0.25, abs=1e-7)  # only the good site is in the sum
+    assert np.max(np.abs(mean - update[:6] / 0.25)) < 1e-6
+    with strategy.store.session() as s:
+        rows = sorted((p.status, p.reason or "") for p in s.scalars(select(S.Participation)))
+    reasons = [r for status, r in rows if status == "rejected"]
+    assert [status for status, _ in rows].count("ok") == 1 and len(reasons) == 4
+    assert any("not a CKKS ciphertext" in r for r in reasons)
+    assert any("holds 5 values, expected 7" in r for r in reasons)
+    assert any("plaintext update in an encrypted run" in r for r in reasons)
+    assert any("over the" in r for r in reasons)
+
+
+def test_encrypted_evaluation_is_stored_as_one_ciphertext_only_a_key_holder_reads(
+        tmp_path, ckks_keys) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from server.summary import load_summary
+
+    secret, _ = ckks_keys
+    strategy = _encrypted_strategy(tmp_path, ckks_keys, values=9, encrypted_eval=True, weight_norm=1000.0)
+    site_sums = [(40.0, 80, 100), (90.0, 150, 200)]  # (loss sum, correct, examples) per site
+    replies = [
+        _message(RecordDict({
+            P.ENC_METRICS: P.encrypted_record(secret.encrypt(np.array(sums, dtype=float) / 1000.0)),
+            P.SITE: P.SiteInfo(f"site-{i}", "cpu", 0.1, 0).to_config(),
+        }), i + 1, "evaluate")
+        for i, sums in enumerate(site_sums)
+    ]
+    replies.append(_message(RecordDict({  # plaintext metrics are not accepted in an encrypted evaluation
+        P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, P.EVAL_LOSS: 0.1, P.EVAL_ACC: 1.0}),
+        P.SITE: P.SiteInfo("site-2", "cpu", 0.1, 10).to_config()}), 3, "evaluate"))
+    strategy._eval_sampled, strategy._eval_bytes = [1, 2, 3], 0
+    with strategy.store.session() as s:
+        strategy.store.round_row(s, strategy.run_id, 1)
+    assert strategy.aggregate_evaluate(1, replies) is None  # the coordinator learns nothing
+    with strategy.store.session() as s:
+        stored = s.scalars(select(S.EncryptedMetric)).one()
+        plain = s.scalars(select(S.Metric).where(S.Metric.name.in_([P.EVAL_ACC, P.EVAL_LOSS]))).all()
+        rejected = s.scalars(select(S.Participation).where(S.Participation.status == "rejected")).one()
+    assert stored.sites == 2 and stored.weight_norm == 1000.0 and plain == []
+    assert "plaintext metrics" in (rejected.reason or "")
+    hidden = load_summary(strategy.store, strategy.run_id).rounds[0]
+    assert hidden.encrypted and hidden.accuracy is None
+    shown = load_summary(strategy.store, strategy.run_id, secret).rounds[0]
+    assert shown.accuracy == pytest.approx(230 / 300, abs=1e-6)
+    assert shown.loss == pytest.approx(130 / 300, abs=1e-6)
