@@ -50,7 +50,8 @@ def _site_stream(layers: list[np.ndarray], weight: float) -> np.ndarray:
 def test_encrypted_aggregate_equals_plaintext_weighted_average(
         secret: SecretKey, coord: CoordinatorContext, seed: int, sites: int) -> None:
     rng = np.random.default_rng(seed)
-    shapes = [tuple(int(d) for d in rng.integers(1, 40, size=rng.integers(1, 4))) for _ in range(rng.integers(1, 5))]
+    shapes = [tuple(int(d) for d in rng.integers(1, 40, size=rng.integers(1, 4)))
+              for _ in range(rng.integers(1, 5))]
     models = [[rng.normal(0, rng.uniform(0.01, 3.0), s).astype(np.float32) for s in shapes] for _ in range(sites)]
     counts = rng.integers(1, 5000, size=sites).astype(float)
     norm = float(counts.sum())

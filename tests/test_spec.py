@@ -13,6 +13,14 @@ from veil.spec import DEFAULT_SCENARIO, load_scenario, parse_scenario
 def test_default_scenario_is_the_main_job() -> None:
     s = load_scenario(DEFAULT_SCENARIO)
     assert (s.federation.sites, s.federation.rounds, s.data.source) == (10, 5, "mnist-5k")
+    assert not s.encryption.enabled
+
+
+def test_encrypted_scenario_is_the_default_with_ckks_on() -> None:
+    s = load_scenario(DEFAULT_SCENARIO.with_name("encrypted.yaml"))
+    base = load_scenario(DEFAULT_SCENARIO)
+    assert s.encryption.aggregation == s.encryption.evaluation == "ckks"
+    assert s.model_copy(update={"encryption": base.encryption, "name": base.name}) == base
 
 
 @pytest.mark.parametrize(
@@ -28,6 +36,10 @@ def test_default_scenario_is_the_main_job() -> None:
         ({"privacy": {"noise_multiplier": 1.0, "delta": 2}}, ["privacy.delta", "less than 1"]),
         ({"federation": {"sites": 2, "min_sites": 3}}, ["min_sites (3) must not exceed"]),
         ({"model": {"arch": "resnet"}}, ["model.arch", "'cnn' or 'mlp'", "got 'resnet'"]),
+        ({"encryption": {"aggregation": "paillier"}}, ["encryption.aggregation", "'none' or 'ckks'"]),
+        ({"encryption": {"aggregation": "ckks", "coeff_mod_bit_sizes": [60, 60]}},
+         ["encryption:", "above the 128-bit security bound of 109 bits"]),
+        ({"encryption": {"aggregation": "ckks", "keys": "k", "scale_bits": 40}}, ["not both"]),
     ],
 )
 def test_bad_fields_are_named(raw: dict, expected: list[str]) -> None:
