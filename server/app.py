@@ -144,8 +144,8 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         public[P.ENC_EVAL] = enc.evaluation == "ckks"
     strategy = RecordingStrategy(
         inner, store, run_id, num_rounds=fed.rounds, min_sites=min_sites, on_round=on_round, plan=plan,
-        cipher=cipher if enc.aggregation == "ckks" or enc.evaluation == "ckks" else None,
-        stream_values=count_parameters(model) + 1, encrypted_eval=enc.evaluation == "ckks",
+        cipher=cipher, stream_values=count_parameters(model) + 1,
+        encrypted_train=enc.aggregation == "ckks", encrypted_eval=enc.evaluation == "ckks",
         weight_norm=float(public.get(P.ENC_WEIGHT_NORM, 0.0)),
     )
     strategy.record_preflight(standings)

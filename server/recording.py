@@ -80,15 +80,17 @@ class RecordingStrategy(Strategy):
         plan: ParticipationPlan | None = None,
         cipher: CoordinatorContext | None = None,
         stream_values: int = 0,
+        encrypted_train: bool = False,
         encrypted_eval: bool = False,
         weight_norm: float = 0.0,
     ) -> None:
-        """``cipher`` (CKKS on): replies carry encrypted updates of ``stream_values`` values,
-        which are checked and added, never decrypted; ``encrypted_eval``: evaluation replies
-        carry encrypted sums, stored as one ciphertext per round."""
-        if (cipher is None) and encrypted_eval:
-            raise ValueError("encrypted evaluation needs the coordinator's CKKS context")
+        """``encrypted_train``: replies carry encrypted updates of ``stream_values`` values,
+        which are checked and added with ``cipher``, never decrypted; ``encrypted_eval``:
+        evaluation replies carry encrypted sums, stored as one ciphertext per round."""
+        if cipher is None and (encrypted_train or encrypted_eval):
+            raise ValueError("encrypted aggregation or evaluation needs the coordinator's CKKS context")
         self.cipher = cipher
+        self.encrypted_train = encrypted_train
         self.stream_values = stream_values
         self.encrypted_eval = encrypted_eval
         self.weight_norm = weight_norm
@@ -158,7 +160,7 @@ class RecordingStrategy(Strategy):
                     log.warning("round %d: rejected reply from node %d: %s", server_round, node, err)
                     continue
                 self.node_sites[node] = info.site_id
-                up = array_bytes(msg.content[P.ENC_UPDATE if self.cipher else P.ARRAYS])  # type: ignore[arg-type]
+                up = array_bytes(msg.content[P.ENC_UPDATE if self.encrypted_train else P.ARRAYS])  # type: ignore[arg-type]
                 site = self.store.site_row(s, self.run_id, info.site_id)
                 site.num_train, site.num_test = n, info.num_test
                 site.device, site.delta = info.device, report.delta
@@ -197,7 +199,7 @@ class RecordingStrategy(Strategy):
             return None, None
         arrays: Model | None
         metrics: MetricRecord | None
-        if self.cipher is not None:
+        if self.cipher is not None and self.encrypted_train:
             arrays = P.encrypted_record(self.cipher.add(streams))
             metrics = aggregate_train_metrics([m.content for m in valid], P.NUM_EXAMPLES)
             log.info("round %d: added %d encrypted updates (%d bytes); the sum stays encrypted",
@@ -211,14 +213,14 @@ class RecordingStrategy(Strategy):
 
     def _parse_update(self, content: RecordDict) -> list[Any] | None:
         """CKKS on: the site's encrypted stream, checked (MalformedCiphertextError otherwise)."""
-        if self.cipher is None:
+        if self.cipher is None or not self.encrypted_train:
             return None
         return self.cipher.parse(P.encrypted_from(content, P.ENC_UPDATE), self.stream_values)
 
     def _check_train_reply(self, content: RecordDict) -> tuple[P.SiteInfo, P.PrivacyReport, int]:
         info = P.site_info(content)
         arrays = content.get(P.ARRAYS)
-        if self.cipher is not None:
+        if self.encrypted_train:
             if arrays is not None:
                 raise ValueError("plaintext update in an encrypted run: not aggregated")
         elif not isinstance(arrays, ArrayRecord):

@@ -142,7 +142,7 @@ def _encrypted_strategy(tmp_path, ckks_keys, values: int, **kw):  # type: ignore
     store = RunStore(f"sqlite:///{tmp_path / 'e.db'}")
     run_id = store.create_run(name="e", spec={}, spec_hash="0" * 64, seed=0, num_sites=3, num_rounds=1)
     return RecordingStrategy(FedAvg(), store, run_id, num_rounds=1, min_sites=1, cipher=ckks_keys[1],
-                             stream_values=values, **kw)
+                             stream_values=values, encrypted_train=True, **kw)
 
 
 def _message(content: RecordDict, node: int, kind: str = "train"):  # type: ignore[no-untyped-def]
@@ -226,3 +226,16 @@ def test_encrypted_evaluation_is_stored_as_one_ciphertext_only_a_key_holder_read
     shown = load_summary(strategy.store, strategy.run_id, secret).rounds[0]
     assert shown.accuracy == pytest.approx(230 / 300, abs=1e-6)
     assert shown.loss == pytest.approx(130 / 300, abs=1e-6)
+
+
+def test_encrypted_evaluation_alone_keeps_plaintext_aggregation(tmp_path, ckks_keys) -> None:  # type: ignore[no-untyped-def]
+    from flwr.serverapp.strategy import FedAvg
+
+    store = RunStore(f"sqlite:///{tmp_path / 'p.db'}")
+    run_id = store.create_run(name="p", spec={}, spec_hash="0" * 64, seed=0, num_sites=1, num_rounds=1)
+    strategy = RecordingStrategy(FedAvg(), store, run_id, num_rounds=1, min_sites=1, cipher=ckks_keys[1],
+                                 stream_values=7, encrypted_train=False, encrypted_eval=True)
+    strategy._global_keys = {k: (tuple(a.shape), a.dtype) for k, a in ArrayRecord(GLOBAL).items()}
+    strategy.round.sampled = [1]
+    arrays, _ = strategy.aggregate_train(1, [_message(_reply(), 1)])
+    assert isinstance(arrays, ArrayRecord)  # plaintext FedAvg, as the scenario asked
