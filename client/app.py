@@ -234,6 +234,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             return _refuse(msg, site, refusal)
         key = site_key(site, config.get(P.ENC_KEY_ID)) if task.encrypted else None
         weight = _weight(config, n) if key else 0.0
+        model = _model_from(msg, task.arch, site)  # a model that cannot be read costs no budget
         policy = site.policy
         charge = open_ledger(site).charge(
             site.fingerprint, planned, delta=policy.delta_for(n), cap=policy.epsilon_cap,
@@ -243,7 +244,6 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         if isinstance(charge, BudgetExceeded):
             return _refuse(msg, site, P.Refusal("budget-exhausted", charge.detail))
         # the spend is on disk: from here on, a crash can only over-count
-        model = _model_from(msg, task.arch, site)
         outcome = train_dp_sgd(
             model,
             site.train,

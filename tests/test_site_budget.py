@@ -80,3 +80,40 @@ def test_lifetime_spend_composes_across_runs_on_the_same_data(tmp_path: Path) ->
     third = _report(other.train(task(run_ref="run-3")))
     assert third.lifetime is not None and third.lifetime.dataset_id != first.lifetime.dataset_id
     assert third.lifetime.epsilon == pytest.approx(first.lifetime.epsilon, rel=1e-12)
+
+
+def test_encrypted_site_decrypts_before_charging_and_sends_only_ciphertext(tmp_path: Path) -> None:
+    """An aggregate the site cannot read costs no budget; a good one yields an encrypted update."""
+    from dataclasses import replace
+
+    import numpy as np
+    from flwr.app import ConfigRecord, RecordDict
+
+    from privacy.ckks import SecretKey, create_keyset, flatten
+    from privacy.ledger import SiteLedger
+    from tests.sitekit import _incoming
+    from veil import protocol as P
+    from veil.models import build_model
+
+    made, other = create_keyset(tmp_path / "keys"), create_keyset(tmp_path / "other")
+    site = replace(make_site(tmp_path / "s.ledger"), keys=made.secret)
+    driver = SiteDriver(site)
+    t = task(encrypted=True)
+    init = flatten([v.numpy() for v in build_model("mlp", seed=0).state_dict().values()])
+
+    def message(key: SecretKey) -> RecordDict:
+        config = t.to_config()
+        config.update({"server-round": 1, P.ENC_KEY_ID: made.info.key_id, P.ENC_WEIGHT_NORM: 1000.0})
+        enc = key.encrypt(np.append(init * 0.5, 0.5))  # an aggregate of weight 0.5
+        return RecordDict({P.ENC_MODEL: P.encrypted_record(enc), P.TASK: ConfigRecord(dict(config))})
+
+    with pytest.raises(ValueError, match="encrypted under key set"):
+        driver.app(_incoming(message(SecretKey.load(other.secret)), "train"), driver.context)
+    assert not site.ledger.exists() or SiteLedger(site.ledger).entries() == []  # nothing charged
+
+    key = SecretKey.load(made.secret)
+    reply = driver.app(_incoming(message(key), "train"), driver.context).content
+    assert P.ARRAYS not in reply and len(SiteLedger(site.ledger).entries()) == 1
+    update = key.decrypt(P.encrypted_from(reply, P.ENC_UPDATE))
+    assert update[-1] == pytest.approx(len(site.train) / 1000.0, abs=1e-7)  # pre-weighted by n / norm
+    assert update.size == init.size + 1 and not np.allclose(update[:-1] / update[-1], init, atol=1e-4)
