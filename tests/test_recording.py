@@ -136,10 +136,10 @@ def ckks_keys(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
     return SecretKey.load(made.secret), CoordinatorContext.load(made.coordinator)
 
 
-def _encrypted_strategy(tmp_path, ckks_keys, values: int, **kw):  # type: ignore[no-untyped-def]
+def _encrypted_strategy(url: str, ckks_keys, values: int, **kw):  # type: ignore[no-untyped-def]
     from flwr.serverapp.strategy import FedAvg
 
-    store = RunStore(f"sqlite:///{tmp_path / 'e.db'}")
+    store = RunStore(url)
     run_id = store.create_run(name="e", spec={}, spec_hash="0" * 64, seed=0, num_sites=3, num_rounds=1)
     return RecordingStrategy(FedAvg(), store, run_id, num_rounds=1, min_sites=1, cipher=ckks_keys[1],
                              stream_values=values, encrypted_train=True, **kw)
@@ -162,7 +162,7 @@ def test_malformed_ciphertexts_are_rejected_with_a_reason_and_the_round_goes_on(
     from privacy.ckks import EncryptedVector
 
     secret, _ = ckks_keys
-    strategy = _encrypted_strategy(tmp_path, ckks_keys, values=7)
+    strategy = _encrypted_strategy(f"sqlite:///{tmp_path / 'e.db'}", ckks_keys, values=7)
     update = np.array([0.5, -1.0, 2.0, 0.0, 3.0, 1.0, 0.25])  # 6 weighted values + weight 0.25
 
     def encrypted(enc: EncryptedVector) -> RecordDict:
@@ -193,13 +193,14 @@ def test_malformed_ciphertexts_are_rejected_with_a_reason_and_the_round_goes_on(
 
 
 def test_encrypted_evaluation_is_stored_as_one_ciphertext_only_a_key_holder_reads(
-        tmp_path, ckks_keys) -> None:  # type: ignore[no-untyped-def]
+        store_url, ckks_keys) -> None:  # type: ignore[no-untyped-def]
+    """On SQLite and PostgreSQL: the ciphertext round-trips through the store's binary column."""
     import numpy as np
 
     from server.summary import load_summary
 
     secret, _ = ckks_keys
-    strategy = _encrypted_strategy(tmp_path, ckks_keys, values=9, encrypted_eval=True, weight_norm=1000.0)
+    strategy = _encrypted_strategy(store_url, ckks_keys, values=9, encrypted_eval=True, weight_norm=1000.0)
     site_sums = [(40.0, 80, 100), (90.0, 150, 200)]  # (loss sum, correct, examples) per site
     replies = [
         _message(RecordDict({
