@@ -7,7 +7,8 @@ used; the ε a site reported is kept in the events for audit and compared in tes
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -59,6 +60,8 @@ class SiteRow:
 
 @dataclass(frozen=True)
 class RefusalRow:
+    """A site that did not take part in a phase of a round, and the reason recorded."""
+
     site: str
     round: int
     phase: str
@@ -77,9 +80,31 @@ class RunSummary:
     rounds: list[RoundRow]
     sites: list[SiteRow]
     artifacts: list[tuple[str, str, int]]
-    refusals: list[RefusalRow]
+    missed: list[RefusalRow]  # every non-ok participation: refused, failed, rejected, no-reply
     encryption: dict[str, Any] | None = None  # the public CKKS description: key id, parameters
     decrypted_with: str | None = None  # key id used to read encrypted metrics, if any
+    spec: dict[str, Any] = field(default_factory=dict)
+    created_at: str | None = None
+    mode: str = "simulation"
+    planned_rounds: int = 0
+    planned_sites: int = 0
+    seed: int | None = None
+    spec_hash: str = ""
+    code_version: str = ""
+
+    @property
+    def refusals(self) -> list[RefusalRow]:
+        return [m for m in self.missed if m.status == "refused"]
+
+    @property
+    def final(self) -> RoundRow | None:
+        """The last round that produced evaluation metrics (or was decrypted), if any."""
+        done = [r for r in self.rounds if r.accuracy is not None or r.encrypted]
+        return done[-1] if done else None
+
+    @property
+    def max_epsilon(self) -> float | None:
+        return max((s.epsilon for s in self.sites if s.epsilon is not None), default=None)
 
     @property
     def bytes_moved(self) -> int:
@@ -158,85 +183,34 @@ def load_summary(store: RunStore, run_id: int, key: SecretKey | None = None) -> 
                 epsilon_cap=ev.epsilon_cap if ev else site.epsilon_cap,
                 ledger_accountant=ev.ledger_accountant if ev else site.budget_accountant,
             ))
-        sites.sort(key=lambda r: _natural(r.site))
+        sites.sort(key=lambda r: natural_key(r.site))
         artifacts = [(a.uri, a.sha256, a.size_bytes) for a in
                      s.scalars(select(S.Artifact).where(S.Artifact.run_id == run_id))]
-        refusals = [
+        missed = [
             RefusalRow(key, p.round_number, p.phase, p.status, p.reason_code, p.reason)
             for p, key in s.execute(
                 select(S.Participation, S.Site.site_key).join(S.Site, S.Site.id == S.Participation.site_id)
-                .where(S.Participation.run_id == run_id, S.Participation.status == "refused")
+                .where(S.Participation.run_id == run_id, S.Participation.status != "ok")
                 .order_by(S.Participation.round_number, S.Participation.id))
         ]
     encryption = json.loads(run.encryption_json) if run.encryption_json else None
     return RunSummary(run.id, run.name, run.status, run.error, run.wall_seconds, rounds, sites,
-                      artifacts, refusals, encryption,
-                      key.key_id if key is not None and encrypted else None)
+                      artifacts, missed, encryption,
+                      key.key_id if key is not None and encrypted else None,
+                      spec=json.loads(run.spec_json), created_at=iso_utc(run.created_at), mode=run.mode,
+                      planned_rounds=run.num_rounds, planned_sites=run.num_sites, seed=run.seed,
+                      spec_hash=run.spec_hash, code_version=run.code_version)
 
 
-def _natural(key: str) -> tuple[str, int]:
+def iso_utc(when: datetime | None) -> str | None:
+    if when is None:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).isoformat(timespec="seconds")
+
+
+def natural_key(key: str) -> tuple[str, int]:
     head, _, tail = key.rpartition("-")
     return (head, int(tail)) if tail.isdigit() else (key, -1)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
-
-
-def format_summary(summary: RunSummary) -> str:
-    out = [f"run {summary.run_id} ({summary.name}): {summary.status}"]
-    if summary.error:
-        out.append(f"  error: {summary.error}")
-    out.append("")
-    out.append(" round  accuracy    loss  train-loss  sites  examples   moved     secs")
-    for r in summary.rounds:
-        hidden = r.encrypted and r.accuracy is None
-        acc = f"{r.accuracy:.4f}" if r.accuracy is not None else ("encrypted" if hidden else "   -  ")
-        loss = f"{r.loss:.4f}" if r.loss is not None else ("   -  " if not hidden else "  *   ")
-        tl = f"{r.train_loss:.4f}" if r.train_loss is not None else "   -  "
-        out.append(f" {r.number:>5}  {acc:>8}  {loss:>6}  {tl:>10}  {r.sites_ok:>2}/{r.sites_sampled:<2}"
-                   f"  {r.examples:>8}  {_mb(r.bytes_down + r.bytes_up):>9}  {r.seconds or 0:>6.1f}")
-    out.append("")
-    out.append(" site        train  test  rounds   noise σ   run ε    run δ  lifetime ε       cap"
-               "  remaining  (ledger δ, accountant)")
-    for site in summary.sites:
-        eps = f"{site.epsilon:.3f}" if site.epsilon is not None else "-"
-        delta = f"{site.delta:.0e}" if site.delta else "-"
-        sig = f"{site.noise_multiplier:.3f}" if site.noise_multiplier else "-"
-        life = f"{site.lifetime_epsilon:.3f}" if site.lifetime_epsilon is not None else "-"
-        cap = f"{site.epsilon_cap:g}" if site.epsilon_cap is not None else "none"
-        rem = f"{site.remaining:.3f}" if site.remaining is not None else "-"
-        ledger = (f"({site.lifetime_delta:.0e}, {site.ledger_accountant})"
-                  if site.lifetime_delta and site.ledger_accountant else "")
-        out.append(f" {site.site:<10} {site.num_train or 0:>6} {site.num_test or 0:>5}  {site.rounds_joined:>6}"
-                   f"  {sig:>8} {eps:>7} {delta:>8} {life:>11} {cap:>9} {rem:>10}  {ledger}")
-    if summary.refusals:
-        out.append("")
-        out.append(" refused by sites (each site enforces its own policy and ledger):")
-        for ref in summary.refusals:
-            where = "pre-flight" if ref.phase == "preflight" else f"round {ref.round}"
-            out.append(f"  {ref.site:<10} {where:<10} {ref.reason or ref.code}")
-    worst = max((s.epsilon for s in summary.sites if s.epsilon is not None), default=None)
-    out.append("")
-    if worst is not None:
-        out.append(f" worst-case site ε this run = {worst:.3f} (sample-level DP, each site at its own δ);"
-                   " lifetime ε is each site ledger's spend on its data set across runs")
-    if summary.encryption:
-        e, p = summary.encryption, summary.encryption["params"]
-        on = "+".join(k for k in ("aggregation", "evaluation") if e.get(k) == "ckks")
-        out.append(f" encryption: CKKS {on}, key set {e['key_id']} (N={p['poly_modulus_degree']}, moduli "
-                   f"{p['coeff_mod_bit_sizes']} bits, scale 2^{p['scale_bits']}); the coordinator only added "
-                   "ciphertexts")
-        if any(r.encrypted for r in summary.rounds):
-            out.append(f"   evaluation metrics decrypted with key set {summary.decrypted_with}"
-                       if summary.decrypted_with else
-                       f"   evaluation metrics are encrypted: veil runs show {summary.run_id} --key "
-                       "KEYSET/secret.ckks")
-    out.append(f" examples trained: {summary.examples}   bytes moved: {_mb(summary.bytes_moved)}"
-               f"   wall time: {summary.wall_seconds or 0:.1f}s")
-    for uri, sha, size in summary.artifacts:
-        out.append(f" checkpoint: {uri} ({size} bytes, sha256 {sha[:12]}…)")
-    return "\n".join(out)
 
 
 @dataclass(frozen=True)
@@ -278,19 +252,5 @@ def budget_rows(store: RunStore, run_id: int | None = None, site: str | None = N
                       ev.epsilon_cap, ev.lifetime_delta, ev.ledger_accountant)
             for ev, key in s.execute(query).all()
         ]
-    rows.sort(key=lambda r: (_natural(r.site), r.dataset_id or ""))
+    rows.sort(key=lambda r: (natural_key(r.site), r.dataset_id or ""))
     return rows
-
-
-def format_budget(rows: list[BudgetRow]) -> str:
-    if not rows:
-        return "no privacy spend recorded yet"
-    out = [" site        data set          last run   run ε  lifetime ε       cap  remaining        δ"
-           "  accountant"]
-    for r in rows:
-        f = (lambda v: f"{v:.3f}" if v is not None else "-")  # noqa: E731
-        cap = f"{r.cap:g}" if r.cap is not None else "none"
-        delta = f"{r.delta:.0e}" if r.delta else "-"
-        out.append(f" {r.site:<10}  {r.dataset_id or '-':<16} {r.run_id:>9} {f(r.run_epsilon):>7}"
-                   f" {f(r.spent):>11} {cap:>9} {f(r.remaining):>10} {delta:>8}  {r.accountant or '-'}")
-    return "\n".join(out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -23,8 +24,9 @@ def _pg_admin_engine():  # type: ignore[no-untyped-def]
     return create_engine(PG_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
+@contextmanager
+def pg_database() -> Iterator[str]:
+    """A throwaway PostgreSQL database (URL); skips without a server, except in CI."""
     admin = _pg_admin_engine()  # a missing driver is an install bug: it fails, never skips
     try:
         with admin.connect() as conn:
@@ -46,6 +48,12 @@ def pg_url() -> Iterator[str]:
             ), {"n": name})
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with pg_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -5,27 +5,37 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from veil.errors import BudgetRefusedError, VeilError
+from veil.errors import BudgetRefusedError, StoreError, VeilError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+if TYPE_CHECKING:
+    from server.summary import RunSummary
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Veil: private federated training with a record of everything.")
 db_app = typer.Typer(no_args_is_help=True, help="Manage the run store's schema.")
 app.add_typer(db_app, name="db")
 keys_app = typer.Typer(no_args_is_help=True, help="CKKS key sets: the coordinator gets parameters only.")
 app.add_typer(keys_app, name="keys")
-runs_app = typer.Typer(no_args_is_help=True, help="Read recorded runs.")
+runs_app = typer.Typer(help="Recorded runs, newest first; `veil runs show RUN` for one.")
 app.add_typer(runs_app, name="runs")
 
 StoreOpt = Annotated[str | None, typer.Option("--store", help="SQLAlchemy URL of the run store "
                                               "[env VEIL_STORE; default sqlite:///veil.db]")]
+FormatOpt = Annotated[Literal["text", "json"], typer.Option("--format", help="text (tables) or json")]
+KeyOpt = Annotated[Path | None, typer.Option("--key", help="a key set's secret.ckks: decrypts encrypted "
+                                             "evaluation metrics (they stay encrypted without it)")]
+RunArg = Annotated[int, typer.Argument(help="run id (see `veil runs`)")]
 
 
 def _quiet_third_parties(verbose: bool) -> None:
@@ -93,15 +103,43 @@ def simulate(
     _echo_summary(summary, output, run_store.url)
 
 
-def _echo_summary(summary: object, output: str, url: str) -> None:
-    from server.summary import format_summary
+def _echo_summary(summary: RunSummary, output: str, url: str) -> None:
+    from veil.render import console, draw_summary
 
     if output == "json":
-        typer.echo(json.dumps(asdict(summary), indent=2, default=str))  # type: ignore[call-overload]
+        _echo_json(_summary_json(summary))
     else:
-        typer.echo("")
-        typer.echo(format_summary(summary))  # type: ignore[arg-type]
-        typer.echo(f"\nrecorded in {url}")
+        con = console()
+        con.print()
+        draw_summary(con, summary)
+        con.print(f"\nrecorded in {url}", markup=False)
+
+
+def _summary_json(summary: RunSummary) -> dict[str, Any]:
+    return asdict(summary) | {
+        "max_epsilon": summary.max_epsilon, "bytes_moved": summary.bytes_moved, "examples": summary.examples,
+        "sites": [asdict(site) | {"remaining": site.remaining} for site in summary.sites]}
+
+
+def _echo_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Veil's errors as one line and an exit code; a database error too, with the likely fix."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except VeilError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+    except SQLAlchemyError as err:
+        why = " ".join(str(getattr(err, "orig", None) or err).split())[:300]
+        typer.echo(f"error: the store query failed ({why}); if the store is from another Veil version, "
+                   "run: veil db upgrade --store URL", err=True)
+        raise typer.Exit(StoreError.exit_code) from None
 
 
 @app.command()
@@ -111,44 +149,44 @@ def budget(
     site: Annotated[str | None, typer.Option(help="only this site (name or data set id)")] = None,
     ledger: Annotated[list[Path] | None, typer.Option(
         help="read a site's own ledger file instead of the run store (repeatable)")] = None,
-    output: Annotated[Literal["text", "json"], typer.Option("--format", help="output format")] = "text",
+    output: FormatOpt = "text",
 ) -> None:
-    """Per-site privacy spend: lifetime ε spent, cap and remaining, at the site's δ."""
-    try:
+    """Per-site privacy spend: lifetime ε spent, cap and remaining at δ, with the accountant."""
+    from veil.render import console, draw_budget, table
+
+    with _errors():
         if ledger:
             from privacy.ledger import ledger_report
 
             reports = {str(p): ledger_report(p) for p in ledger}
             if output == "json":
-                typer.echo(json.dumps({k: [asdict(d) | {"remaining": d.remaining} for d in v]
-                                       for k, v in reports.items()}, indent=2))
+                _echo_json({k: [asdict(d) | {"remaining": d.remaining} for d in v] for k, v in reports.items()})
                 return
+            con = console()
             for path, datasets in reports.items():
-                typer.echo(f"ledger {path} (verified)")
-                typer.echo("  data set          entries  runs    steps  lifetime ε       cap  remaining"
-                           "        δ  accountant")
-                for d in datasets:
-                    cap = f"{d.cap:g}" if d.cap is not None else "none"
-                    rem = f"{d.remaining:.3f}" if d.remaining is not None else "-"
-                    typer.echo(f"  {d.dataset_id:<16} {d.entries:>8} {d.runs:>5} {d.steps:>8}"
-                               f" {d.epsilon:>11.3f} {cap:>9} {rem:>10} {d.delta:>8.0e}  {d.accountant}")
-                if not datasets:
-                    typer.echo("  (no charges yet)")
+                con.print(f"ledger {path} (verified)", markup=False)
+                con.print(table(
+                    ["data set", "entries", "runs", "steps", "lifetime ε", "cap", "remaining", "δ", "accountant"],
+                    ((d.dataset_id, d.entries, d.runs, d.steps, f"{d.epsilon:.3f}",
+                      f"{d.cap:g}" if d.cap is not None else "none",
+                      f"{d.remaining:.3f}" if d.remaining is not None else "-", f"{d.delta:.0e}", d.accountant)
+                     for d in datasets)) if datasets else "  (no charges yet)")
             return
-        from server.store import RunStore
-        from server.summary import budget_rows, format_budget
+        from server.dashboard import open_store, require_runs
+        from server.summary import budget_rows
 
-        run_store = RunStore(store, migrate=False)
+        run_store = open_store(store)
+        require_runs(run_store)
         if run is not None:
             run_store.get_run(run)
         rows = budget_rows(run_store, run, site)
-    except VeilError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(err.exit_code) from None
+        if site is not None and not rows:
+            raise VeilError(f"no privacy spend recorded for site or data set {site!r}"
+                            + (f" in run {run}" if run is not None else "") + "; `veil budget` lists them all")
     if output == "json":
-        typer.echo(json.dumps([asdict(r) | {"remaining": r.remaining} for r in rows], indent=2))
+        _echo_json([asdict(r) | {"remaining": r.remaining} for r in rows])
     else:
-        typer.echo(format_budget(rows))
+        draw_budget(console(), rows)
 
 
 @keys_app.command("create")
@@ -207,26 +245,185 @@ def keys_decrypt(
     typer.echo(f"decrypted {enc.values - 1} parameters ({meta.get('arch')}) into {out}")
 
 
+@runs_app.callback(invoke_without_command=True)
+def runs_list(
+    ctx: typer.Context,
+    store: StoreOpt = None,
+    status: Annotated[str | None, typer.Option(
+        help="only runs with this status: running, completed, failed, refused, stopped")] = None,
+    name: Annotated[str | None, typer.Option(help="only runs whose name contains this (any case)")] = None,
+    since: Annotated[str | None, typer.Option(help="created on or after: YYYY-MM-DD or ISO time (UTC)")] = None,
+    until: Annotated[str | None, typer.Option(help="created on or before: YYYY-MM-DD or ISO time")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="at most this many runs (0: all)")] = 50,
+    output: FormatOpt = "text",
+) -> None:
+    """Recorded runs, newest first (`veil runs show RUN` for one run)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from server.dashboard import RUN_STATUSES, list_runs, open_store, parse_when, require_runs
+    from veil.render import console, draw_runs
+
+    if status is not None and status not in RUN_STATUSES:
+        raise typer.BadParameter(f"{status!r} is not a run status; use one of {', '.join(RUN_STATUSES)}",
+                                 param_hint="--status")
+    try:
+        start = parse_when(since) if since else None
+        end = parse_when(until, end=True) if until else None
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--since/--until") from None
+    with _errors():
+        run_store = open_store(store)
+        require_runs(run_store)
+        rows = list_runs(run_store, status=status, name=name, since=start, until=end, limit=limit)
+    if output == "json":
+        _echo_json([asdict(r) for r in rows])
+    elif not rows:
+        typer.echo("no runs match these filters")
+    else:
+        draw_runs(console(), rows)
+
+
 @runs_app.command("show")
 def runs_show(
-    run: Annotated[int, typer.Argument(help="run id")],
+    run: RunArg,
     store: StoreOpt = None,
-    key: Annotated[Path | None, typer.Option("--key", help="secret.ckks to read encrypted metrics")] = None,
-    output: Annotated[Literal["text", "json"], typer.Option("--format", help="output format")] = "text",
+    key: KeyOpt = None,
+    output: FormatOpt = "text",
 ) -> None:
-    """One run: rounds, sites and privacy spend; encrypted metrics stay encrypted without --key."""
+    """One run: spec, rounds, sites, participation, privacy spend and artifacts."""
+    with _errors():
+        run_store, secret = _open(store, key)
+        summary = _summary(run_store, run, secret)
+    _echo_summary(summary, output, run_store.safe_url)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[int], typer.Argument(help="two or more run ids")],
+    store: StoreOpt = None,
+    key: KeyOpt = None,
+    output: FormatOpt = "text",
+) -> None:
+    """Runs side by side: final metrics, worst-case ε, rounds, wall time, bytes moved."""
+    from server.dashboard import compare_row
+    from veil.render import console, draw_compare
+
+    if len(runs) < 2:
+        raise typer.BadParameter("give at least two run ids, e.g. veil compare 3 4", param_hint="RUNS")
+    with _errors():
+        run_store, secret = _open(store, key)
+        rows = [compare_row(_summary(run_store, r, secret)) for r in runs]
+    if output == "json":
+        _echo_json([asdict(r) for r in rows])
+    else:
+        draw_compare(console(), rows)
+
+
+@app.command()
+def metrics(
+    run: RunArg,
+    metric: Annotated[str, typer.Option(help="accuracy | loss | train-loss | epsilon (ε per site)")] = "accuracy",
+    plot: Annotated[bool, typer.Option("--plot", help="draw the metric per round in the terminal")] = False,
+    png: Annotated[Path | None, typer.Option("--png", help="write accuracy, loss and ε per site per round "
+                                             "to this PNG file")] = None,
+    store: StoreOpt = None,
+    key: KeyOpt = None,
+    output: FormatOpt = "text",
+) -> None:
+    """A run's metrics per round: a table, a terminal plot (--plot), or a PNG (--png FILE)."""
+    from server.dashboard import METRICS, metric_series
+    from veil import plots
+    from veil.render import console, draw_series
+
+    if metric not in METRICS:
+        raise typer.BadParameter(f"{metric!r} is not a metric; use one of {', '.join(METRICS)}",
+                                 param_hint="--metric")
+    with _errors():
+        run_store, secret = _open(store, key)
+        series = metric_series(run_store, run, secret, _summary(run_store, run, secret))
+        if png is not None:
+            if png.suffix.lower() != ".png":
+                raise VeilError(f"--png {png}: the file name must end in .png")
+            plots.png(series, png)
+    if output == "json":
+        _echo_json(asdict(series))
+    elif plot:
+        out = sys.stdout
+        tty = out.isatty()
+        size = shutil.get_terminal_size((100, 30))
+        try:
+            text = plots.terminal_plot(series, metric, width=min(size.columns, 120) if tty else 100,
+                                       height=max(15, min(size.lines - 4, 30)) if tty else 25, colour=tty)
+        except ValueError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(VeilError.exit_code) from None
+        typer.echo(text)
+    else:
+        draw_series(console(), series)
+    if png is not None and output != "json":
+        typer.echo(f"wrote {png}")
+
+
+@app.command()
+def report(
+    run: RunArg,
+    out: Annotated[Path, typer.Option("--out", help="directory for report.md, report.html and metrics.png")],
+    store: StoreOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """A self-contained privacy report: what was trained, the DP mechanism and accountant, ε/δ per site,
+    encryption parameters and plain-language caveats."""
+    from server.dashboard import accountant_versions, metric_series, site_mechanisms
+    from veil.report import write_report
+
+    with _errors():
+        run_store, secret = _open(store, key)
+        summary = _summary(run_store, run, secret)
+        written = write_report(summary, metric_series(run_store, run, secret, summary), out,
+                               accountant_versions(run_store, run), site_mechanisms(run_store, run))
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def export(
+    run: RunArg,
+    fmt: Annotated[Literal["csv", "json", "parquet"], typer.Option("--format", help="csv | json | parquet")],
+    out: Annotated[Path | None, typer.Option("--out", help="json: a file (default: print); csv, parquet: a "
+                                             "directory, one file per table (default run-N-export/)")] = None,
+    store: StoreOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Export a run's tables (run, rounds, sites, participation, privacy events, metrics); never keys
+    or ciphertexts."""
+    from server.dashboard import export_tables, write_export
+
+    with _errors():
+        run_store, secret = _open(store, key)
+        _summary(run_store, run, None)  # a missing run fails before anything is written
+        tables = export_tables(run_store, run, secret)
+        if fmt == "json" and out is None:
+            _echo_json(tables)
+            return
+        written = write_export(tables, fmt, out or Path(f"run-{run}-export"))
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+def _open(store: str | None, key: Path | None) -> tuple[Any, Any]:
     from privacy.ckks import SecretKey
-    from server.store import RunStore
+    from server.dashboard import open_store
+
+    secret = SecretKey.load(key) if key is not None else None
+    return open_store(store), secret
+
+
+def _summary(run_store: Any, run: int, secret: Any) -> RunSummary:
+    from server.dashboard import require_runs
     from server.summary import load_summary
 
-    try:
-        secret = SecretKey.load(key) if key is not None else None
-        run_store = RunStore(store, migrate=False)
-        summary = load_summary(run_store, run, secret)
-    except VeilError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(err.exit_code) from None
-    _echo_summary(summary, output, run_store.url)
+    require_runs(run_store)
+    return load_summary(run_store, run, secret)
 
 
 @db_app.command("upgrade")

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.store import schema as S
@@ -119,8 +119,15 @@ class RunStore:
                         f"run: veil db upgrade --store '{safe}'"
                     )
                 command.upgrade(_alembic_config(conn), "head")
-        except OperationalError as err:
-            raise StoreError(f"cannot reach store {safe}: {err.orig}") from None
+        except DBAPIError as err:
+            why = " ".join(str(err.orig).split())  # drivers' messages span lines: keep one
+            raise StoreError(f"cannot reach store {safe}: {why}; check that the database server is up "
+                             "and the URL (--store or VEIL_STORE) is right") from None
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password hidden: for messages and logs."""
+        return make_url(self.url).render_as_string(hide_password=True)
 
     def upgrade(self) -> None:
         self._check_schema(migrate=True)

@@ -1,0 +1,214 @@
+"""`veil report`: a self-contained privacy report of one run (Markdown + HTML with the plots).
+
+Everything in it is read from the run store; ε is recomputed there from the stored events.
+Labels are exact: the guarantee is sample-level (ε, δ)-DP per site from DP-SGD; evaluation
+metrics, example counts and train loss are *not* differentially private, and the report
+says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from veil.render import eps, fmt, mb
+
+if TYPE_CHECKING:
+    from server.dashboard import MetricSeries
+    from server.summary import RunSummary, SiteRow
+
+ACCOUNTANTS = {
+    "pld": "privacy loss distributions (Google dp_accounting PLD): a numerically tight composition",
+    "rdp": "Rényi DP (Google dp_accounting RDP): an upper bound, looser than PLD",
+    "prv": "privacy random variables (Opacus PRV): a numerically tight composition",
+}
+
+
+@dataclass
+class Block:
+    kind: str  # h1 | h2 | p | list | table | image
+    text: str = ""
+    items: list[str] | None = None
+    header: list[str] | None = None
+    rows: list[list[str]] | None = None
+
+
+def build(summary: RunSummary, series: MetricSeries, png_name: str, accountant_versions: dict[str, str],
+          mechanisms: dict[str, tuple[float, float, int, float]]) -> list[Block]:
+    s, spec = summary, summary.spec
+    data, train, priv = (spec.get(k, {}) for k in ("data", "training", "privacy"))
+    trained = [site for site in s.sites if site.rounds_joined > 0]
+    final = s.final
+    blocks = [Block("h1", f"Privacy report: run {s.run_id} ({s.name})")]
+    blocks.append(Block("p", f"Status **{s.status}**; {s.mode}; created {s.created_at} (UTC); seed {s.seed}; "
+                             f"spec sha256 `{s.spec_hash}`; Veil {s.code_version}."))
+    if s.error:
+        blocks.append(Block("p", f"Error recorded: {s.error}"))
+
+    blocks.append(Block("h2", "What was trained"))
+    acc = ("encrypted (decrypt with `--key`)" if final and final.encrypted and final.accuracy is None
+           else fmt(final.accuracy, 4) if final else "none")
+    blocks.append(Block("list", items=[
+        f"Model: `{spec.get('model', {}).get('arch', '?')}`; data: `{data.get('source', '?')}` split across "
+        f"sites by `{data.get('partitioner', '?')}`, each site holding out {data.get('test_fraction', '?')} "
+        "of its records for evaluation.",
+        f"Sites: {len(trained)} trained of {s.planned_sites} planned; rounds: "
+        f"{sum(1 for r in s.rounds if r.status == 'completed')} completed of {s.planned_rounds} planned.",
+        f"Local training: {train.get('local_epochs', '?')} epoch(s) per round, expected batch "
+        f"{train.get('batch_size', '?')}, SGD learning rate {train.get('learning_rate', '?')}.",
+        f"Final evaluation accuracy: {acc}; examples trained: {s.examples}; bytes moved: {mb(s.bytes_moved)}; "
+        f"wall time {s.wall_seconds or 0:.1f}s.",
+    ]))
+    blocks.append(Block("image", text=png_name))
+
+    blocks.append(Block("h2", "The privacy mechanism"))
+    target = (f"calibrated per site so that its ε over all planned rounds is at most {priv.get('target_epsilon')}"
+              if priv.get("noise_multiplier") is None else f"fixed at {priv.get('noise_multiplier')}")
+    blocks.append(Block("p",
+        "Each site trained with **DP-SGD** (Opacus): every example's gradient is clipped to L2 norm "
+        f"C = {priv.get('max_grad_norm', '?')}, Gaussian noise of standard deviation σ·C is added to each "
+        "batch's sum of clipped gradients, and batches are drawn by **Poisson sampling** (each record joins "
+        f"each step independently with probability q). The noise multiplier σ was {target}. Each site "
+        "recorded the mechanism it actually ran (σ, q, steps, C, δ) before its update left it, and ε below "
+        "is recomputed from those recorded events."))
+    used = sorted({site.accountant for site in trained if site.accountant})
+    blocks.append(Block("list", items=[
+        f"Accountant `{a}`: {ACCOUNTANTS.get(a, a)}; version {accountant_versions.get(a, 'not recorded')}."
+        for a in used] or ["No site trained, so no privacy was spent in this run."]))
+    none = (None, None, None, None)
+    blocks.append(Block("table", header=[
+        "site", "train records", "rounds", "noise σ", "sampling q", "steps", "C", "run ε", "δ",
+        "lifetime ε (ledger)", "cap", "remaining"],
+        rows=[[site.site, str(site.num_train or 0), str(site.rounds_joined),
+               fmt(mechanisms.get(site.site, none)[1]), fmt(mechanisms.get(site.site, none)[0], 4),
+               fmt(mechanisms.get(site.site, none)[2]), fmt(mechanisms.get(site.site, none)[3], 2),
+               eps(site.epsilon), f"{site.delta:.0e}" if site.delta else "-", eps(site.lifetime_epsilon),
+               f"{site.epsilon_cap:g}" if site.epsilon_cap is not None else "none", eps(site.remaining)]
+              for site in s.sites]))
+    if s.max_epsilon is not None:
+        blocks.append(Block("p", f"Worst-case site: **ε = {s.max_epsilon:.3f}** for this run, each site at "
+                                 "its own δ. Lifetime ε is what each site's own ledger has composed for its "
+                                 "data set across every run it joined."))
+    if s.missed:
+        blocks.append(Block("h2", "Sites that did not take part"))
+        blocks.append(Block("table", header=["site", "where", "status", "reason"], rows=[
+            [m.site, "pre-flight" if m.phase == "preflight" else f"round {m.round} ({m.phase})", m.status,
+             (m.reason or m.code or "-")[:200]] for m in s.missed]))
+
+    blocks.append(Block("h2", "Encryption"))
+    if s.encryption:
+        e, p = s.encryption, s.encryption["params"]
+        on = " and ".join(k for k in ("aggregation", "evaluation") if e.get(k) == "ckks")
+        blocks.append(Block("p",
+            f"CKKS (TenSEAL) on {on}: key set `{e['key_id']}`, ring degree N = {p['poly_modulus_degree']}, "
+            f"moduli {p['coeff_mod_bit_sizes']} bits, scale 2^{p['scale_bits']}, released values rounded to "
+            f"2^-{p['release_bits']} after noise flooding. The coordinator held the parameters only, never "
+            "a secret key, and only added ciphertexts."))
+    else:
+        blocks.append(Block("p", "None: the coordinator saw each site's DP-SGD model update and evaluation "
+                                 "metrics in plaintext."))
+
+    blocks.append(Block("h2", "What this guarantee does and does not cover"))
+    caveats = [
+        "ε is **sample-level** differential privacy for each site's training records: it bounds what the "
+        "released model updates reveal about any one record. A person with many records at a site is "
+        "protected only as a group, with a weaker ε.",
+        "It is **not client-level DP**: it does not hide whether a whole site took part.",
+        _delta_caveat(trained),
+        "**Evaluation metrics, example counts and train loss are not differentially private.** They are "
+        "computed on each site's data without noise"
+        + (" (evaluation is CKKS-encrypted to the coordinator, but whoever holds the key reads exact sums)."
+           if s.encryption and s.encryption.get("evaluation") == "ckks" else "."),
+        "Privacy spent on tuning (earlier runs on the same data) counts only through each site's ledger, "
+        "which composes every run it joined; ε of this run alone understates the total when there were "
+        "other runs.",
+    ]
+    if s.encryption:
+        caveats.append("CKKS release noise is a mitigation against known key-recovery attacks on "
+                       "decryptions, not a differential-privacy mechanism, and is not counted in ε.")
+    blocks.append(Block("list", items=caveats))
+    return blocks
+
+
+def _delta_caveat(trained: list[SiteRow]) -> str:
+    ratios = [site.delta * site.num_train for site in trained if site.delta and site.num_train]
+    if not ratios:
+        return "Each site's ε holds at that site's δ."
+    worst = max(ratios)
+    if worst < 1:
+        return (f"Each site's ε holds at that site's δ; δ·n is at most {worst:.2g} (δ well below one over "
+                "the site's record count, as it must be for a meaningful guarantee).")
+    return (f"**Warning:** at some site δ·n = {worst:.2g} ≥ 1: δ is not small against 1/n, so the (ε, δ) "
+            "guarantee there is weak: a mechanism that leaks a whole record with probability δ would satisfy it.")
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out: list[str] = []
+    for b in blocks:
+        if b.kind == "h1":
+            out += [f"# {b.text}", ""]
+        elif b.kind == "h2":
+            out += [f"## {b.text}", ""]
+        elif b.kind == "p":
+            out += [b.text, ""]
+        elif b.kind == "list":
+            out += [f"- {item}" for item in b.items or []] + [""]
+        elif b.kind == "table":
+            header = b.header or []
+            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(row) + " |" for row in b.rows or []] + [""]
+        elif b.kind == "image":
+            out += [f"![accuracy, loss and ε per site per round]({b.text})", ""]
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    """Markdown's **bold** and `code` as HTML, after escaping."""
+    import re
+
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def to_html(blocks: list[Block], png: bytes) -> str:
+    body: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            body.append(f"<{b.kind}>{_inline(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            body.append(f"<p>{_inline(b.text)}</p>")
+        elif b.kind == "list":
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items or []) + "</ul>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header or [])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                           for row in b.rows or [])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b.kind == "image":
+            data = base64.b64encode(png).decode()
+            body.append(f'<img alt="accuracy, loss and ε per site per round" src="data:image/png;base64,{data}">')
+    style = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;line-height:1.45}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+    title = html.escape(blocks[0].text if blocks else "Veil report")
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(summary: RunSummary, series: MetricSeries, out: Path, accountant_versions: dict[str, str],
+                 mechanisms: dict[str, tuple[float, float, int, float]]) -> list[Path]:
+    """report.md + metrics.png + report.html (the image embedded: one file to send)."""
+    from veil.plots import png
+
+    out.mkdir(parents=True, exist_ok=True)
+    image = out / "metrics.png"
+    png(series, image)
+    blocks = build(summary, series, image.name, accountant_versions, mechanisms)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(to_markdown(blocks))
+    page.write_text(to_html(blocks, image.read_bytes()))
+    return [md, page, image]
