@@ -12,18 +12,20 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from privacy.ckks import SecretKey
 from server.store import RunStore
 from server.store import schema as S
 from server.store.store import resolve_store_url
 from server.summary import RunSummary, iso_utc, load_summary, natural_key
-from veil import protocol as P
+from veil import names as P
 from veil.errors import StoreError, VeilError
+
+if TYPE_CHECKING:
+    from privacy.ckks import SecretKey
 
 
 def open_store(url: str | None) -> RunStore:

@@ -22,7 +22,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from sqlalchemy.orm import Session
 
-from privacy import epsilon
 from privacy.ckks import CoordinatorContext
 from server.budget import ParticipationPlan, SiteStanding
 from server.store import RunStore
@@ -403,25 +402,3 @@ class RecordingStrategy(Strategy):
         s.add(S.Participation(run_id=self.run_id, round_number=server_round, site_id=site.id,
                               phase=phase, status=status, reason=reason[:2000], reason_code=code,
                               bytes_down=bytes_down))
-
-
-def site_epsilons(store: RunStore, run_id: int) -> dict[str, tuple[float, float, str]]:
-    """ε per site recomputed from the stored events: {site: (ε, δ, accountant)}."""
-    from sqlalchemy import select
-
-    from privacy import DpSgdEvent
-
-    out: dict[str, tuple[float, float, str]] = {}
-    with store.session() as s:
-        rows = s.execute(
-            select(S.Site.site_key, S.PrivacyEvent).join(S.PrivacyEvent, S.PrivacyEvent.site_id == S.Site.id)
-            .where(S.PrivacyEvent.run_id == run_id).order_by(S.PrivacyEvent.round_number)
-        ).all()
-    by_site: dict[str, list[S.PrivacyEvent]] = {}
-    for key, ev in rows:
-        by_site.setdefault(key, []).append(ev)
-    for key, evs in by_site.items():
-        delta, acc = evs[-1].delta, evs[-1].accountant
-        events = [DpSgdEvent(e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) for e in evs]
-        out[key] = (epsilon(events, delta, acc), delta, acc)  # type: ignore[arg-type]
-    return out

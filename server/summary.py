@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
-from privacy.ckks import EncryptedVector, SecretKey
-from server.recording import site_epsilons
 from server.store import RunStore
 from server.store import schema as S
+
+if TYPE_CHECKING:
+    from privacy.ckks import SecretKey
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class RunSummary:
 
 def decrypt_evaluation(key: SecretKey, key_id: str, blob: bytes) -> tuple[float, float]:
     """(accuracy, loss) from a round's encrypted evaluation sums; needs the key set's secret key."""
+    from privacy.ckks import EncryptedVector
+
     loss_sum, correct, examples = key.decrypt(EncryptedVector(key_id, 3, (blob,)))
     if examples <= 0:
         raise ValueError("decrypted example count is not positive")
@@ -237,11 +240,15 @@ def budget_rows(store: RunStore, run_id: int | None = None, site: str | None = N
     Answered from the stored per-event lifetime ε (each site computed it when it charged its
     ledger), so the query is one indexed scan however long the histories are.
     """
+    PE = S.PrivacyEvent
     with store.session() as s:
-        latest = select(func.max(S.PrivacyEvent.id)).group_by(
-            func.coalesce(S.PrivacyEvent.dataset_id, func.cast(S.PrivacyEvent.site_id, S.String)))
+        # the latest event per data set (its ledger's running total), and per site for events
+        # from sites that named no data set; two plain GROUP BYs that indexes answer
+        by_dataset = select(func.max(PE.id)).where(PE.dataset_id.is_not(None)).group_by(PE.dataset_id)
+        by_site = select(func.max(PE.id)).where(PE.dataset_id.is_(None)).group_by(PE.site_id)
         if run_id is not None:
-            latest = latest.where(S.PrivacyEvent.run_id == run_id)
+            by_dataset, by_site = by_dataset.where(PE.run_id == run_id), by_site.where(PE.run_id == run_id)
+        latest = list(s.scalars(by_dataset)) + list(s.scalars(by_site))
         query = (select(S.PrivacyEvent, S.Site.site_key)
                  .join(S.Site, S.Site.id == S.PrivacyEvent.site_id)
                  .where(S.PrivacyEvent.id.in_(latest)))
@@ -254,3 +261,53 @@ def budget_rows(store: RunStore, run_id: int | None = None, site: str | None = N
         ]
     rows.sort(key=lambda r: (natural_key(r.site), r.dataset_id or ""))
     return rows
+
+
+def _site_epsilons(store: RunStore, run_id: int, use_derived: bool
+                   ) -> dict[int, tuple[str, float, float, str, int]]:
+    """{site row id: (site, ε, δ, accountant, events)}; ε from the derived column when it covers
+    every event of the site, otherwise recomputed from the events with the site's accountant."""
+    from privacy.accounting import DpSgdEvent, epsilon
+
+    PE = S.PrivacyEvent
+    with store.session() as s:
+        sites = {row.id: row for row in s.scalars(select(S.Site).where(S.Site.run_id == run_id))}
+        counts: dict[int, int] = dict(s.execute(
+            select(PE.site_id, func.count()).where(PE.run_id == run_id).group_by(PE.site_id)).all())
+        last = {ev.site_id: ev for ev in s.scalars(select(PE).where(PE.id.in_(
+            select(func.max(PE.id)).where(PE.run_id == run_id).group_by(PE.site_id))))}
+        stale = [sid for sid, n in counts.items() if not (
+            use_derived and sites[sid].derived_events == n and sites[sid].derived_epsilon is not None)]
+        history: dict[int, list[DpSgdEvent]] = {}
+        if stale:
+            for sid, sigma, q, steps, c in s.execute(
+                    select(PE.site_id, PE.noise_multiplier, PE.sample_rate, PE.steps, PE.max_grad_norm)
+                    .where(PE.run_id == run_id, PE.site_id.in_(stale)).order_by(PE.round_number)):
+                history.setdefault(sid, []).append(DpSgdEvent(sigma, q, steps, c))
+    out = {}
+    for sid, n in counts.items():
+        ev = last[sid]
+        eps = (epsilon(history[sid], ev.delta, ev.accountant)  # type: ignore[arg-type]
+               if sid in history else sites[sid].derived_epsilon)
+        out[sid] = (sites[sid].site_key, float(eps or 0.0), ev.delta, ev.accountant, n)
+    return out
+
+
+def site_epsilons(store: RunStore, run_id: int, *, use_derived: bool = True
+                  ) -> dict[str, tuple[float, float, str]]:
+    """ε per site derived from the stored events: {site: (ε, δ, accountant)}.
+
+    ``use_derived=False`` ignores what was derived when the run ended and recomputes all.
+    """
+    return {key: (eps, delta, acc) for key, eps, delta, acc, _ in
+            _site_epsilons(store, run_id, use_derived).values()}
+
+
+def derive_site_epsilons(store: RunStore, run_id: int) -> None:
+    """Recompute every site's run ε from its events and keep it with the site (run end)."""
+    derived = _site_epsilons(store, run_id, use_derived=False)
+    with store.session() as s:
+        for sid, (_, eps, _, _, n) in derived.items():
+            row = s.get(S.Site, sid)
+            if row is not None:
+                row.derived_epsilon, row.derived_events = eps, n

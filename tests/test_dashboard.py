@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from privacy.ckks import SecretKey
 from server.store import RunStore
 from server.store import schema as S
-from server.summary import load_summary
+from server.summary import load_summary, site_epsilons
 from simulations.simulate import simulate
 from tests.conftest import pg_database
 from veil.cli import app
@@ -130,6 +130,9 @@ def test_runs_show_prints_the_stored_rounds_sites_and_spend(filled: Filled) -> N
     assert [r["accuracy"] for r in shown["rounds"]] == pytest.approx([acc[1], acc[2]])  # type: ignore[index]
     assert {s["site"]: s["epsilon"] for s in shown["sites"]} == {  # type: ignore[index]
         s.site: pytest.approx(s.epsilon) for s in truth.sites}
+    # what the run's end derived and stored is what the accountant gives from the events now
+    recomputed = site_epsilons(filled.store, filled.plain, use_derived=False)
+    assert {s.site: s.epsilon for s in truth.sites} == {k: pytest.approx(v[0]) for k, v in recomputed.items()}
     assert shown["spec"]["name"] == "dash-plain" and shown["planned_rounds"] == 2  # type: ignore[index]
     code, text, _ = cli("runs", "show", str(filled.plain), "--store", filled.store.url)
     assert code == 0

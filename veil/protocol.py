@@ -17,6 +17,10 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from privacy import DpSgdEvent
 from privacy.accounting import ACCOUNTANTS, AccountantName
 from privacy.ckks import EncryptedVector, MalformedCiphertextError
+from veil.names import EPSILON as EPSILON  # metric names, re-exported for the protocol
+from veil.names import EVAL_ACC as EVAL_ACC
+from veil.names import EVAL_LOSS as EVAL_LOSS
+from veil.names import TRAIN_LOSS as TRAIN_LOSS
 from veil.spec import Scenario
 
 ARRAYS = "arrays"
@@ -38,10 +42,6 @@ ENC_EVAL = "enc-eval"  # evaluation replies must be encrypted
 EVAL_SUMS = ("eval-loss-sum", "eval-correct", "eval-examples")
 
 NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS = "train-loss"
-EPSILON = "epsilon"
-EVAL_LOSS = "eval-loss"
-EVAL_ACC = "eval-acc"
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,11 @@ class Site(Base):
     spent_before: Mapped[float | None] = mapped_column(Float)
     projected_epsilon: Mapped[float | None] = mapped_column(Float)
     affordable_rounds: Mapped[int | None] = mapped_column(Integer)
+    # the run's ε for this site, recomputed by the coordinator from the stored privacy events
+    # with the site's accountant when the run ended, over ``derived_events`` events (a later
+    # event makes it stale, and readers recompute)
+    derived_epsilon: Mapped[float | None] = mapped_column(Float)
+    derived_events: Mapped[int | None] = mapped_column(Integer)
 
 
 class Round(Base):
@@ -122,7 +127,8 @@ class Metric(Base):
     """A named value for a round: per site (``site_id`` set) or aggregated (``site_id`` NULL)."""
 
     __tablename__ = "metrics"
-    __table_args__ = (Index("ix_metrics_run_round", "run_id", "round_number"),)
+    __table_args__ = (Index("ix_metrics_run_round", "run_id", "round_number"),
+                      Index("ix_metrics_run_site_name", "run_id", "site_id", "name", "round_number"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     round_number: Mapped[int] = mapped_column(Integer)
