@@ -1,0 +1,117 @@
+"""TLS certificates for the coordinator and key pairs for SuperNode authentication.
+
+``create_certs`` makes a private CA and a coordinator (SuperLink) certificate signed by it,
+valid for the host names and IP addresses sites will dial. Sites get only ``ca.crt``.
+``create_node_key`` makes a site's ECDSA (P-384) key pair in OpenSSH format, the format
+Flower's SuperNode authentication reads; the coordinator registers the public half.
+Private keys are written with mode 600 and never overwritten.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from veil.errors import VeilError
+
+
+class CertError(VeilError):
+    exit_code = 10
+
+
+@dataclass(frozen=True)
+class CertSet:
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+
+
+def _write(path: Path, data: bytes, *, private: bool) -> None:
+    if path.exists():
+        raise CertError(f"{path} exists; refusing to overwrite (move it away first)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def create_certs(directory: Path, hosts: list[str], *, days: int = 365, org: str = "Veil federation"
+                 ) -> CertSet:
+    """A CA and a server certificate for ``hosts`` (DNS names or IP addresses)."""
+    if not hosts:
+        raise CertError("name at least one host the sites will dial (e.g. --host coordinator.example.org)")
+    if days < 1:
+        raise CertError(f"--days must be at least 1, got {days}")
+    out = CertSet(directory / "ca.crt", directory / "ca.key", directory / "server.crt", directory / "server.key")
+    existing = [p for p in vars(out).values() if Path(p).exists()]
+    if existing:
+        raise CertError(f"{', '.join(map(str, existing))} exist; refusing to overwrite (use a new directory)")
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            if not host or any(c in host for c in " /:@"):
+                raise CertError(f"{host!r} is neither a host name nor an IP address") from None
+            sans.append(x509.DNSName(host))
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                         x509.NameAttribute(NameOID.COMMON_NAME, f"{org} CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(now + timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False),
+                         critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA384()))
+    key = ec.generate_private_key(ec.SECP384R1())
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                                       x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+              .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now).not_valid_after(now + timedelta(days=days))
+              .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                             critical=False)
+              .sign(ca_key, hashes.SHA384()))
+    _write(out.ca_key, _pem_key(ca_key), private=True)
+    _write(out.ca_cert, ca.public_bytes(serialization.Encoding.PEM), private=False)
+    _write(out.server_key, _pem_key(key), private=True)
+    _write(out.server_cert, server.public_bytes(serialization.Encoding.PEM), private=False)
+    return out
+
+
+def create_node_key(private_path: Path) -> Path:
+    """A site's SuperNode key pair: ``NAME`` (private, OpenSSH, mode 600) and ``NAME.pub``."""
+    public_path = private_path.with_name(private_path.name + ".pub")
+    for p in (private_path, public_path):
+        if p.exists():
+            raise CertError(f"{p} exists; refusing to overwrite a node key")
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()), private=True)
+    _write(public_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                      serialization.PublicFormat.OpenSSH) + b"\n", private=False)
+    return public_path
