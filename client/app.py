@@ -25,6 +25,8 @@ under-report.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -317,7 +319,12 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
 
 
 def _resolve_from_run_config(context: Context) -> Site:
-    """For ``flwr run .``: the scenario file named in the run config decides the data."""
+    """A deployed site (``site-config`` in its node config, set by ``veil site start``), or for
+    ``flwr run .`` in simulation, the scenario file named in the run config."""
+    if "site-config" in context.node_config:
+        from client.daemon import site_from_config
+
+        return site_from_config(Path(str(context.node_config["site-config"])))
     from simulations.federation import SimulatedSites
     from veil.spec import load_scenario
 

@@ -219,16 +219,31 @@ app = ServerApp()
 
 @app.main()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: scenario and store come from the run config."""
-    from simulations.simulate import record_run
-    from veil.spec import load_scenario
+    """Entry point for ``flwr run`` and ``veil run``.
 
-    scenario = load_scenario(str(context.run_config["scenario"]))
-    store = RunStore(str(context.run_config.get("store", "sqlite:///veil.db")))
+    ``veil run`` sends the whole scenario as ``scenario-json`` (the coordinator's machine need
+    not have the researcher's file); ``flwr run .`` names a ``scenario`` file. The store is
+    the coordinator's own (``VEIL_STORE``, set by ``veil coordinator start``), falling back
+    to the run config's ``store``; likewise its CKKS parameters file (``VEIL_COORDINATOR_KEY``).
+    """
+    import json
+    import os
+
+    from simulations.simulate import record_run
+    from veil import logs
+    from veil.spec import load_scenario, parse_scenario
+
+    logs.configure()  # the ServerApp's own process: its log is what `veil run` streams
+    deployed = bool(context.run_config.get("scenario-json"))
+    scenario = (parse_scenario(json.loads(str(context.run_config["scenario-json"])), "veil run")
+                if deployed else load_scenario(str(context.run_config["scenario"])))
+    store = RunStore(os.environ.get("VEIL_STORE") or str(context.run_config.get("store", "sqlite:///veil.db")))
+    key = os.environ.get("VEIL_COORDINATOR_KEY") or context.run_config.get("coordinator-key")
+    artifacts = Path(os.environ.get("VEIL_ARTIFACTS", "veil-artifacts"))
     try:
-        with record_run(store, scenario) as run_id:
-            key = context.run_config.get("coordinator-key")
-            run_federation(grid, scenario, store, run_id, Path("veil-artifacts"),
+        with record_run(store, scenario, mode="deployment" if deployed else "simulation") as run_id:
+            log.info("run %d (%s) recorded in %s", run_id, scenario.name, store.safe_url)
+            run_federation(grid, scenario, store, run_id, artifacts.resolve(),
                            coordinator_key=Path(str(key)) if key else None)
     finally:
         store.close()

@@ -26,7 +26,7 @@ log = get_logger("simulate")
 
 
 @contextmanager
-def record_run(store: RunStore, scenario: Scenario) -> Iterator[int]:
+def record_run(store: RunStore, scenario: Scenario, mode: str = "simulation") -> Iterator[int]:
     """Create the run; mark it completed on success, failed (with the error) otherwise.
 
     A status the run already reached on its own (``refused``, ``stopped``) is kept.
@@ -34,7 +34,7 @@ def record_run(store: RunStore, scenario: Scenario) -> Iterator[int]:
     run_id = store.create_run(
         name=scenario.name, spec=scenario.model_dump(mode="json"), spec_hash=scenario.spec_hash(),
         seed=scenario.seed, num_sites=scenario.federation.sites,
-        num_rounds=scenario.federation.rounds,
+        num_rounds=scenario.federation.rounds, mode=mode,
     )
     try:
         yield run_id

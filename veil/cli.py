@@ -27,6 +27,12 @@ db_app = typer.Typer(no_args_is_help=True, help="Manage the run store's schema."
 app.add_typer(db_app, name="db")
 keys_app = typer.Typer(no_args_is_help=True, help="CKKS key sets: the coordinator gets parameters only.")
 app.add_typer(keys_app, name="keys")
+certs_app = typer.Typer(no_args_is_help=True, help="TLS certificates and SuperNode keys for a deployment.")
+app.add_typer(certs_app, name="certs")
+site_app = typer.Typer(no_args_is_help=True, help="Run this machine as a data-holding site.")
+app.add_typer(site_app, name="site")
+coordinator_app = typer.Typer(no_args_is_help=True, help="Run the coordinator (Flower SuperLink + run store).")
+app.add_typer(coordinator_app, name="coordinator")
 runs_app = typer.Typer(help="Recorded runs, newest first; `veil runs show RUN` for one.")
 app.add_typer(runs_app, name="runs")
 
@@ -424,6 +430,147 @@ def _summary(run_store: Any, run: int, secret: Any) -> RunSummary:
 
     require_runs(run_store)
     return load_summary(run_store, run, secret)
+
+
+@certs_app.command("create")
+def certs_create(
+    directory: Annotated[Path, typer.Argument(help="new directory for ca.crt/ca.key/server.crt/server.key")],
+    host: Annotated[list[str], typer.Option("--host", help="a host name or IP the sites dial (repeatable)")],
+    days: Annotated[int, typer.Option(help="validity in days")] = 365,
+) -> None:
+    """A private CA and the coordinator's TLS certificate. Sites get ca.crt only."""
+    from veil.certs import create_certs
+
+    with _errors():
+        made = create_certs(directory, host, days=days)
+    typer.echo(f"CA {made.ca_cert} (give to every site) and key {made.ca_key} (mode 600: keep offline)")
+    typer.echo(f"coordinator certificate {made.server_cert} for {', '.join(host)}, "
+               f"key {made.server_key} (mode 600)")
+
+
+@certs_app.command("node-key")
+def certs_node_key(
+    path: Annotated[Path, typer.Argument(help="where the site's private key goes (NAME; NAME.pub is the public)")],
+) -> None:
+    """A site's SuperNode key pair (ECDSA P-384, OpenSSH). The coordinator registers NAME.pub."""
+    from veil.certs import create_node_key
+
+    with _errors():
+        public = create_node_key(path)
+    typer.echo(f"private key {path} (mode 600: stays at the site); public key {public}: send it to the "
+               f"coordinator, who runs `veil coordinator register {public.name} ...`")
+
+
+@site_app.command("check")
+def site_check(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.yaml")],
+    output: FormatOpt = "text",
+) -> None:
+    """Preflight only: config, data, key, ledger, device, node key, CA; connects nowhere."""
+    from client.daemon import load_site_config, preflight
+
+    with _errors():
+        cfg = load_site_config(config)
+        checks = preflight(cfg)
+    if output == "json":
+        _echo_json({"site": cfg.site_id, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]})
+    else:
+        for c in checks:
+            typer.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name:<15} {c.detail}")
+    if not all(c.ok for c in checks):
+        raise typer.Exit(3)
+
+
+@site_app.command("start")
+def site_start(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.yaml")],
+) -> None:
+    """Preflight, then run a Flower SuperNode for this site until SIGTERM (JSON log lines on stdout)."""
+    from client.daemon import run_site
+
+    with _errors():
+        code = run_site(config)
+    raise typer.Exit(code)
+
+
+@coordinator_app.command("start")
+def coordinator_start(
+    certs: Annotated[Path, typer.Option("--certs", help="directory from `veil certs create`")],
+    store: StoreOpt = None,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 for all interfaces)")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="the SuperLink's port (sites, registration and runs)")] = 8000,
+    state: Annotated[Path, typer.Option(help="the SuperLink's own state (registered nodes, runs)")] = Path(
+        "veil-coordinator/superlink.db"),
+    coordinator_key: Annotated[Path | None, typer.Option(
+        help="a key set's coordinator.ckks for CKKS runs (a secret key is refused)")] = None,
+    artifacts_dir: Annotated[Path, typer.Option(help="where checkpoints are written")] = Path("veil-artifacts"),
+) -> None:
+    """A Flower SuperLink with TLS and SuperNode authentication; runs are recorded in --store."""
+    from server.store import RunStore
+    from server.store.store import resolve_store_url
+    from veil.deploy import bin_path, superlink_command, supervise
+
+    with _errors():
+        url = resolve_store_url(store)
+        run_store = RunStore(url)  # creates or migrates it now: a bad URL fails before anything listens
+        safe = run_store.safe_url
+        run_store.close()
+        if coordinator_key is not None:
+            from privacy.ckks import CoordinatorContext
+
+            ctx = CoordinatorContext.load(coordinator_key)
+            typer.echo(f"CKKS: key set {ctx.key_id}, parameters only (no secret key)")
+        state.parent.mkdir(parents=True, exist_ok=True)
+        cmd = superlink_command(certs, host=host, port=port, state=state)
+        env = {**os.environ, "PATH": bin_path(), "VEIL_STORE": url,
+               "VEIL_ARTIFACTS": str(artifacts_dir.resolve()), "FLWR_HOME": str(state.parent.resolve() / "flwr")}
+        if coordinator_key is not None:
+            env["VEIL_COORDINATOR_KEY"] = str(coordinator_key.resolve())
+        typer.echo(f"coordinator on {host}:{port} (TLS, SuperNode authentication), run store {safe}")
+
+        def event(name: str, **kw: Any) -> None:
+            typer.echo(json.dumps({"event": f"superlink-{name}", **kw}))
+
+        code = supervise(cmd, env, event)
+    raise typer.Exit(code)
+
+
+@coordinator_app.command("register")
+def coordinator_register(
+    public_key: Annotated[Path, typer.Argument(help="the site's NAME.pub")],
+    coordinator: Annotated[str, typer.Option(help="the SuperLink as HOST:PORT")] = "127.0.0.1:8000",
+    ca: Annotated[Path, typer.Option(help="the federation's ca.crt")] = Path("certs/ca.crt"),
+    name: Annotated[str | None, typer.Option(help="a name for the site in Flower's node list")] = None,
+) -> None:
+    """Register a site's public node key; SuperNodes with unregistered keys are refused."""
+    from veil.deploy import register_node
+
+    with _errors():
+        node = register_node(public_key, coordinator, ca, name)
+    typer.echo(f"registered {public_key} as node {node}")
+
+
+@app.command("run")
+def run_remote(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (federation.sites = sites to wait for)")],
+    coordinator: Annotated[str, typer.Option(help="the SuperLink as HOST:PORT")],
+    ca: Annotated[Path, typer.Option(help="the federation's ca.crt")] = Path("certs/ca.crt"),
+    timeout: Annotated[float | None, typer.Option(help="stop following after this many seconds")] = None,
+) -> None:
+    """Submit a run to a deployed federation and follow its log; results land in the coordinator's store."""
+    from veil.deploy import submit
+    from veil.spec import load_scenario
+
+    with _errors():
+        spec = load_scenario(scenario)
+        if spec.encryption.keys is not None:
+            raise VeilError("encryption.keys names a local key directory; in a deployment the coordinator "
+                            "holds coordinator.ckks (veil coordinator start --coordinator-key) and each site "
+                            "its secret.ckks (site.yaml keys:). Remove encryption.keys")
+        code = submit(spec.model_dump(mode="json"), coordinator, ca, typer.echo, timeout)
+    if code != 0:
+        typer.echo(f"error: the run failed to start or ended with an error (flwr exit code {code})", err=True)
+    raise typer.Exit(code)
 
 
 @db_app.command("upgrade")

@@ -102,9 +102,10 @@ def draw_summary(con: Console, summary: RunSummary) -> None:
         con.print(
             f"  {s.mode}, created {(s.created_at or '-')[:19].replace('T', ' ')} UTC, seed {s.seed}, "
             f"spec {s.spec_hash[:12]}, code {s.code_version}", markup=False)
+        where = ("each site's own data" if s.mode == "deployment"
+                 else f"{data.get('source', '?')} ({data.get('partitioner', '?')})")
         con.print(
-            f"  {spec.get('model', {}).get('arch', '?')} on {data.get('source', '?')} "
-            f"({data.get('partitioner', '?')}), {fed.get('sites', s.planned_sites)} sites, "
+            f"  {spec.get('model', {}).get('arch', '?')} on {where}, {fed.get('sites', s.planned_sites)} sites, "
             f"{fed.get('rounds', s.planned_rounds)} rounds, {train.get('local_epochs', '?')} local epoch(s), "
             f"batch {train.get('batch_size', '?')}, lr {train.get('learning_rate', '?')}; DP-SGD {target}, "
             f"C {priv.get('max_grad_norm', '?')}, accountant {priv.get('accountant', '?')}", markup=False)

@@ -51,10 +51,13 @@ def build(summary: RunSummary, series: MetricSeries, png_name: str, accountant_v
     blocks.append(Block("h2", "What was trained"))
     acc = ("encrypted (decrypt with `--key`)" if final and final.encrypted and final.accuracy is None
            else fmt(final.accuracy, 4) if final else "none")
+    data_line = (
+        "data: each site's own records (a deployed federation; the data never left the sites)."
+        if s.mode == "deployment" else
+        f"data: `{data.get('source', '?')}` split across sites by `{data.get('partitioner', '?')}`, each "
+        f"site holding out {data.get('test_fraction', '?')} of its records for evaluation.")
     blocks.append(Block("list", items=[
-        f"Model: `{spec.get('model', {}).get('arch', '?')}`; data: `{data.get('source', '?')}` split across "
-        f"sites by `{data.get('partitioner', '?')}`, each site holding out {data.get('test_fraction', '?')} "
-        "of its records for evaluation.",
+        f"Model: `{spec.get('model', {}).get('arch', '?')}`; {data_line}",
         f"Sites: {len(trained)} trained of {s.planned_sites} planned; rounds: "
         f"{sum(1 for r in s.rounds if r.status == 'completed')} completed of {s.planned_rounds} planned.",
         f"Local training: {train.get('local_epochs', '?')} epoch(s) per round, expected batch "

@@ -1,0 +1,222 @@
+"""The site daemon: ``veil site check`` and ``veil site start --config site.yaml``.
+
+A site administrator writes one ``site.yaml``: where the data is and how to read it, the
+ledger file, the CKKS key (optional), the site's own privacy policy, the device, and how to
+reach the coordinator (address, the federation CA certificate, this site's node key).
+
+``check`` runs the preflight only: the config is valid, the data loads and is well formed,
+the key is present and private, the ledger is intact, the device is usable, the node key and
+CA certificate are readable. ``start`` runs the same preflight and, only if it passes,
+starts a Flower SuperNode (TLS, node authentication) whose ClientApp resolves this site
+from ``site-config`` in its node config. It logs JSON lines to stdout and stops the
+SuperNode cleanly on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from client.loaders import DataSource
+from privacy.policy import SitePolicy
+from veil.errors import ScenarioError, VeilError
+
+
+class CoordinatorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field(description="the coordinator's SuperLink as host:port")
+    root_certificates: Path = Field(description="the federation's CA certificate (ca.crt)")
+    node_key: Path = Field(description="this site's SuperNode private key (registered by the coordinator)")
+
+
+class SiteConfig(BaseModel):
+    """``site.yaml``. Relative paths are relative to the file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataSource
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share held out for evaluation")
+    split_seed: int = Field(0, ge=0, description="seed of the train/test split (keep it fixed: the ledger "
+                                                  "fingerprints the training split)")
+    ledger: Path
+    keys: Path | None = Field(None, description="the key set's secret.ckks, for CKKS runs")
+    policy: SitePolicy = Field(default_factory=SitePolicy)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    coordinator: CoordinatorSpec
+    runtime_port: int = Field(9094, ge=1024, le=65535, description="the SuperNode's local runtime API port")
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    path = Path(path).expanduser()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ScenarioError(f"site config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ScenarioError(f"site config {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"site config {path} must be a mapping of settings")
+    try:
+        cfg = SiteConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ScenarioError(f"invalid site config ({path}):\n" + "\n".join(lines)) from None
+    base = path.resolve().parent
+
+    def rel(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else base / p
+
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"path": rel(cfg.data.path)}),
+        "ledger": rel(cfg.ledger), "keys": rel(cfg.keys) if cfg.keys else None,
+        "coordinator": cfg.coordinator.model_copy(update={
+            "root_certificates": rel(cfg.coordinator.root_certificates),
+            "node_key": rel(cfg.coordinator.node_key)}),
+    })
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def preflight(cfg: SiteConfig) -> list[Check]:
+    """Every check, each with what it found; nothing here connects anywhere."""
+    from client.data import ArrayDataset  # noqa: F401  (imports torch once, here)
+    from client.device import resolve_device
+    from client.loaders import load_site_data
+
+    checks: list[Check] = []
+
+    def run(name: str, fn: Any) -> None:
+        try:
+            checks.append(Check(name, True, fn()))
+        except (VeilError, OSError, ValueError) as err:
+            checks.append(Check(name, False, str(err)))
+
+    def data() -> str:
+        ds, classes = load_site_data(cfg.data)
+        n_test = max(1, round(len(ds) * cfg.test_fraction))
+        if len(ds) - n_test < 2:
+            raise VeilError(f"{cfg.data.path}: {len(ds)} records leave fewer than 2 to train on")
+        cfg.policy.delta_for(len(ds) - n_test)  # a δ the policy cannot meet fails here
+        return (f"{cfg.data.format} {cfg.data.path}: {len(ds)} records, features {tuple(ds.features.shape[1:])}, "
+                f"{len(classes)} classes; {len(ds) - n_test} train / {n_test} test")
+
+    def key() -> str:
+        if cfg.keys is None:
+            return "no CKKS key: this site joins plaintext runs only" + (
+                " (but policy.require_encryption is set: it will refuse every run)"
+                if cfg.policy.require_encryption else "")
+        from privacy.ckks import SecretKey
+
+        return f"{cfg.keys}: key set {SecretKey.load(cfg.keys).key_id} (mode 600)"
+
+    def ledger() -> str:
+        if not cfg.ledger.exists():
+            if not cfg.ledger.parent.is_dir():
+                raise VeilError(f"ledger directory {cfg.ledger.parent} does not exist")
+            return f"{cfg.ledger}: new ledger (created at the first charge)"
+        from privacy.ledger import ledger_report
+
+        spent = ledger_report(cfg.ledger)
+        return f"{cfg.ledger}: intact, {sum(d.entries for d in spent)} entries over {len(spent)} data set(s)"
+
+    def device() -> str:
+        dev = resolve_device(cfg.device)
+        if dev.type == "cuda":
+            import torch
+
+            return f"cuda ({torch.cuda.get_device_name(dev)})"
+        return "cpu"
+
+    def node_key() -> str:
+        k = cfg.coordinator.node_key
+        if not k.is_file():
+            raise VeilError(f"{k}: no node key; make one with `veil certs node-key {k}` and have the "
+                            "coordinator register its .pub")
+        mode = stat.S_IMODE(k.stat().st_mode)
+        if mode & 0o077:
+            raise VeilError(f"{k} is readable by others (mode {mode:o}); run: chmod 600 {k}")
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+        load_ssh_private_key(k.read_bytes(), password=None)
+        return f"{k}: OpenSSH private key, mode 600"
+
+    def ca() -> str:
+        from cryptography import x509
+
+        c = cfg.coordinator.root_certificates
+        cert = x509.load_pem_x509_certificate(c.read_bytes())
+        if cert.not_valid_after_utc < datetime.now(UTC):
+            raise VeilError(f"{c}: the CA certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+        return f"{c}: {cert.subject.rfc4514_string()}, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+
+    for name, fn in (("data", data), ("key", key), ("ledger", ledger), ("device", device),
+                     ("node key", node_key), ("ca certificate", ca)):
+        run(name, fn)
+    return checks
+
+
+def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
+    from veil.deploy import flower_exe
+
+    return [flower_exe("flower-supernode"), "--superlink", cfg.coordinator.address,
+            "--root-certificates", str(cfg.coordinator.root_certificates),
+            "--auth-supernode-private-key", str(cfg.coordinator.node_key),
+            "--node-config", f'site-config="{config_path.resolve()}"',
+            "--port", str(cfg.runtime_port), "--max-retries", "10"]
+
+
+def log_event(event: str, **fields: Any) -> None:
+    """One JSON object per line on stdout: what a log shipper wants."""
+    print(json.dumps({"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": event, **fields},
+                     default=str), flush=True)
+
+
+def run_site(config_path: Path) -> int:
+    """Preflight, then run the SuperNode until it exits or we are told to stop; its exit code."""
+    cfg = load_site_config(config_path)
+    checks = preflight(cfg)
+    for c in checks:
+        log_event("preflight", site=cfg.site_id, check=c.name, ok=c.ok, detail=c.detail)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        log_event("refused-to-start", site=cfg.site_id,
+                  reason=f"preflight failed: {', '.join(c.name for c in failed)}")
+        return 3
+    from veil.deploy import bin_path, supervise
+
+    cmd = supernode_command(cfg, config_path)
+    return supervise(cmd, {**os.environ, "PATH": bin_path()},
+                     lambda event, **kw: log_event(f"supernode-{event}", site=cfg.site_id, **kw))
+
+
+def site_from_config(path: Path) -> Any:
+    """The ``Site`` behind a deployed SuperNode (the ClientApp's resolver calls this)."""
+    import numpy as np
+
+    from client.device import resolve_device
+    from client.loaders import load_site_data
+    from client.site import Site
+
+    cfg = load_site_config(path)
+    ds, _ = load_site_data(cfg.data)
+    order = np.random.default_rng(cfg.split_seed).permutation(len(ds))
+    n_test = max(1, round(len(ds) * cfg.test_fraction))
+    test, train = ds.subset(order[:n_test]), ds.subset(order[n_test:])
+    return Site(cfg.site_id, train.to_torch(), test.to_torch(), resolve_device(cfg.device), cfg.ledger,
+                cfg.policy, cfg.keys)

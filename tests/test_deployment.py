@@ -1,0 +1,233 @@
+"""A real deployment on 127.0.0.1: `veil coordinator start` (a Flower SuperLink with TLS and
+SuperNode authentication, run store on PostgreSQL) and three `veil site start` daemons (Flower
+SuperNodes), all separate processes, exactly the commands the Docker images run.
+
+One run: 2 rounds of DP-SGD with CKKS-encrypted aggregation and evaluation. Site 2 is killed
+with SIGKILL as soon as round 2 starts; the round finishes with the other two (min_sites 2)
+and the participation table says why site 2 is missing. Around it: a SuperNode whose key
+was never registered is refused, and a site whose preflight fails never starts a SuperNode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sqlalchemy import select
+
+from server.store import RunStore
+from server.store import schema as S
+from tests.conftest import pg_database
+
+VEIL = [sys.executable, "-m", "veil.cli"]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:  # type: ignore[no-untyped-def,type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {proc.returncode} first")
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _events(log: Path) -> list[dict]:  # type: ignore[type-arg]
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+@dataclass
+class Federation:
+    base: Path
+    port: int
+    store: RunStore
+    coordinator: subprocess.Popen  # type: ignore[type-arg]
+    sites: dict[str, subprocess.Popen] = field(default_factory=dict)  # type: ignore[type-arg]
+
+    def veil(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*VEIL, *args], cwd=self.base, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+
+    def start_site(self, name: str) -> subprocess.Popen:  # type: ignore[type-arg]
+        log = (self.base / f"{name}.log").open("w")
+        proc = subprocess.Popen([*VEIL, "site", "start", "--config", f"{name}.yaml"], cwd=self.base,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.sites[name] = proc
+        return proc
+
+
+def _site_yaml(base: Path, name: str, port: int, data: str) -> None:
+    (base / f"{name}.yaml").write_text(yaml.safe_dump({
+        "site_id": name, "data": {"format": "npz", "path": data}, "ledger": f"ledgers/{name}.ledger",
+        "keys": "ks/secret.ckks", "policy": {"epsilon_cap": 100.0}, "device": "cpu",
+        "runtime_port": _free_port(),
+        "coordinator": {"address": f"127.0.0.1:{port}", "root_certificates": "certs/ca.crt",
+                        "node_key": f"keys/{name}"},
+    }))
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    from client.data import load_mnist_5k
+
+    base = tmp_path_factory.mktemp("deploy")
+    port = _free_port()
+    run = lambda *a: subprocess.run([*VEIL, *a], cwd=base, capture_output=True, text=True,  # noqa: E731
+                                    check=True, timeout=120)
+    run("certs", "create", "certs", "--host", "127.0.0.1", "--host", "localhost")
+    for name in ("site-0", "site-1", "site-2", "rogue"):
+        run("certs", "node-key", f"keys/{name}")
+    run("keys", "create", "ks")
+    (base / "ledgers").mkdir()
+    digits = load_mnist_5k()
+    order = np.random.default_rng(7).permutation(len(digits))
+    for i in range(3):
+        sel = order[i * 250:(i + 1) * 250]
+        np.savez(base / f"site-{i}.npz", x=digits.features[sel], y=digits.labels[sel])
+        _site_yaml(base, f"site-{i}", port, f"site-{i}.npz")
+    _site_yaml(base, "broken", port, "missing.npz")
+
+    with pg_database() as url:
+        coord_log = (base / "coordinator.log").open("w")
+        coordinator = subprocess.Popen(
+            [*VEIL, "coordinator", "start", "--certs", "certs", "--store", url, "--host", "127.0.0.1",
+             "--port", str(port), "--state", "state/superlink.db", "--coordinator-key", "ks/coordinator.ckks",
+             "--artifacts-dir", "art"],
+            cwd=base, stdout=coord_log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            # the coordinator migrates the store before its SuperLink listens
+            _wait_for(lambda: _listening(port), 60, "the SuperLink to listen", coordinator)
+            fed = Federation(base, port, RunStore(url, migrate=False), coordinator)
+            for i in range(3):
+                reg = fed.veil("coordinator", "register", f"keys/site-{i}.pub", "--coordinator",
+                               f"127.0.0.1:{port}", "--ca", "certs/ca.crt", "--name", f"site-{i}")
+                assert reg.returncode == 0 and "registered" in reg.stdout, reg.stdout + reg.stderr
+            for i in range(3):
+                fed.start_site(f"site-{i}")
+            yield fed
+        finally:
+            started = [*fed.sites.values()] if "fed" in locals() else []
+            for proc in [*started, coordinator]:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in [*started, coordinator]:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            if "fed" in locals():
+                fed.store.close()
+
+
+def test_an_unregistered_supernode_is_refused(federation: Federation) -> None:
+    log = federation.base / "rogue.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{federation.port}",
+             "--root-certificates", "certs/ca.crt", "--auth-supernode-private-key", "keys/rogue",
+             "--port", str(_free_port()), "--max-retries", "1"],
+            cwd=federation.base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+        try:
+            code = proc.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # helpers it started
+    assert code != 0
+    assert "Failed to activate SuperNode" in log.read_text()
+
+
+def test_a_site_whose_preflight_fails_never_connects(federation: Federation) -> None:
+    done = federation.veil("site", "start", "--config", "broken.yaml", timeout=120)
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 3
+    data = next(e for e in events if e.get("check") == "data")
+    assert not data["ok"] and "missing.npz: no such file" in data["detail"]
+    assert events[-1]["event"] == "refused-to-start"
+    assert not any(e["event"].startswith("supernode") for e in events)  # no SuperNode was ever started
+    check = federation.veil("site", "check", "--config", "broken.yaml", "--format", "json")
+    assert check.returncode == 3 and json.loads(check.stdout)["ok"] is False
+
+
+def test_two_encrypted_dp_rounds_and_a_site_killed_mid_round(federation: Federation) -> None:
+    fed = federation
+    (fed.base / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "deployed", "seed": 2,
+        "federation": {"sites": 3, "rounds": 2, "min_sites": 2, "round_timeout_s": 45},
+        "model": {"arch": "mlp"}, "training": {"batch_size": 50, "learning_rate": 0.5},
+        "privacy": {"noise_multiplier": 1.0},
+        "encryption": {"aggregation": "ckks", "evaluation": "ckks"},
+    }))
+    submit = subprocess.Popen([*VEIL, "run", "spec.yaml", "--coordinator", f"127.0.0.1:{fed.port}",
+                               "--ca", "certs/ca.crt", "--timeout", "420"],
+                              cwd=fed.base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def round_two_started() -> bool:
+        with fed.store.session() as s:
+            return s.scalar(select(S.Round.id).where(S.Round.number == 2)) is not None
+
+    _wait_for(round_two_started, 300, "round 2 to start", submit)
+    victim = fed.sites["site-2"]
+    supernode = next(e["pid"] for e in _events(fed.base / "site-2.log") if e["event"] == "supernode-started")
+    os.killpg(supernode, signal.SIGKILL)  # the SuperNode and the ClientApp it runs
+    os.killpg(victim.pid, signal.SIGKILL)  # and the daemon
+    out, _ = submit.communicate(timeout=420)
+    assert submit.returncode == 0, out[-3000:]
+
+    with fed.store.session() as s:
+        run = s.scalars(select(S.Run)).one()
+        rounds = s.scalars(select(S.Round).order_by(S.Round.number)).all()
+        sites = {row.id: row.site_key for row in s.scalars(select(S.Site))}
+        part = [(p.round_number, sites[p.site_id], p.phase, p.status, p.reason or "")
+                for p in s.scalars(select(S.Participation))]
+        events = [(e.round_number, sites[e.site_id], e.mechanism, e.sampling)
+                  for e in s.scalars(select(S.PrivacyEvent))]
+        encrypted = s.scalars(select(S.EncryptedMetric.round_number)).all()
+    assert run.status == "completed" and run.mode == "deployment" and run.name == "deployed"
+    assert json.loads(run.encryption_json or "{}")["aggregation"] == "ckks"
+    assert [(r.number, r.status) for r in rounds] == [(1, "completed"), (2, "completed")]
+    assert rounds[0].sites_ok == 3 and rounds[1].sites_ok == 2
+    assert sorted((r, k) for r, k, _, _ in events) == [
+        (1, "site-0"), (1, "site-1"), (1, "site-2"), (2, "site-0"), (2, "site-1")]
+    assert all(m == "dp-sgd" and smp == "poisson" for _, _, m, smp in events)
+    missing = [p for p in part if p[0] == 2 and p[1] == "site-2"]
+    assert missing and all(status == "no-reply" and "no reply" in reason for _, _, _, status, reason in missing)
+    assert sorted(encrypted) == [1, 2]  # evaluation sums stayed ciphertexts
+
+    # the surviving sites stop cleanly on SIGTERM
+    for name in ("site-0", "site-1"):
+        os.killpg(fed.sites[name].pid, signal.SIGTERM)
+        assert fed.sites[name].wait(timeout=60) == 0
+        last = _events(fed.base / f"{name}.log")[-1]
+        assert last["event"] == "supernode-exited" and last["requested"] is True

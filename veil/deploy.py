@@ -1,0 +1,157 @@
+"""The coordinator side of a deployment, on Flower's own engine (SuperLink / SuperNode).
+
+* ``superlink_command``: a SuperLink with TLS and SuperNode authentication, its ServerApp
+  writing to the coordinator's run store (``VEIL_STORE``) with the coordinator's CKKS
+  parameters file (``VEIL_COORDINATOR_KEY``, never a secret key).
+* ``register_node``: adds a site's public node key to the SuperLink (``flwr supernode
+  register``); a SuperNode whose key is not registered is refused.
+* ``submit``: ``veil run SPEC --coordinator HOST:PORT`` builds Veil's Flower app, sends the
+  validated scenario inline and streams the run's log until it ends.
+
+Each Flower CLI call gets a private ``FLWR_HOME`` holding one connection, so a researcher's
+own Flower configuration is neither read nor changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from veil.errors import VeilError
+
+CONNECTION = "veil"
+
+
+class DeployError(VeilError):
+    exit_code = 11
+
+
+def bin_path() -> str:
+    """This interpreter's scripts directory first: Flower starts its helpers by name."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def flower_exe(name: str) -> str:
+    exe = shutil.which(name, path=bin_path())
+    if exe is None:
+        raise DeployError(f"{name} is not installed in this environment (pip install 'flwr>=1.41,<1.42')")
+    return exe
+
+
+def project_root() -> Path:
+    """The directory whose pyproject.toml declares Veil's Flower app (what `flwr run` packages)."""
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app" not in pyproject.read_text():
+        raise DeployError(f"{root} holds no Flower app (pyproject.toml with [tool.flwr.app]); install Veil "
+                          "from its source tree (pip install -e .) to submit runs")
+    return root
+
+
+def superlink_command(certs: Path, *, host: str, port: int, state: Path) -> list[str]:
+    missing = [p for p in (certs / "ca.crt", certs / "server.crt", certs / "server.key") if not p.is_file()]
+    if missing:
+        raise DeployError(f"missing {', '.join(map(str, missing))}; make them with `veil certs create {certs} "
+                          "--host HOST`")
+    return [flower_exe("flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
+            "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--database", str(state), "--host", host, "--port", str(port)]
+
+
+@contextmanager
+def flower_home(address: str, ca: Path) -> Iterator[dict[str, str]]:
+    """An environment whose FLWR_HOME names one TLS connection to ``address``."""
+    if not ca.is_file():
+        raise DeployError(f"{ca}: no CA certificate (the coordinator's ca.crt)")
+    with tempfile.TemporaryDirectory(prefix="veil-flwr-") as home:
+        Path(home, "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f"address = {json.dumps(address)}\nroot-certificates = {json.dumps(str(ca.resolve()))}\n")
+        yield {**os.environ, "FLWR_HOME": home, "PATH": bin_path(),
+               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def register_node(public_key: Path, address: str, ca: Path, name: str | None = None) -> int:
+    """Register a site's node key; returns the node id the SuperLink assigned."""
+    if not public_key.is_file():
+        raise DeployError(f"{public_key}: no such public key file (the site's NAME.pub)")
+    text = public_key.read_text().strip()
+    if not text.startswith("ecdsa-sha2-nistp"):
+        raise DeployError(f"{public_key} is not an OpenSSH ECDSA public key (make one with `veil certs node-key`)")
+    with flower_home(address, ca) as env:
+        cmd = [flower_exe("flwr"), "supernode", "register", str(public_key), CONNECTION, "--format", "json"]
+        if name:
+            cmd += ["--name", name]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    try:
+        answer = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        answer = {}
+    if not answer.get("success"):
+        why = " ".join(str(answer.get("error-message") or done.stderr or done.stdout).split())[:400]
+        raise DeployError(f"registering {public_key} at {address} failed: {why}")
+    return int(answer["node-id"])
+
+
+def submit(scenario: dict[str, Any], address: str, ca: Path, on_line: Callable[[str], None],
+           timeout: float | None = None) -> int:
+    """Start the run on the coordinator and stream its log; the `flwr run` exit code."""
+    import tomli_w
+
+    root = project_root()
+    with flower_home(address, ca) as env, tempfile.TemporaryDirectory(prefix="veil-run-") as tmp:
+        overrides = Path(tmp, "run-config.toml")
+        overrides.write_bytes(tomli_w.dumps({"scenario-json": json.dumps(scenario, sort_keys=True)}).encode())
+        cmd = [flower_exe("flwr"), "run", str(root), CONNECTION, "--run-config", str(overrides), "--stream"]
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                on_line(line.rstrip("\n"))
+                if deadline is not None and time.monotonic() > deadline:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    raise DeployError(f"the run did not finish within {timeout:.0f}s; it goes on at the "
+                                      "coordinator (see `veil runs`)")
+        finally:
+            code = proc.wait()
+    return code
+
+
+def supervise(cmd: list[str], env: dict[str, str], on_event: Callable[..., None], grace: float = 20.0) -> int:
+    """Run ``cmd`` in its own process group until it exits or SIGTERM/SIGINT asks us to stop;
+    then stop it (SIGTERM, SIGKILL after ``grace`` seconds). 0 when asked to stop, else its code."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    on_event("started", pid=proc.pid, command=Path(cmd[0]).name)
+    stopping: list[float] = []
+
+    def stop(signum: int, _frame: Any) -> None:
+        if not stopping:
+            stopping.append(time.monotonic())
+            on_event("stopping", signal=signal.Signals(signum).name)
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while (code := proc.poll()) is None:
+            time.sleep(0.2)
+            if stopping and time.monotonic() - stopping[0] > grace:  # it ignored SIGTERM
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    on_event("exited", code=code, requested=bool(stopping))
+    return 0 if stopping else code
