@@ -81,7 +81,7 @@ def round_ratio(rounds: int, work: Path) -> tuple[float, float, int]:
         result = simulate(spec, store, work / "art", progress=False, ledger_dir=work / f"ledgers-{mode}")
         later = [float(r["seconds"] or 0) for r in result.rounds[1:]]
         means.append(statistics.mean(later))
-    return means[0], means[1], count_parameters(build_model(base.model.arch))
+    return means[0], means[1], count_parameters(build_model(base.model.key))
 
 
 def packed_path(params: int, sites: int, bits: int = 8, per_slot: int = 2) -> dict[str, float]:

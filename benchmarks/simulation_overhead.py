@@ -35,7 +35,7 @@ def plain_loop(sites: int, rounds: int) -> float:
     sim = SimulatedSites(sc)
     all_sites = [sim.site(i) for i in range(sites)]
     t, p = sc.training, sc.privacy
-    model = build_model(sc.model.arch, seed=sc.seed)
+    model = build_model(sc.model.key, seed=sc.seed)
     history: dict[str, list[DpSgdEvent]] = {s.site_id: [] for s in all_sites}
     for rnd in range(1, rounds + 1):
         states, weights = [], []
@@ -45,7 +45,7 @@ def plain_loop(sites: int, rounds: int) -> float:
             q, steps = poisson_plan(n, t.batch_size, t.local_epochs)
             sigma = p.noise_multiplier or calibrate_noise_multiplier(
                 p.target_epsilon or 0.0, delta, q, steps * rounds, p.accountant)
-            local = build_model(sc.model.arch)
+            local = build_model(sc.model.key)
             local.load_state_dict(model.state_dict())
             out = train_dp_sgd(local, site.train, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                                batch_size=t.batch_size, local_epochs=t.local_epochs,

@@ -157,11 +157,28 @@ def _task_config(msg: Message) -> ConfigRecord:
     return config
 
 
+def _check_fit(arch: str, site: Site) -> None:
+    """The site's records must fit the run's model; otherwise say what to change, before any charge."""
+    from veil.models import parse_arch
+
+    _, n_in, n_out = parse_arch(arch)
+    x, y = site.train.tensors
+    per_record = int(x[0].numel()) if len(x) else 0
+    if per_record != n_in:
+        raise ValueError(f"{site.site_id}: its records have {per_record} features but the run's model {arch!r} "
+                         f"takes {n_in}; set model.in_features: {per_record} (arch: mlp) in the scenario")
+    top = int(y.max()) + 1 if len(y) else 0
+    if top > n_out:
+        raise ValueError(f"{site.site_id}: its data has {top} classes but the run's model {arch!r} predicts "
+                         f"{n_out}; set model.num_classes: {top} in the scenario")
+
+
 def _model_from(msg: Message, arch: str, site: Site) -> torch.nn.Module:
     """The coordinator's model; arrays that do not fit the architecture are refused.
 
     An encrypted aggregate is decrypted with the site's key (released: noise-flooded and
     rounded) and divided by its summed weight."""
+    _check_fit(arch, site)
     model = build_model(arch)
     if P.ENC_MODEL in msg.content:
         enc = P.encrypted_from(msg.content, P.ENC_MODEL)

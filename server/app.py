@@ -90,12 +90,12 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
     (``on_budget_exhausted: drop``) stops early and is marked ``stopped`` with the reason.
     """
     fed = scenario.federation
-    model = build_model(scenario.model.arch, seed=scenario.seed)
+    model = build_model(scenario.model.key, seed=scenario.seed)
     p = scenario.privacy
     log.info(
         "run %d: %d sites x %d rounds (%d sampled per round), model %s (%d params), DP-SGD %s, "
         "C=%g, accountant=%s, Poisson sampling; Opacus secure_mode off (simulation-grade RNG)",
-        run_id, fed.sites, fed.rounds, scenario.sites_per_round(), scenario.model.arch,
+        run_id, fed.sites, fed.rounds, scenario.sites_per_round(), scenario.model.key,
         count_parameters(model),
         f"sigma={p.noise_multiplier}" if p.noise_multiplier else f"target eps={p.target_epsilon}",
         p.max_grad_norm, p.accountant,
@@ -182,14 +182,14 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
-        eval_config = ConfigRecord({"arch": scenario.model.arch, **public})
+        eval_config = ConfigRecord({"arch": scenario.model.key, **public})
         replies = grid.send_and_receive(
             strategy.configure_evaluate(server_round, arrays, eval_config, grid),
             timeout=fed.round_timeout_s,
         )
         strategy.aggregate_evaluate(server_round, replies)
     if isinstance(arrays, ConfigRecord):
-        save_encrypted_checkpoint(store, run_id, fed.rounds, arrays, scenario.model.arch,
+        save_encrypted_checkpoint(store, run_id, fed.rounds, arrays, scenario.model.key,
                                   artifacts_dir / f"run-{run_id}")
     else:
         save_checkpoint(store, run_id, fed.rounds, arrays, artifacts_dir / f"run-{run_id}")

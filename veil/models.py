@@ -48,16 +48,36 @@ class MLP(nn.Module):
 MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": SmallCNN, "mlp": MLP}
 
 
-def build_model(arch: str, seed: int | None = None) -> nn.Module:
-    """Instantiate ``arch`` (deterministically when ``seed`` is given) and check Opacus accepts it."""
+def parse_arch(key: str) -> tuple[str, int, int]:
+    """``"mlp"`` or ``"mlp-12x2"`` → (arch, in_features, num_classes)."""
+    arch, _, shape = key.partition("-")
     if arch not in MODELS:
         raise ValueError(f"Unknown model {arch!r}; choose one of {sorted(MODELS)}.")
+    if not shape:
+        return arch, 784, 10
+    try:
+        n_in, n_out = (int(v) for v in shape.split("x"))
+    except ValueError:
+        raise ValueError(f"model {key!r}: the shape must be <in_features>x<num_classes>") from None
+    if arch == "cnn" and n_in != 784:
+        raise ValueError(f"model {key!r}: the cnn takes 1x28x28 images")
+    return arch, n_in, n_out
+
+
+def _make(key: str) -> nn.Module:
+    arch, n_in, n_out = parse_arch(key)
+    return MLP(n_out, n_in) if arch == "mlp" else SmallCNN(n_out)
+
+
+def build_model(arch: str, seed: int | None = None) -> nn.Module:
+    """Instantiate ``arch`` ("mlp", "cnn" or with a shape, "mlp-12x2"), deterministically when
+    ``seed`` is given, and check Opacus accepts it."""
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = MODELS[arch]()
+            model = _make(arch)
     else:
-        model = MODELS[arch]()
+        model = _make(arch)
     ensure_privatizable(model)
     return model
 

@@ -68,7 +68,7 @@ class TrainTask:
     def from_scenario(cls, s: Scenario) -> TrainTask:
         p, t = s.privacy, s.training
         return cls(
-            arch=s.model.arch,
+            arch=s.model.key,
             local_epochs=t.local_epochs,
             batch_size=t.batch_size,
             learning_rate=t.learning_rate,

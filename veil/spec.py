@@ -55,6 +55,22 @@ class DataSpec(_Strict):
 
 class ModelSpec(_Strict):
     arch: Literal["cnn", "mlp"] = "cnn"
+    in_features: int = Field(784, ge=1, le=1_000_000,
+                             description="mlp: features per record (784 = 28x28 images; the cnn takes 1x28x28)")
+    num_classes: int = Field(10, ge=2, le=100_000, description="label classes the model predicts")
+
+    @model_validator(mode="after")
+    def _cnn_shape(self) -> ModelSpec:
+        if self.arch == "cnn" and self.in_features != 784:
+            raise ValueError("the cnn takes 1x28x28 images (in_features 784); use arch: mlp for other inputs")
+        return self
+
+    @property
+    def key(self) -> str:
+        """What travels to sites and checkpoints: the architecture and its shape ("mlp-12x2")."""
+        if (self.in_features, self.num_classes) == (784, 10):
+            return self.arch
+        return f"{self.arch}-{self.in_features}x{self.num_classes}"
 
 
 class TrainingSpec(_Strict):

@@ -1,0 +1,105 @@
+"""The site daemon's config and preflight, certificates, and a tabular (CSV) site training
+through the real ClientApp with a model shaped for it."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from client.daemon import load_site_config, preflight, site_from_config, supernode_command
+from veil.certs import CertError, create_certs, create_node_key
+from veil.errors import ScenarioError
+
+
+def _site(tmp: Path, **over: object) -> Path:
+    rng = np.random.default_rng(0)
+    rows = ["a,b,c,d,label"] + [",".join(f"{v:.3f}" for v in rng.random(4)) + f",{'xyz'[i % 3]}"
+                                for i in range(90)]
+    (tmp / "data.csv").write_text("\n".join(rows) + "\n")
+    if not (tmp / "certs").exists():
+        create_certs(tmp / "certs", ["127.0.0.1"])
+        create_node_key(tmp / "node")
+    cfg = {"site_id": "clinic-a", "data": {"format": "csv", "path": "data.csv", "label": "label"},
+           "ledger": "clinic.ledger", "policy": {"epsilon_cap": 10.0}, "device": "cpu",
+           "coordinator": {"address": "127.0.0.1:8000", "root_certificates": "certs/ca.crt", "node_key": "node"}}
+    cfg.update(over)  # type: ignore[arg-type]
+    (tmp / "site.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp / "site.yaml"
+
+
+def test_config_paths_are_relative_to_the_file_and_preflight_passes(tmp_path: Path) -> None:
+    cfg = load_site_config(_site(tmp_path))
+    assert cfg.data.path == tmp_path / "data.csv" and cfg.ledger == tmp_path / "clinic.ledger"
+    checks = {c.name: c for c in preflight(cfg)}
+    assert all(c.ok for c in checks.values()), checks
+    assert "90 records" in checks["data"].detail and "3 classes" in checks["data"].detail
+    assert "new ledger" in checks["ledger"].detail and "mode 600" in checks["node key"].detail
+    cmd = supernode_command(cfg, tmp_path / "site.yaml")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "node")
+    assert cmd[cmd.index("--root-certificates") + 1] == str(tmp_path / "certs" / "ca.crt")
+    assert "--insecure" not in cmd
+
+
+def test_bad_configs_and_failed_checks_say_what_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match=r"site_id"):
+        load_site_config(_site(tmp_path, site_id="bad name!"))
+    with pytest.raises(ScenarioError, match=r"coordinator"):
+        load_site_config(_site(tmp_path, coordinator=None))
+    os.chmod(tmp_path / "node", 0o644)
+    (tmp_path / "secret.ckks").write_text("x")
+    checks = {c.name: c for c in preflight(load_site_config(_site(tmp_path, keys="secret.ckks", device="cuda")))}
+    assert not checks["node key"].ok and "chmod 600" in checks["node key"].detail
+    assert not checks["key"].ok
+    import torch
+
+    assert checks["device"].ok == torch.cuda.is_available()
+    (tmp_path / "clinic.ledger").write_bytes(b"")  # a truncated ledger is never silently reset
+    checks = {c.name: c for c in preflight(load_site_config(_site(tmp_path)))}
+    assert not checks["ledger"].ok and "empty" in checks["ledger"].detail
+
+
+def test_certificates_name_the_hosts_and_keep_keys_private(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    made = create_certs(tmp_path / "c", ["coord.example.org", "10.0.0.5"])
+    cert = x509.load_pem_x509_certificate(made.server_cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(made.ca_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["coord.example.org"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    for key in (made.ca_key, made.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    with pytest.raises(CertError, match="refusing to overwrite"):
+        create_certs(tmp_path / "c", ["x"])
+    with pytest.raises(CertError, match="neither a host name nor an IP"):
+        create_certs(tmp_path / "d", ["bad host"])
+    pub = create_node_key(tmp_path / "k" / "site")
+    load_ssh_private_key((tmp_path / "k" / "site").read_bytes(), password=None)
+    load_ssh_public_key(pub.read_bytes())
+    with pytest.raises(CertError, match="refusing to overwrite"):
+        create_node_key(tmp_path / "k" / "site")
+
+
+def test_a_csv_site_trains_a_model_shaped_for_it_and_refuses_one_that_is_not(tmp_path: Path) -> None:
+    from tests.sitekit import SiteDriver, task
+    from veil import protocol as P
+    from veil.spec import parse_scenario
+
+    site = site_from_config(_site(tmp_path))
+    assert site.site_id == "clinic-a" and len(site.train) + len(site.test) == 90
+    assert parse_scenario({"model": {"arch": "mlp", "in_features": 4, "num_classes": 3}}).model.key == "mlp-4x3"
+    with pytest.raises(ScenarioError, match="cnn takes 1x28x28"):
+        parse_scenario({"model": {"arch": "cnn", "in_features": 4}})
+    driver = SiteDriver(site)
+    reply = driver.train(task(arch="mlp-4x3", batch_size=20))
+    assert P.ARRAYS in reply and P.REFUSAL not in reply
+    fix = r"4 features but the run's model 'mlp' takes 784; set model\.in_features: 4"
+    with pytest.raises(ValueError, match=fix):
+        driver.train(task(arch="mlp", batch_size=20), server_round=2)
