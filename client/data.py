@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,3 +63,18 @@ def load_builtin(source: str) -> ArrayDataset:
     if source == "mnist-5k":
         return load_mnist_5k()
     raise DataError(f"unknown built-in data set {source!r}; available: mnist-5k")
+
+
+def write_sample_npz(path: str | Path, part: int, parts: int, per_part: int = 1000) -> Path:
+    """A sample site's data file: slice ``part`` of ``parts`` of the built-in digits, as NPZ
+    (``x``: N x 1 x 28 x 28 in [0, 1], ``y``: labels). For demos such as docker/compose.yaml."""
+    if not 0 <= part < parts:
+        raise DataError(f"part must be in [0, {parts}), got {part}")
+    digits = load_mnist_5k()
+    order = np.random.default_rng(2026).permutation(len(digits))
+    n = min(per_part, len(digits) // parts)
+    sel = order[part * n:(part + 1) * n]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, x=digits.features[sel], y=digits.labels[sel])
+    return out
