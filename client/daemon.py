@@ -95,7 +95,6 @@ class Check:
 
 def preflight(cfg: SiteConfig) -> list[Check]:
     """Every check, each with what it found; nothing here connects anywhere."""
-    from client.data import ArrayDataset  # noqa: F401  (imports torch once, here)
     from client.device import resolve_device
     from client.loaders import load_site_data
 

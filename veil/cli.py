@@ -100,13 +100,13 @@ def simulate(
                              ledger_dir=ledger_dir)
         except BudgetRefusedError as err:  # show what the sites said, then fail
             if err.run_id is not None:
-                _echo_summary(load_summary(run_store, err.run_id), output, run_store.url)
+                _echo_summary(load_summary(run_store, err.run_id), output, run_store.safe_url)
             raise
         summary = load_summary(run_store, result.run_id)
     except VeilError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
-    _echo_summary(summary, output, run_store.url)
+    _echo_summary(summary, output, run_store.safe_url)
 
 
 def _echo_summary(summary: RunSummary, output: str, url: str) -> None:

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -116,17 +117,27 @@ def submit(scenario: dict[str, Any], address: str, ca: Path, on_line: Callable[[
         cmd = [flower_exe("flwr"), "run", str(root), CONNECTION, "--run-config", str(overrides), "--stream"]
         proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-        deadline = None if timeout is None else time.monotonic() + timeout
         assert proc.stdout is not None
+        timed_out: list[bool] = []
+
+        def expire() -> None:  # fires even when the log goes quiet
+            timed_out.append(True)
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+
+        timer = threading.Timer(timeout, expire) if timeout is not None else None
+        if timer is not None:
+            timer.start()
         try:
             for line in proc.stdout:
                 on_line(line.rstrip("\n"))
-                if deadline is not None and time.monotonic() > deadline:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    raise DeployError(f"the run did not finish within {timeout:.0f}s; it goes on at the "
-                                      "coordinator (see `veil runs`)")
         finally:
+            if timer is not None:
+                timer.cancel()
             code = proc.wait()
+        if timed_out:
+            raise DeployError(f"stopped following after {timeout:.0f}s; the run goes on at the coordinator "
+                              "(see `veil runs`)")
     return code
 
 
