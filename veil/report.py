@@ -36,7 +36,7 @@ class Block:
     rows: list[list[str]] | None = None
 
 
-def build(summary: RunSummary, series: MetricSeries, png_name: str, accountant_versions: dict[str, str],
+def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str],
           mechanisms: dict[str, tuple[float, float, int, float]]) -> list[Block]:
     s, spec = summary, summary.spec
     data, train, priv = (spec.get(k, {}) for k in ("data", "training", "privacy"))
@@ -210,7 +210,7 @@ def write_report(summary: RunSummary, series: MetricSeries, out: Path, accountan
     out.mkdir(parents=True, exist_ok=True)
     image = out / "metrics.png"
     png(series, image)
-    blocks = build(summary, series, image.name, accountant_versions, mechanisms)
+    blocks = build(summary, image.name, accountant_versions, mechanisms)
     md, page = out / "report.md", out / "report.html"
     md.write_text(to_markdown(blocks))
     page.write_text(to_html(blocks, image.read_bytes()))
