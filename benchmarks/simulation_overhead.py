@@ -24,6 +24,7 @@ def plain_loop(sites: int, rounds: int) -> float:
 
     from client.training import evaluate, poisson_plan, train_dp_sgd
     from privacy import DpSgdEvent, calibrate_noise_multiplier, default_delta, epsilon
+    from privacy.randomness import RoundRandomness
     from simulations.federation import SimulatedSites
     from veil.models import build_model
     from veil.spec import load_scenario
@@ -37,7 +38,7 @@ def plain_loop(sites: int, rounds: int) -> float:
     t, p = sc.training, sc.privacy
     model = build_model(sc.model.key, seed=sc.seed)
     history: dict[str, list[DpSgdEvent]] = {s.site_id: [] for s in all_sites}
-    for rnd in range(1, rounds + 1):
+    for _ in range(rounds):
         states, weights = [], []
         for site in all_sites:
             n = len(site.train)
@@ -50,7 +51,7 @@ def plain_loop(sites: int, rounds: int) -> float:
             out = train_dp_sgd(local, site.train, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                                batch_size=t.batch_size, local_epochs=t.local_epochs,
                                learning_rate=t.learning_rate, momentum=t.momentum,
-                               device=site.device, seed=rnd)
+                               device=site.device, randomness=RoundRandomness.from_os())
             history[site.site_id].append(out.event)
             epsilon(history[site.site_id], delta, p.accountant)
             states.append(local.state_dict())

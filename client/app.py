@@ -13,6 +13,9 @@ What the site does with a training task, in this order:
 4. only then trains, and releases an update whose mechanism equals what was charged.
 
 The coordinator's task cannot change any of this: policy and ledger belong to the site.
+Nor can it choose the randomness: the DP noise and the Poisson mask are drawn from the
+site's own OS entropy, fresh each round (``privacy.randomness``). A task asking for seeded,
+reproducible noise is refused (``seeded-noise``) unless the site is a simulated one.
 
 With CKKS on, the site decrypts the coordinator's encrypted aggregate with its own secret
 key (``Site.keys``), and sends back its update pre-weighted by ``n / weight-norm``, flattened
@@ -25,6 +28,7 @@ under-report.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,7 @@ from client.training import evaluate, poisson_plan, train_dp_sgd
 from privacy import DpSgdEvent, accountant_version, calibrate_noise_multiplier, default_delta, epsilon
 from privacy.ckks import SecretKey, flatten, unflatten
 from privacy.ledger import BudgetExceeded, SiteLedger, dataset_id
+from privacy.randomness import RoundRandomness, describe
 from veil import protocol as P
 from veil.logs import get_logger
 from veil.models import build_model
@@ -78,11 +83,51 @@ def _encrypted_update(model: torch.nn.Module, key: SecretKey, weight: float) -> 
 
 
 def open_ledger(site: Site) -> SiteLedger:
-    """The site's ledger, opened (and verified) once per process; a damaged one raises."""
+    """The site's ledger, opened (and verified) once per process; a damaged, foreign, missing
+    (when pinned) or rolled-back one raises ``LedgerError``."""
     key = str(site.ledger)
     if key not in _LEDGERS:
-        _LEDGERS[key] = SiteLedger(site.ledger)
+        _LEDGERS[key] = SiteLedger(site.ledger, site_id=site.site_id, ledger_id=site.ledger_id,
+                                   create=site.ledger_id is None)
+        _note_new_dataset(site, _LEDGERS[key])
     return _LEDGERS[key]
+
+
+def _note_new_dataset(site: Site, ledger: SiteLedger) -> None:
+    """Say so when this data is new to a ledger that already holds other data sets."""
+    known = ledger.fingerprints()
+    if not known or site.fingerprint in known:
+        return
+    if site.policy.cap_scope == "dataset":
+        log.warning("%s: its training data (data set %s) is new to ledger %s, which holds %d other data "
+                    "set(s); under cap_scope: dataset it starts a fresh budget. If these are the same "
+                    "records re-saved or re-split, set cap_scope: ledger", site.site_id,
+                    dataset_id(site.fingerprint), ledger.ledger_id, len(known))
+    else:
+        log.info("%s: new data set %s composes with the %d data set(s) already in ledger %s "
+                 "(cap_scope: ledger)", site.site_id, dataset_id(site.fingerprint), len(known), ledger.ledger_id)
+
+
+def _ledger_head(ledger: SiteLedger) -> P.LedgerHead:
+    h = ledger.head()
+    return P.LedgerHead(h.ledger_id, h.seq, h.entry_hash, h.predecessor, h.replaced_reason)
+
+
+def _rng_refusal(site: Site, task: P.TrainTask) -> P.Refusal | None:
+    if task.rng == "seeded" and not site.allow_seeded_noise:
+        return P.Refusal("seeded-noise", "this site draws DP noise and sampling from its own entropy only; "
+                         "reproducible (seeded) noise is not private and exists for `veil simulate "
+                         "--reproducible-noise` alone")
+    return None
+
+
+@functools.cache
+def _explain_noise_once() -> None:
+    """Once per process: what the DP noise is drawn with (Opacus's own secure mode is off)."""
+    log.info("DP-SGD noise: Opacus secure-mode sampler (sum of 4 Gaussian draws per value, the "
+             "floating-point-attack defence) on torch.Generator; noise and Poisson-mask seeds are 64 bits "
+             "each from os.urandom, fresh per round, never sent. Opacus's secure_mode CSPRNG "
+             "(torchcsprng) is not available for torch 2.13, so the generator is not a CSPRNG")
 
 
 def _history(context: Context) -> list[DpSgdEvent]:
@@ -138,7 +183,7 @@ def _planned_event(task: P.TrainTask, context: Context, site: Site) -> DpSgdEven
 
 def _policy_refusal(site: Site, task: P.TrainTask, planned: DpSgdEvent) -> P.Refusal | None:
     found = site.policy.violation(planned.noise_multiplier, planned.sample_rate, task.encrypted)
-    return P.Refusal(*found) if found else None
+    return P.Refusal(*found) if found else _rng_refusal(site, task)
 
 
 def _refuse(msg: Message, site: Site, refusal: P.Refusal) -> Message:
@@ -197,12 +242,6 @@ def _model_from(msg: Message, arch: str, site: Site) -> torch.nn.Module:
     return model
 
 
-def _seed(task_seed: int, site_id: str, server_round: int) -> int:
-    import zlib
-
-    return (task_seed * 1_000_003 + zlib.crc32(site_id.encode()) * 7919 + server_round) % 2**62
-
-
 def build_client_app(resolve_site: SiteResolver) -> ClientApp:
     app = ClientApp()
 
@@ -226,6 +265,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         if refusal is None and affordable == 0:
             refusal = P.Refusal("budget-exhausted",
                                 "not even one round of this task fits in the remaining budget")
+        head = _ledger_head(ledger)
         status = P.BudgetStatus(
             site_id=site.site_id, dataset_id=dataset_id(site.fingerprint),
             num_examples=len(site.train), delta=lifetime_delta, accountant=policy.accountant,
@@ -235,7 +275,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             steps_per_round=planned.steps,
             projected=ledger.project(fp, [planned] * task.planned_rounds, delta=lifetime_delta,
                                      accountant=acc, scope=scope),
-            affordable_rounds=affordable, refusal=refusal,
+            affordable_rounds=affordable, refusal=refusal, ledger=head,
         )
         return Message(content=RecordDict({P.BUDGET: status.to_config()}), reply_to=msg)
 
@@ -254,15 +294,24 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         key = site_key(site, config.get(P.ENC_KEY_ID)) if task.encrypted else None
         weight = _weight(config, n) if key else 0.0
         model = _model_from(msg, task.arch, site)  # a model that cannot be read costs no budget
+        # the round's secret seeds, drawn before the charge: no entropy, no charge, no training
+        randomness = RoundRandomness.for_round(task.rng_mode, task.seed, site.site_id, server_round)
         policy = site.policy
-        charge = open_ledger(site).charge(
+        ledger = open_ledger(site)
+        charge = ledger.charge(
             site.fingerprint, planned, delta=policy.delta_for(n), cap=policy.epsilon_cap,
             accountant=policy.accountant, scope=policy.cap_scope, run_ref=task.run_ref,
-            round_number=server_round,
+            round_number=server_round, rng=randomness.mode,
         )
         if isinstance(charge, BudgetExceeded):
             return _refuse(msg, site, P.Refusal("budget-exhausted", charge.detail))
         # the spend is on disk: from here on, a crash can only over-count
+        log.info("%s round %d: charged ledger %s entry %d (σ=%.4g, q=%.4g, %d steps): lifetime ε %.4f of "
+                 "cap %s (%s, δ=%g); DP noise and Poisson sampling %s", site.site_id, server_round,
+                 charge.ledger_id, charge.seq, planned.noise_multiplier, planned.sample_rate, planned.steps,
+                 charge.epsilon_after, "none" if charge.epsilon_cap is None else f"{charge.epsilon_cap:g}",
+                 charge.accountant, charge.delta, describe(randomness.mode))
+        _explain_noise_once()
         outcome = train_dp_sgd(
             model,
             site.train,
@@ -273,17 +322,19 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             learning_rate=task.learning_rate,
             momentum=task.momentum,
             device=site.device,
-            seed=_seed(task.seed, site.site_id, server_round),
+            randomness=randomness,
         )
-        if outcome.event != planned:  # never release more than was charged
-            raise RuntimeError(f"{site.site_id}: ran {outcome.event}, but charged {planned}; not released")
+        if outcome.event != planned or outcome.rng != randomness.mode:  # never release more than charged
+            raise RuntimeError(f"{site.site_id}: ran {outcome.event} ({outcome.rng}), but charged {planned} "
+                               f"({randomness.mode}); not released")
         _append_history(context, outcome.event)
         eps = epsilon(_history(context), delta, task.accountant_name)
         lifetime = P.LifetimeSpend(dataset_id(site.fingerprint), charge.entry_id, charge.epsilon_after,
-                                   charge.delta, charge.accountant, charge.epsilon_cap)
+                                   charge.delta, charge.accountant, charge.epsilon_cap,
+                                   P.LedgerHead(charge.ledger_id, charge.seq, charge.entry_hash))
         report = P.PrivacyReport(
             outcome.event, delta, task.accountant, accountant_version(task.accountant_name), eps,
-            lifetime=lifetime,
+            lifetime=lifetime, rng=outcome.rng,
         )
         num_test = 0 if task.encrypted_eval else len(site.test)  # an encrypted evaluation hides it
         content = RecordDict(
@@ -340,7 +391,9 @@ def _resolve_from_run_config(context: Context) -> Site:
     ``flwr run .`` in simulation, the scenario file named in the run config."""
     if "site-config" in context.node_config:
         from client.daemon import site_from_config
+        from veil import logs
 
+        logs.configure()  # the site's own ClientApp process: its charges and noise source go to the site's log
         return site_from_config(Path(str(context.node_config["site-config"])))
     from simulations.federation import SimulatedSites
     from veil.spec import load_scenario

@@ -49,6 +49,10 @@ class SiteConfig(BaseModel):
     split_seed: int = Field(0, ge=0, description="seed of the train/test split (keep it fixed: the ledger "
                                                   "fingerprints the training split)")
     ledger: Path
+    ledger_id: str | None = Field(
+        None, pattern=r"^[0-9a-f]{32}$",
+        description="the id of this site's ledger, written here once by `veil site init`; a ledger file "
+        "with another id, or none at all, is refused")
     keys: Path | None = Field(None, description="the key set's secret.ckks, for CKKS runs")
     policy: SitePolicy = Field(default_factory=SitePolicy)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -91,6 +95,11 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # passed, but the administrator should read it
+
+
+class Warn(Exception):
+    """Raised by a preflight check that passes but has something to say."""
 
 
 def preflight(cfg: SiteConfig) -> list[Check]:
@@ -99,10 +108,13 @@ def preflight(cfg: SiteConfig) -> list[Check]:
     from client.loaders import load_site_data
 
     checks: list[Check] = []
+    config_name = "site.yaml"
 
     def run(name: str, fn: Any) -> None:
         try:
             checks.append(Check(name, True, fn()))
+        except Warn as warning:
+            checks.append(Check(name, True, str(warning), warning=True))
         except (VeilError, OSError, ValueError) as err:
             checks.append(Check(name, False, str(err)))
 
@@ -125,14 +137,26 @@ def preflight(cfg: SiteConfig) -> list[Check]:
         return f"{cfg.keys}: key set {SecretKey.load(cfg.keys).key_id} (mode 600)"
 
     def ledger() -> str:
-        if not cfg.ledger.exists():
-            if not cfg.ledger.parent.is_dir():
-                raise VeilError(f"ledger directory {cfg.ledger.parent} does not exist")
-            return f"{cfg.ledger}: new ledger (created at the first charge)"
-        from privacy.ledger import ledger_report
+        if cfg.ledger_id is None:
+            raise VeilError(f"site.yaml pins no ledger_id: run `veil site init --config {config_name}` once; it "
+                            "creates the ledger (or adopts the existing one) and writes its id into site.yaml")
+        from privacy.ledger import SiteLedger, ledger_report
 
-        spent = ledger_report(cfg.ledger)
-        return f"{cfg.ledger}: intact, {sum(d.entries for d in spent)} entries over {len(spent)} data set(s)"
+        SiteLedger(cfg.ledger, site_id=cfg.site_id, ledger_id=cfg.ledger_id, create=False).close()
+        report = ledger_report(cfg.ledger)
+        detail = (f"{cfg.ledger}: ledger {report.ledger_id} of site {report.site_id}, intact, "
+                  f"{report.head.seq} entries over {len(report.datasets)} data set(s)")
+        if report.predecessor:
+            detail += f"; replaces lost ledger {report.predecessor} ({report.head.replaced_reason or 'no reason'})"
+        return detail
+
+    def scope() -> str:
+        if cfg.policy.cap_scope == "dataset":
+            raise Warn("policy.cap_scope is dataset: the lifetime cap counts per exact data file, so the same "
+                       "records saved again (another column order or format, one appended row) start a fresh "
+                       "budget. Use cap_scope: ledger (the default) unless the data sets are truly disjoint")
+        cap = "no lifetime cap" if cfg.policy.epsilon_cap is None else f"lifetime cap ε {cfg.policy.epsilon_cap:g}"
+        return f"cap_scope ledger: {cap} over everything this site's ledger has ever charged"
 
     def device() -> str:
         dev = resolve_device(cfg.device)
@@ -164,8 +188,8 @@ def preflight(cfg: SiteConfig) -> list[Check]:
             raise VeilError(f"{c}: the CA certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}")
         return f"{c}: {cert.subject.rfc4514_string()}, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
 
-    for name, fn in (("data", data), ("key", key), ("ledger", ledger), ("device", device),
-                     ("node key", node_key), ("ca certificate", ca)):
+    for name, fn in (("data", data), ("key", key), ("ledger", ledger), ("budget scope", scope),
+                     ("device", device), ("node key", node_key), ("ca certificate", ca)):
         run(name, fn)
     return checks
 
@@ -218,4 +242,66 @@ def site_from_config(path: Path) -> Any:
     n_test = max(1, round(len(ds) * cfg.test_fraction))
     test, train = ds.subset(order[:n_test]), ds.subset(order[n_test:])
     return Site(cfg.site_id, train.to_torch(), test.to_torch(), resolve_device(cfg.device), cfg.ledger,
-                cfg.policy, cfg.keys)
+                cfg.policy, cfg.keys, ledger_id=cfg.ledger_id)
+
+
+def init_ledger(config_path: Path, *, new_ledger: bool = False, reason: str | None = None) -> str:
+    """``veil site init``: create the site's ledger (or adopt an existing one) and pin its id in
+    site.yaml. With ``new_ledger``, replace a pinned ledger that is lost, on the record."""
+    from privacy.ledger import SiteLedger, create_ledger
+    from veil.errors import LedgerError
+
+    cfg = load_site_config(config_path)
+    path = Path(config_path)
+    if cfg.ledger_id is not None and not new_ledger:
+        if not cfg.ledger.exists():
+            raise LedgerError(f"ledger {cfg.ledger} (pinned id {cfg.ledger_id}) is missing: restore it from a "
+                            "backup; only if it is truly lost, run `veil site init --config "
+                            f"{path} --new-ledger --reason '...'`")
+        SiteLedger(cfg.ledger, site_id=cfg.site_id, ledger_id=cfg.ledger_id, create=False).close()
+        return f"ledger {cfg.ledger} (id {cfg.ledger_id}) is already this site's pinned ledger; nothing to do"
+    if new_ledger:
+        if cfg.ledger_id is None:
+            raise LedgerError("--new-ledger replaces a pinned ledger, but site.yaml pins none; run "
+                            f"`veil site init --config {path}` without it")
+        if not reason or not reason.strip():
+            raise LedgerError("--new-ledger needs --reason '...': it is recorded in the new ledger and shown to "
+                            "the coordinator and by `veil budget`")
+        if cfg.ledger.exists():
+            raise LedgerError(f"ledger {cfg.ledger} exists; --new-ledger only replaces a ledger that is lost. "
+                            "Move the old file aside yourself if you really mean to (its spend is then "
+                            "forgotten by this site, but not by the coordinator)")
+        ledger_id = create_ledger(cfg.ledger, cfg.site_id, predecessor=cfg.ledger_id, reason=reason.strip())
+        _pin(path, ledger_id)
+        return (f"started new ledger {ledger_id} at {cfg.ledger}, replacing lost ledger {cfg.ledger_id} "
+                f"(reason recorded: {reason.strip()}); pinned in {path}")
+    if cfg.ledger.exists():
+        with SiteLedger(cfg.ledger, site_id=cfg.site_id, create=False) as ledger:
+            ledger_id = ledger.ledger_id
+        _pin(path, ledger_id)
+        return f"adopted existing ledger {cfg.ledger} (id {ledger_id}, site {cfg.site_id}); pinned in {path}"
+    if not cfg.ledger.parent.is_dir():
+        raise LedgerError(f"ledger directory {cfg.ledger.parent} does not exist; create it first")
+    ledger_id = create_ledger(cfg.ledger, cfg.site_id)
+    _pin(path, ledger_id)
+    return f"created ledger {cfg.ledger} (id {ledger_id}, site {cfg.site_id}); pinned in {path}"
+
+
+def _pin(config_path: Path, ledger_id: str) -> None:
+    """Write ``ledger_id: ...`` into site.yaml: replace a top-level ``ledger_id:`` line, or append one.
+    Everything else in the file (comments, order) is kept."""
+    import re
+
+    from veil.files import atomic_write
+
+    text = config_path.read_text(encoding="utf-8")
+    line = f"ledger_id: {ledger_id}  # pinned by `veil site init`; a ledger with another id is refused"
+    pattern = re.compile(r"^ledger_id:.*$", re.MULTILINE)
+    if pattern.search(text):
+        new = pattern.sub(line, text, count=1)
+    else:
+        new = text + ("" if text.endswith("\n") or not text else "\n") + line + "\n"
+    atomic_write(config_path, new.encode("utf-8"), mode=stat.S_IMODE(config_path.stat().st_mode))
+    if load_site_config(config_path).ledger_id != ledger_id:
+        raise VeilError(f"could not pin the ledger id in {config_path}; set `ledger_id: {ledger_id}` there "
+                        "by hand")

@@ -24,7 +24,11 @@ from privacy.policy import SitePolicy
 class Site:
     """One data-holding site. ``ledger`` is the site's own privacy ledger file; ``policy``
     is what the site enforces on itself (the coordinator never sees or sets either); ``keys``
-    is the CKKS secret key file it encrypts and decrypts with."""
+    is the CKKS secret key file it encrypts and decrypts with.
+
+    ``ledger_id`` is the ledger id the site's configuration pins (deployed sites): the file
+    must then exist and be exactly that ledger. ``allow_seeded_noise`` is only ever true for
+    a simulated site: a real site draws DP noise from its own entropy, whatever it is asked."""
 
     site_id: str
     train: TensorDataset
@@ -33,6 +37,8 @@ class Site:
     ledger: Path
     policy: SitePolicy = field(default_factory=SitePolicy)
     keys: Path | None = None  # the key set's secret.ckks, when this site takes part in CKKS runs
+    ledger_id: str | None = None
+    allow_seeded_noise: bool = False
 
     @cached_property
     def fingerprint(self) -> str:

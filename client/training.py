@@ -5,6 +5,14 @@ independently with probability q), which is what the subsampled-Gaussian account
 assumes (Abadi et al., 2016; Mironov et al., 2019). The engine's own accountant is not used:
 the round's mechanism is returned as a ``DpSgdEvent`` and ε is derived from the site's whole
 history, so nothing is lost when a new engine is made each round.
+
+Randomness (``privacy.randomness``): the Gaussian noise and the Poisson mask each come from
+their own ``torch.Generator``, seeded per round from ``RoundRandomness``: the site's OS
+entropy by default, the scenario seed only in a labelled, non-private reproducible mode.
+Nothing here touches torch's global generator, so no seed anyone else knows reaches them.
+Noise is drawn with Opacus's secure-mode sampler (2n = 4 Gaussian draws per value, the
+defence against floating-point attacks); Opacus's CSPRNG (torchcsprng) is not available for
+torch 2.13, so the generator itself is torch's (MT19937 / Philox).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privacy import DpSgdEvent
+from privacy.randomness import RngMode, RoundRandomness
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,9 @@ class TrainOutcome:
     num_examples: int
     mean_loss: float
     seconds: float
+    rng: RngMode
+    # the size of every Poisson batch drawn; stays at the site (it is part of the secret mask)
+    batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,18 +72,26 @@ def train_dp_sgd(
     learning_rate: float,
     momentum: float,
     device: torch.device,
-    seed: int,
+    randomness: RoundRandomness,
 ) -> TrainOutcome:
-    """Train ``model`` in place with DP-SGD; return the mechanism actually run."""
+    """Train ``model`` in place with DP-SGD; return the mechanism actually run.
+
+    ``randomness`` seeds the noise and the Poisson mask (``RoundRandomness.from_os()`` for a
+    private round); nothing else in this function draws random numbers."""
     from opacus import PrivacyEngine
 
     start = time.perf_counter()
     model.to(device).train()
-    loader = DataLoader(data, batch_size=batch_size)
+    noise_gen = torch.Generator(device=device)
+    noise_gen.manual_seed(randomness.noise_seed)
+    sampling_gen = torch.Generator()  # Opacus draws the Poisson mask on the CPU
+    sampling_gen.manual_seed(randomness.sampling_seed)
+    # Opacus's Poisson loader takes the generator of the loader it replaces
+    loader = DataLoader(data, batch_size=batch_size, generator=sampling_gen)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off: said once per run by the coordinator instead.
+        # Opacus warns that its secure_mode (torchcsprng) is off; the site logs what it uses instead
         warnings.simplefilter("ignore", UserWarning)
         engine = PrivacyEngine(accountant="rdp")
         private_model, dp_optimizer, dp_loader = engine.make_private(
@@ -81,19 +101,23 @@ def train_dp_sgd(
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
+            noise_generator=noise_gen,
         )
+    if dp_loader.batch_sampler.generator is not sampling_gen:  # never fall back to the global RNG
+        raise RuntimeError("Opacus's Poisson sampler is not using the site's sampling generator")
+    # Opacus's floating-point defence (secure-mode noise: the sum of 4 draws, divided by 2);
+    # the engine's own secure_mode would also demand torchcsprng, which torch 2.13 lacks
+    dp_optimizer.secure_mode = True
     sample_rate = float(dp_loader.sample_rate)
     steps, loss_total, seen = 0, 0.0, 0
-    with (
-        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-        warnings.catch_warnings(),
-    ):
+    batches: list[int] = []
+    with warnings.catch_warnings():
         # Opacus's hooks trigger torch's backward-hook notices on every step.
         warnings.filterwarnings("ignore", message=".*backward hook.*")
-        torch.manual_seed(seed)
         for _ in range(local_epochs):
             for x, y in dp_loader:
                 steps += 1
+                batches.append(len(y))
                 x, y = x.to(device), y.to(device)
                 dp_optimizer.zero_grad(set_to_none=True)
                 if len(y) == 0:  # an empty Poisson batch still adds noise: take the step
@@ -106,7 +130,8 @@ def train_dp_sgd(
                 seen += len(y)
     private_model.remove_hooks()
     event = DpSgdEvent(noise_multiplier, sample_rate, steps, max_grad_norm)
-    return TrainOutcome(event, len(data), loss_total / max(seen, 1), time.perf_counter() - start)
+    return TrainOutcome(event, len(data), loss_total / max(seen, 1), time.perf_counter() - start,
+                        randomness.mode, tuple(batches))
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ policy: {epsilon_cap: 50.0, delta: 1.0e-5}
 device: auto
 coordinator: {address: "coordinator:8000", root_certificates: ca.crt, node_key: node-key}
 YAML
+    veil site init --config "$S/site.yaml"  # creates the ledger and pins its id in site.yaml
 done
 rm -rf "$keys"
 echo "federation initialised: coordinator, site-0, site-1"

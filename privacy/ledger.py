@@ -2,26 +2,38 @@
 
 One SQLite file per site, owned by the site, written through SQLAlchemy. Each entry is one
 DP-SGD event the site ran, keyed by a fingerprint of the data set it ran on. The ledger
-composes every entry for that data set, across rounds *and* runs, so its ε is the lifetime
-spend of the data: what a data holder cares about.
+composes every entry (``cap_scope: ledger``, the default) or every entry for one data set
+(``cap_scope: dataset``), across rounds *and* runs: the lifetime spend a data holder cares
+about.
 
 Rules it keeps:
 
-* **Write-ahead.** ``charge`` commits the event (``synchronous=FULL``: fsynced) *before* the
-  site trains, so nothing trained on the data can leave the site unrecorded. A crash after
+* **Write-ahead, in the main file.** ``charge`` commits the event before the site trains,
+  with a rollback journal (``journal_mode=DELETE``) and ``synchronous=FULL``: when the commit
+  returns, the entry is fsynced into the ``.ledger`` file itself. There is no write-ahead-log
+  file whose loss (or a backup that skips it) could drop a committed charge. A crash after
   the commit over-counts; a crash can never under-count.
 * **Check and charge are one transaction** (``BEGIN IMMEDIATE``): two processes of the same
   site cannot both squeeze under the cap.
+* **Created once, never replaced.** A new ledger is built under a temporary name and
+  hard-linked into place, which fails if the path exists: two processes creating the same
+  ledger at once end up sharing one file, and neither can overwrite a file already charged.
 * **Refusal exactly at the cap.** A charge whose projected lifetime ε exceeds the cap is
-  refused and writes nothing; one that lands exactly on it is accepted. The projection is
-  the ε that gets recorded (``privacy.accounting`` is deterministic in the history).
+  refused and writes nothing; one that lands exactly on it is accepted.
 * **Tamper-evident.** Entries form a sha256 chain and the meta table holds the head; every
   open and every charge re-verifies it. A damaged, truncated, edited or unknown-schema file
   raises ``LedgerError`` and is never reset or repaired automatically.
+* **Bound to its site.** The meta table names the site the ledger belongs to and a random
+  ledger id; a deployed site's ``site.yaml`` pins that id. A ledger copied from, or swapped
+  with, another site's is refused, and so is a pinned ledger that has gone missing.
+* **Cannot quietly go backwards.** After every charge the site writes the head (entry count
+  and hash) to a *witness* file beside the ledger (``<ledger>.head``). An older copy of the
+  ledger restored over a newer one no longer contains the witnessed head and is refused.
+  The coordinator keeps the same kind of witness for every site it has heard from.
 
 The chain detects accidents, bugs and naive edits. It is not a defence against the site's
-own administrator rewriting the whole chain: the ledger protects the data from everyone
-*else*, and the site is the party enforcing it.
+own administrator rewriting the whole chain and both witnesses: the ledger protects the data
+from everyone *else*, and the site is the party enforcing it.
 """
 
 from __future__ import annotations
@@ -54,13 +66,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.pool import NullPool
 
 from privacy.accounting import AccountantName, accountant_version, group_events, history_epsilon
 from privacy.events import DpSgdEvent
+from privacy.randomness import RngMode
 from veil.errors import LedgerError
+from veil.logs import get_logger
 
-SCHEMA_VERSION = "1"
+log = get_logger("ledger")
+
+SCHEMA_VERSION = "2"  # 2: site binding in the meta table, ``rng`` on entries
 _GENESIS = "0" * 64
+_JOURNALS = ("-journal", "-wal", "-shm")
 
 _meta = MetaData()
 meta_table = Table(
@@ -89,8 +107,11 @@ entries_table = Table(
     Column("created_at", String(40), nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("entry_hash", String(64), nullable=False),
+    Column("rng", String(16), nullable=True),  # schema 2: where the noise came from (NULL in schema 1)
 )
 _HASHED = [c.name for c in entries_table.columns if c.name != "entry_hash"]
+_V1_COLUMNS = {c.name for c in entries_table.columns} - {"rng"}
+_LATER = {"rng"}  # columns added after schema 1: hashed only when set, so schema-1 entries still verify
 
 
 def fingerprint_arrays(*arrays: Any) -> str:
@@ -129,6 +150,7 @@ class Entry:
     epsilon_after: float
     epsilon_cap: float | None
     created_at: str
+    rng: str | None = None  # None: written by schema 1, before the mode was recorded
 
 
 @dataclass(frozen=True)
@@ -154,6 +176,8 @@ class Charge:
     accountant: str
     accountant_version: str
     epsilon_cap: float | None
+    entry_hash: str = _GENESIS
+    ledger_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,19 +196,37 @@ class BudgetExceeded:
                 f"({self.accountant}); already spent {self.spent:.4f}")
 
 
+@dataclass(frozen=True)
+class Head:
+    """Which ledger this is and how far it has got (what a witness remembers)."""
+
+    ledger_id: str
+    seq: int
+    entry_hash: str
+    predecessor: str | None = None  # the ledger this one explicitly replaced, if any
+    replaced_reason: str | None = None
+
+
 def _hash_row(row: dict[str, Any]) -> str:
-    payload = json.dumps({k: row[k] for k in _HASHED}, sort_keys=True, separators=(",", ":"))
+    payload = json.dumps({k: row[k] for k in _HASHED if not (k in _LATER and row.get(k) is None)},
+                         sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _engine(path: Path) -> Engine:
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})
+    # a fresh connection per transaction (NullPool): a pooled connection would keep the old file
+    # open after the path is replaced, and charge a file nobody will ever read again
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60}, poolclass=NullPool)
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        # committed entries live in the main file: a ledger written by an older Veil in WAL mode
+        # is checkpointed and switched back to a rollback journal the first time it is opened
+        if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "delete":
+            cur.execute("PRAGMA journal_mode=DELETE")
         cur.execute("PRAGMA synchronous=FULL")  # a commit is fsynced before it returns
         cur.close()
 
@@ -195,20 +237,54 @@ def _engine(path: Path) -> Engine:
     return engine
 
 
-class SiteLedger:
-    """Open (or, when ``create`` and the file does not exist, create) a site ledger."""
+def witness_path(path: Path | str) -> Path:
+    """Where the site keeps the last head it wrote (``<ledger>.head``)."""
+    p = Path(path)
+    return p.with_name(p.name + ".head")
 
-    def __init__(self, path: Path | str, *, create: bool = True) -> None:
+
+def read_witness(path: Path | str) -> Head | None:
+    """The witnessed head of the ledger at ``path``; None if there is no witness file."""
+    file = witness_path(path)
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+        head = Head(str(raw["ledger_id"]), int(raw["seq"]), str(raw["hash"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LedgerError(
+            f"the ledger's head witness {file} is unreadable ({err}); it is never rewritten "
+            "automatically: restore it, or delete it only if the ledger file is certainly the newest copy"
+        ) from None
+    if head.seq < 0 or len(head.entry_hash) != 64:
+        raise LedgerError(f"the ledger's head witness {file} holds an impossible head; restore it")
+    return head
+
+
+def _write_witness(path: Path, head: Head, site_id: str | None) -> None:
+    from veil.files import atomic_write
+
+    body = {"ledger_id": head.ledger_id, "site_id": site_id, "seq": head.seq, "hash": head.entry_hash,
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    atomic_write(witness_path(path), (json.dumps(body, indent=1) + "\n").encode(), mode=0o600)
+
+
+class SiteLedger:
+    """Open (or, when ``create`` and nothing says a ledger existed, create) a site ledger.
+
+    ``site_id`` binds the ledger to its site: a ledger that names another site is refused (a
+    schema-1 ledger without a name is bound on first open). ``ledger_id`` is the id the site's
+    configuration pins: then the file must exist and carry exactly that id. ``readonly``
+    opens without migrating, binding or writing the witness (for reports).
+    """
+
+    def __init__(self, path: Path | str, *, site_id: str | None = None, ledger_id: str | None = None,
+                 create: bool = True, readonly: bool = False) -> None:
         self.path = Path(path).expanduser().resolve()
+        self.site_id = site_id
+        witness = read_witness(self.path)
         if not self.path.exists():
-            if not create:
-                raise LedgerError(f"ledger {self.path} does not exist")
-            if Path(f"{self.path}-wal").exists():
-                raise LedgerError(
-                    f"ledger {self.path} is missing but its write-ahead log {self.path}-wal is "
-                    "present: the ledger file was deleted or moved; restore it before training"
-                )
-            _create(self.path)
+            self._missing(witness, ledger_id, create and not readonly, site_id)
         elif self.path.stat().st_size == 0:
             raise LedgerError(
                 f"ledger {self.path} is empty (truncated?); it is never reset automatically: "
@@ -217,11 +293,44 @@ class SiteLedger:
         self.engine = _engine(self.path)
         try:
             with self._tx() as conn:
-                self._verify(conn)
-                self.ledger_id = str(self._meta(conn)["ledger_id"])
+                meta, rows = self._verify(conn)
+                if not readonly:
+                    meta = self._upgrade_and_bind(conn, meta)
+            self.ledger_id = str(meta["ledger_id"])
+            self.meta = meta
+            self._check_identity(meta, ledger_id)
+            head = _head_of(self.ledger_id, rows, meta)
+            self._check_witness(witness, head)
         except LedgerError:
             self.engine.dispose()
             raise
+        if not readonly and (witness is None or witness.seq < head.seq):
+            _write_witness(self.path, head, self.site_id or meta.get("site_id"))
+
+    def _missing(self, witness: Head | None, ledger_id: str | None, create: bool, site_id: str | None) -> None:
+        """The file is not there: create it only when nothing says a ledger existed before."""
+        if ledger_id is not None:
+            raise LedgerError(
+                f"ledger {self.path} is missing, but this site's configuration pins ledger {ledger_id}: "
+                "restore it from a backup (a new ledger would forget every ε this site has spent); only if "
+                "it is truly lost, start a new one with `veil site init --config SITE.yaml --new-ledger "
+                "--reason '...'`, which the coordinator will see"
+            )
+        if witness is not None:
+            raise LedgerError(
+                f"ledger {self.path} is missing, but its head witness {witness_path(self.path)} says it "
+                f"held {witness.seq} entries (ledger {witness.ledger_id}): restore the ledger from a "
+                "backup; a new one would forget that spend"
+            )
+        left = [self.path.with_name(self.path.name + j) for j in _JOURNALS]
+        if any(p.exists() for p in left):
+            raise LedgerError(
+                f"ledger {self.path} is missing but its journal files are present: the ledger file was "
+                "deleted or moved; restore it before training"
+            )
+        if not create:
+            raise LedgerError(f"ledger {self.path} does not exist")
+        _create(self.path, site_id)  # if another process got there first, its ledger is used
 
     def close(self) -> None:
         self.engine.dispose()
@@ -250,8 +359,8 @@ class SiteLedger:
     def _meta(self, conn: Connection) -> dict[str, str]:
         return {k: v for k, v in conn.execute(select(meta_table.c.key, meta_table.c.value)).all()}
 
-    def _verify(self, conn: Connection) -> list[dict[str, Any]]:
-        """Check schema, version and the whole hash chain; return the rows in order."""
+    def _verify(self, conn: Connection) -> tuple[dict[str, str], list[dict[str, Any]]]:
+        """Check schema, version and the whole hash chain; return the meta and the rows in order."""
         check = conn.exec_driver_sql("PRAGMA quick_check").scalar()
         if check != "ok":
             raise LedgerError(f"ledger {self.path} failed SQLite's integrity check: {check}")
@@ -263,19 +372,21 @@ class SiteLedger:
             )
         meta = self._meta(conn)
         version = meta.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in ("1", SCHEMA_VERSION):
             raise LedgerError(
-                f"ledger {self.path} has schema version {version!r}; this Veil reads version "
-                f"{SCHEMA_VERSION!r}. Use the Veil release that wrote it (or a newer one)"
+                f"ledger {self.path} has schema version {version!r}; this Veil reads versions 1 and "
+                f"{SCHEMA_VERSION}. Use the Veil release that wrote it (or a newer one)"
             )
         cols = {c["name"] for c in insp.get_columns("ledger_entries")}
-        expected = {c.name for c in entries_table.columns}
+        expected = _V1_COLUMNS if version == "1" else {c.name for c in entries_table.columns}
         if cols != expected:
             raise LedgerError(
                 f"ledger {self.path} has unexpected columns (missing {sorted(expected - cols)}, "
                 f"extra {sorted(cols - expected)}): edited outside Veil"
             )
-        rows = [dict(r._mapping) for r in conn.execute(select(entries_table).order_by(entries_table.c.seq))]
+        table = entries_table if version != "1" else Table(
+            "ledger_entries", MetaData(), *(c.copy() for c in entries_table.columns if c.name in _V1_COLUMNS))
+        rows = [dict(r._mapping) for r in conn.execute(select(table).order_by(table.c.seq))]
         prev = _GENESIS
         for i, row in enumerate(rows, start=1):
             where = f"ledger {self.path}, entry {row['seq']}"
@@ -290,12 +401,82 @@ class SiteLedger:
                 f"ledger {self.path}: head says {head_seq} entries but {len(rows)} are present; "
                 "entries were removed or added outside Veil"
             )
-        return rows
+        if not meta.get("ledger_id"):
+            raise LedgerError(f"ledger {self.path} has no ledger id: edited outside Veil")
+        opened = getattr(self, "ledger_id", None)
+        if opened is not None and meta["ledger_id"] != opened:
+            raise LedgerError(
+                f"ledger {self.path} was replaced while in use (it was ledger {opened}, it is now "
+                f"{meta['ledger_id']}); nothing was charged: put ledger {opened} back"
+            )
+        return meta, rows
+
+    def _upgrade_and_bind(self, conn: Connection, meta: dict[str, str]) -> dict[str, str]:
+        """Schema 1 → 2 in place (one transaction), and bind an unbound ledger to this site."""
+        changes: dict[str, str] = {}
+        if meta.get("schema_version") == "1":
+            conn.exec_driver_sql("ALTER TABLE ledger_entries ADD COLUMN rng VARCHAR(16)")
+            changes["schema_version"] = SCHEMA_VERSION
+        if self.site_id is not None and not meta.get("site_id"):
+            changes["site_id"] = self.site_id
+            log.info("ledger %s is now bound to site %s", self.path, self.site_id)
+        if changes:
+            _set_meta(conn, **changes)
+        return {**meta, **changes}
+
+    def _check_identity(self, meta: dict[str, str], pinned: str | None) -> None:
+        owner = meta.get("site_id")
+        if self.site_id is not None and owner and owner != self.site_id:
+            raise LedgerError(
+                f"ledger {self.path} belongs to site {owner!r}, not {self.site_id!r}: it was copied or "
+                f"swapped from another site's ledger. Put {self.site_id!r}'s own ledger back; ledgers of "
+                "different sites are not interchangeable (nothing was charged)"
+            )
+        if pinned is not None and meta["ledger_id"] != pinned:
+            raise LedgerError(
+                f"ledger {self.path} is ledger {meta['ledger_id']}, but this site's configuration pins "
+                f"ledger {pinned}: the file was replaced or copied from elsewhere. Restore ledger "
+                f"{pinned} from a backup (nothing was charged)"
+            )
+
+    def _check_witness(self, witness: Head | None, head: Head, conn: Connection | None = None) -> None:
+        if witness is None:
+            return
+        file = witness_path(self.path)
+        if witness.ledger_id != head.ledger_id:
+            raise LedgerError(
+                f"ledger {self.path} is ledger {head.ledger_id}, but its head witness {file} was written "
+                f"by ledger {witness.ledger_id}: the ledger file was replaced. Restore the right ledger"
+            )
+        if witness.seq > head.seq:
+            raise LedgerError(
+                f"ledger {self.path} has gone backwards: it holds {head.seq} entries, but this site "
+                f"already wrote entry {witness.seq} (witness {file}). An older copy was restored over "
+                "the newest one; restore the newest copy (the spend since then would be forgotten)"
+            )
+        if witness.seq and self._hash_at(witness.seq, conn) != witness.entry_hash:
+            raise LedgerError(
+                f"ledger {self.path}: entry {witness.seq} is not the one this site wrote (witness "
+                f"{file}): the file was replaced by another history. Restore the newest copy"
+            )
+
+    def _hash_at(self, seq: int, conn: Connection | None = None) -> str | None:
+        query = select(entries_table.c.entry_hash).where(entries_table.c.seq == seq)
+        if conn is not None:
+            return conn.execute(query).scalar()
+        with self._tx() as own:
+            return own.execute(query).scalar()
 
     # -- reading -----------------------------------------------------------------------------
+    def head(self) -> Head:
+        """This ledger's id, entry count and chain head (verified)."""
+        with self._tx() as conn:
+            meta, rows = self._verify(conn)
+        return _head_of(str(meta["ledger_id"]), rows, meta)
+
     def entries(self, fingerprint: str | None = None) -> list[Entry]:
         with self._tx() as conn:
-            rows = self._verify(conn)
+            _, rows = self._verify(conn)
         return [_entry(r) for r in rows if fingerprint is None or r["fingerprint"] == fingerprint]
 
     def fingerprints(self) -> list[str]:
@@ -305,21 +486,21 @@ class SiteLedger:
         return list(seen)
 
     def spent(self, fingerprint: str, *, delta: float, accountant: AccountantName = "pld",
-              scope: str = "dataset") -> Spend:
-        """Lifetime ε of ``fingerprint`` (or of the whole ledger, ``scope="ledger"``) at δ."""
+              scope: str = "ledger") -> Spend:
+        """Lifetime ε of the whole ledger (``scope="ledger"``) or of ``fingerprint`` only, at δ."""
         events = [e.event for e in self.entries() if scope == "ledger" or e.fingerprint == fingerprint]
         return Spend(history_epsilon(group_events(events), delta, accountant), delta, accountant,
                      len(events), sum(e.steps for e in events))
 
     def project(self, fingerprint: str, planned: Sequence[DpSgdEvent], *, delta: float,
-                accountant: AccountantName = "pld", scope: str = "dataset") -> float:
+                accountant: AccountantName = "pld", scope: str = "ledger") -> float:
         """Lifetime ε if ``planned`` were charged after everything already in the ledger."""
         events = [e.event for e in self.entries() if scope == "ledger" or e.fingerprint == fingerprint]
         return history_epsilon(group_events([*events, *planned]), delta, accountant)
 
     def affordable_rounds(self, fingerprint: str, per_round: DpSgdEvent, max_rounds: int, *,
                           cap: float | None, delta: float, accountant: AccountantName = "pld",
-                          scope: str = "dataset") -> int:
+                          scope: str = "ledger") -> int:
         """The most rounds of ``per_round`` (≤ ``max_rounds``) that keep lifetime ε ≤ cap."""
         if cap is None:
             return max_rounds
@@ -341,15 +522,19 @@ class SiteLedger:
 
     # -- writing -----------------------------------------------------------------------------
     def charge(self, fingerprint: str, ev: DpSgdEvent, *, delta: float, cap: float | None,
-               accountant: AccountantName = "pld", scope: str = "dataset", run_ref: str = "",
-               round_number: int = 0) -> Charge | BudgetExceeded:
+               accountant: AccountantName = "pld", scope: str = "ledger", run_ref: str = "",
+               round_number: int = 0, rng: RngMode = "os-entropy") -> Charge | BudgetExceeded:
         """Commit ``ev`` durably, or refuse it (writing nothing) if it would pass ``cap``."""
         if len(fingerprint) != 64:
             raise ValueError(f"fingerprint must be a sha256 hex digest, got {fingerprint!r}")
         if not 0.0 < delta < 1.0:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         with self._tx() as conn:
-            rows = self._verify(conn)
+            meta, rows = self._verify(conn)
+            if meta.get("schema_version") != SCHEMA_VERSION:
+                raise LedgerError(f"ledger {self.path} was opened read-only; it cannot be charged")
+            # restored from an older copy since it was opened? the witness says how far it got
+            self._check_witness(read_witness(self.path), _head_of(self.ledger_id, rows, meta), conn)
             events = [_entry(r).event for r in rows if scope == "ledger" or r["fingerprint"] == fingerprint]
             before = history_epsilon(group_events(events), delta, accountant)
             after = history_epsilon(group_events([*events, ev]), delta, accountant)
@@ -367,13 +552,20 @@ class SiteLedger:
                 "accountant": accountant, "accountant_version": accountant_version(accountant),
                 "epsilon_after": float(after), "epsilon_cap": None if cap is None else float(cap),
                 "created_at": datetime.now(UTC).isoformat(),
-                "prev_hash": rows[-1]["entry_hash"] if rows else _GENESIS,
+                "prev_hash": rows[-1]["entry_hash"] if rows else _GENESIS, "rng": str(rng),
             }
             row["entry_hash"] = _hash_row(row)
             conn.execute(entries_table.insert().values(**row))
             _set_meta(conn, head_seq=str(seq), head_hash=row["entry_hash"])
+        # committed (fsynced into the main file); the witness follows, so it can lag, never lead
+        _write_witness(self.path, Head(self.ledger_id, seq, row["entry_hash"]), self.site_id)
         return Charge(row["entry_id"], seq, before, after, delta, accountant,
-                      row["accountant_version"], row["epsilon_cap"])
+                      row["accountant_version"], row["epsilon_cap"], row["entry_hash"], self.ledger_id)
+
+
+def _head_of(ledger_id: str, rows: list[dict[str, Any]], meta: dict[str, str]) -> Head:
+    return Head(ledger_id, len(rows), rows[-1]["entry_hash"] if rows else _GENESIS,
+                meta.get("predecessor") or None, meta.get("replaced_reason") or None)
 
 
 def _entry(r: dict[str, Any]) -> Entry:
@@ -383,6 +575,7 @@ def _entry(r: dict[str, Any]) -> Entry:
         event=DpSgdEvent(r["noise_multiplier"], r["sample_rate"], r["steps"], r["max_grad_norm"]),
         delta=r["delta"], accountant=r["accountant"], accountant_version=r["accountant_version"],
         epsilon_after=r["epsilon_after"], epsilon_cap=r["epsilon_cap"], created_at=r["created_at"],
+        rng=r.get("rng"),
     )
 
 
@@ -392,39 +585,80 @@ def _set_meta(conn: Connection, **values: str) -> None:
         conn.execute(meta_table.insert().values(key=key, value=value))
 
 
-def _create(path: Path) -> None:
-    """Build the ledger under a temporary name, fsync it, then rename it into place.
+def create_ledger(path: Path | str, site_id: str, *, predecessor: str | None = None,
+                  reason: str | None = None) -> str:
+    """Create a new, empty ledger for ``site_id`` at ``path`` and return its id.
 
-    A crash while creating leaves at most a stray temporary file, never a half-made ledger
-    that a later open would have to guess about.
+    Refuses if anything is at ``path``. ``predecessor``/``reason`` record that the site's
+    administrator explicitly replaced a lost ledger: the coordinator accepts the new ledger
+    from that site only because it names the ledger it replaces.
+    """
+    target = Path(path).expanduser().resolve()
+    if target.exists():
+        raise LedgerError(f"{target} already exists; a ledger is never overwritten")
+    ledger_id = _create(target, site_id, predecessor=predecessor, reason=reason)
+    if ledger_id is None:
+        raise LedgerError(f"{target} was created by another process at the same moment; use that one")
+    if witness_path(target).exists():  # the lost ledger's witness: the new ledger starts its own
+        witness_path(target).unlink()
+    _write_witness(target, Head(ledger_id, 0, _GENESIS), site_id)
+    return ledger_id
+
+
+def _create(path: Path, site_id: str | None, *, predecessor: str | None = None,
+            reason: str | None = None) -> str | None:
+    """Build the ledger under a temporary name, fsync it, then hard-link it into place.
+
+    ``os.link`` fails if the path exists, so a ledger is created at most once and never
+    replaced: a process that loses the race returns None and opens the winner's file. A crash
+    while creating leaves at most a stray temporary file, never a half-made ledger.
     """
     from veil import __version__
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
+    ledger_id = uuid.uuid4().hex
+    meta = {"schema_version": SCHEMA_VERSION, "ledger_id": ledger_id,
+            "created_at": datetime.now(UTC).isoformat(), "created_by": f"veil {__version__}",
+            "head_seq": "0", "head_hash": _GENESIS}
+    if site_id:
+        meta["site_id"] = site_id
+    if predecessor:
+        meta |= {"predecessor": predecessor, "replaced_reason": (reason or "")[:190],
+                 "replaced_at": datetime.now(UTC).isoformat(timespec="seconds")}
     engine = create_engine(f"sqlite:///{tmp}")
     try:
         _meta.create_all(engine)
         with engine.begin() as conn:
-            _set_meta(conn, schema_version=SCHEMA_VERSION, ledger_id=uuid.uuid4().hex,
-                      created_at=datetime.now(UTC).isoformat(), created_by=f"veil {__version__}",
-                      head_seq="0", head_hash=_GENESIS)
+            _set_meta(conn, **meta)
     finally:
         engine.dispose()
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    try:
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+        except OSError as err:
+            raise LedgerError(
+                f"cannot create ledger {path}: this filesystem does not support hard links ({err}); keep "
+                "ledgers on a local filesystem"
+            ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return ledger_id
 
 
 @dataclass(frozen=True)
 class DatasetSpend:
-    """One data set in a ledger: its lifetime spend at the latest entry's δ and accountant."""
+    """One data set in a ledger (or, ``dataset_id="all"``, the whole ledger composed)."""
 
     dataset_id: str
     entries: int
@@ -435,23 +669,45 @@ class DatasetSpend:
     accountant: str
     cap: float | None
     last_charge: str
+    seeded_entries: int = 0  # charges made with reproducible (seeded, not private) noise
 
     @property
     def remaining(self) -> float | None:
         return None if self.cap is None else max(0.0, self.cap - self.epsilon)
 
 
-def ledger_report(path: Path | str) -> list[DatasetSpend]:
-    """Every data set in a ledger file, recomputed from its entries (the file is verified)."""
-    with SiteLedger(path, create=False) as ledger:
+@dataclass(frozen=True)
+class LedgerReport:
+    """A ledger file, verified: whose it is, where it came from, and its spend."""
+
+    ledger_id: str
+    site_id: str | None
+    created_at: str | None
+    head: Head
+    replaced_at: str | None
+    datasets: list[DatasetSpend]
+    whole: DatasetSpend | None  # every entry composed: what ``cap_scope: ledger`` enforces
+
+    @property
+    def predecessor(self) -> str | None:
+        return self.head.predecessor
+
+
+def _spend(label: str, entries: list[Entry]) -> DatasetSpend:
+    last = entries[-1]
+    acc = last.accountant if last.accountant in ("pld", "rdp", "prv") else "pld"
+    eps = history_epsilon(group_events(e.event for e in entries), last.delta, acc)  # type: ignore[arg-type]
+    return DatasetSpend(label, len(entries), len({e.run_ref for e in entries}),
+                        sum(e.event.steps for e in entries), eps, last.delta, acc, last.epsilon_cap,
+                        last.created_at, sum(1 for e in entries if e.rng == "seeded"))
+
+
+def ledger_report(path: Path | str) -> LedgerReport:
+    """A ledger file read and verified without changing it, its spend recomputed from its entries."""
+    with SiteLedger(path, create=False, readonly=True) as ledger:
         entries = ledger.entries()
-    out = []
-    for fp in dict.fromkeys(e.fingerprint for e in entries):
-        mine = [e for e in entries if e.fingerprint == fp]
-        last = mine[-1]
-        acc = last.accountant if last.accountant in ("pld", "rdp", "prv") else "pld"
-        eps = history_epsilon(group_events(e.event for e in mine), last.delta, acc)  # type: ignore[arg-type]
-        out.append(DatasetSpend(dataset_id(fp), len(mine), len({e.run_ref for e in mine}),
-                                sum(e.event.steps for e in mine), eps, last.delta, acc,
-                                last.epsilon_cap, last.created_at))
-    return out
+        meta, head = ledger.meta, ledger.head()
+    datasets = [_spend(dataset_id(fp), [e for e in entries if e.fingerprint == fp])
+                for fp in dict.fromkeys(e.fingerprint for e in entries)]
+    return LedgerReport(head.ledger_id, meta.get("site_id"), meta.get("created_at"), head,
+                        meta.get("replaced_at"), datasets, _spend("all", entries) if entries else None)

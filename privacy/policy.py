@@ -10,8 +10,10 @@ one: it only learns, from the site's answers, what the site will and will not do
     min_noise_multiplier: 0.5  # refuse DP-SGD with less noise than this
     max_sample_rate: 0.1       # refuse Poisson sampling rates above this
     require_encryption: false  # refuse any task whose update would leave in plaintext
-    cap_scope: dataset         # dataset: cap per data fingerprint; ledger: everything the
-                               # ledger holds, composed (for data sets that overlap)
+    cap_scope: ledger          # ledger (default): one lifetime budget over everything the
+                               # site's ledger ever charged, whatever data set; dataset: one
+                               # per exact data fingerprint (only for truly disjoint data: the
+                               # same records re-saved would get a fresh budget)
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class SitePolicy(BaseModel):
     min_noise_multiplier: float = Field(0.0, ge=0.0, le=1e4)
     max_sample_rate: float = Field(1.0, gt=0.0, le=1.0)
     require_encryption: bool = False
-    cap_scope: Literal["dataset", "ledger"] = "dataset"
+    cap_scope: Literal["dataset", "ledger"] = "ledger"
 
     def delta_for(self, num_records: int) -> float:
         """The δ this site measures its budget at, for a data set of ``num_records``."""

@@ -19,7 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from privacy.ckks import CoordinatorContext
-from server.budget import ParticipationPlan, ask_budgets, wait_for_nodes
+from privacy.randomness import describe
+from server.budget import ParticipationPlan, ask_budgets, check_ledgers, wait_for_nodes
 from server.recording import Model, RecordingStrategy, aggregate_train_metrics
 from server.store import RunStore
 from veil import protocol as P
@@ -94,12 +95,15 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
     p = scenario.privacy
     log.info(
         "run %d: %d sites x %d rounds (%d sampled per round), model %s (%d params), DP-SGD %s, "
-        "C=%g, accountant=%s, Poisson sampling; Opacus secure_mode off (simulation-grade RNG)",
+        "C=%g, accountant=%s, Poisson sampling; noise and sampling %s",
         run_id, fed.sites, fed.rounds, scenario.sites_per_round(), scenario.model.key,
         count_parameters(model),
         f"sigma={p.noise_multiplier}" if p.noise_multiplier else f"target eps={p.target_epsilon}",
-        p.max_grad_norm, p.accountant,
+        p.max_grad_norm, p.accountant, describe("seeded" if p.reproducible_noise else "os-entropy"),
     )
+    if p.reproducible_noise:
+        log.warning("run %d: privacy.reproducible_noise is on: every site's DP noise can be recomputed from "
+                    "seed %d, so this run is NOT private (simulation research only)", run_id, scenario.seed)
     min_sites = min(fed.min_sites, fed.sites)
     inner = FedAvg(
         fraction_train=1.0,  # who trains is the participation plan's decision, not FedAvg's
@@ -136,6 +140,7 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
 
     nodes = wait_for_nodes(grid, fed.sites, fed.round_timeout_s)
     standings = ask_budgets(grid, nodes, task_config(), fed.round_timeout_s)
+    check_ledgers(store, run_id, standings)
     plan = ParticipationPlan(standings, rounds=fed.rounds, per_round=scenario.sites_per_round(),
                              min_sites=min_sites, mode=fed.on_budget_exhausted, seed=scenario.seed)
     if cipher is not None:  # sites weight by n / norm: every weighted sum stays within max |value|
@@ -146,7 +151,7 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         inner, store, run_id, num_rounds=fed.rounds, min_sites=min_sites, on_round=on_round, plan=plan,
         cipher=cipher, stream_values=count_parameters(model) + 1,
         encrypted_train=enc.aggregation == "ckks", encrypted_eval=enc.evaluation == "ckks",
-        weight_norm=float(public.get(P.ENC_WEIGHT_NORM, 0.0)),
+        weight_norm=float(public.get(P.ENC_WEIGHT_NORM, 0.0)), rng=task.rng,
     )
     strategy.record_preflight(standings)
     answered = sum(1 for st in standings.values() if st.status is not None)
@@ -231,12 +236,15 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
 
     from simulations.simulate import record_run
     from veil import logs
-    from veil.spec import load_scenario, parse_scenario
+    from veil.errors import ScenarioError
+    from veil.spec import REPRODUCIBLE_REFUSED, load_scenario, parse_scenario
 
     logs.configure()  # the ServerApp's own process: its log is what `veil run` streams
     deployed = bool(context.run_config.get("scenario-json"))
     scenario = (parse_scenario(json.loads(str(context.run_config["scenario-json"])), "veil run")
                 if deployed else load_scenario(str(context.run_config["scenario"])))
+    if scenario.privacy.reproducible_noise:  # refused before anything is recorded, asked or trained
+        raise ScenarioError(REPRODUCIBLE_REFUSED)
     store = RunStore(os.environ.get("VEIL_STORE") or str(context.run_config.get("store", "sqlite:///veil.db")))
     key = os.environ.get("VEIL_COORDINATOR_KEY") or context.run_config.get("coordinator-key")
     artifacts = Path(os.environ.get("VEIL_ARTIFACTS", "veil-artifacts"))

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from server.store import RunStore
 from veil import protocol as P
 from veil.logs import get_logger
 
@@ -44,6 +45,7 @@ class SiteStanding:
     failure: str | None = None  # the pre-flight got no usable answer
     remaining: int = 0  # rounds it may still be sampled for
     excluded: str | None = None  # why it is no longer sampled ("code: detail")
+    rejection: P.Refusal | None = None  # the coordinator's own "no" (e.g. a ledger that went backwards)
 
     @property
     def site_id(self) -> str:
@@ -57,6 +59,27 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         log.info("waiting for sites: %d of %d connected", len(nodes), count)
         time.sleep(1.0)
     return nodes
+
+
+def check_ledgers(store: RunStore, run_id: int, standings: dict[int, SiteStanding]) -> None:
+    """Hold every answer's ledger head against what the coordinator witnessed before
+    (``server.ledger_heads``); a site whose ledger went backwards or was swapped is rejected."""
+    from server.ledger_heads import LedgerWitness
+
+    with store.session() as s:
+        witness = LedgerWitness(s, run_id)
+        for st in standings.values():
+            if st.status is None or st.status.ledger is None:
+                continue
+            verdict = witness.check(st.status.site_id, st.status.ledger)
+            if verdict.refusal is not None:
+                st.rejection = verdict.refusal
+                log.error("pre-flight: %s", verdict.refusal)
+            elif verdict.replaced:
+                head = st.status.ledger
+                log.warning("pre-flight: %s answers from a new ledger %s that explicitly replaces ledger %s "
+                            "(reason given: %s); recorded", st.status.site_id, head.ledger_id,
+                            head.predecessor, head.replaced_reason or "none")
 
 
 def ask_budgets(grid: Grid, nodes: Iterable[int], task: ConfigRecord, timeout: float
@@ -103,6 +126,8 @@ class ParticipationPlan:
         for st in self.standings.values():
             if st.status is None:
                 st.excluded = st.failure or "no budget answer"
+            elif st.rejection is not None:
+                st.excluded = str(st.rejection)
             elif st.status.refusal is not None:
                 st.excluded = str(st.status.refusal)
             else:
@@ -125,7 +150,9 @@ class ParticipationPlan:
             return []
         reasons = []
         for n, st in sorted(self.standings.items(), key=lambda kv: kv[1].site_id):
-            if st.status is not None and st.status.refusal is not None:
+            if st.rejection is not None:
+                reasons.append(f"the coordinator refuses {st.site_id}: {st.rejection}")
+            elif st.status is not None and st.status.refusal is not None:
                 reasons.append(f"{st.site_id} refuses: {st.status.refusal}")
             elif st.status is not None and self.joins()[n] > st.remaining:
                 s = st.status

@@ -89,6 +89,7 @@ class RunListRow:
     max_epsilon: float | None  # largest run ε any site reported (its own accountant)
     wall_seconds: float | None
     bytes_moved: int
+    noise_seeded: bool = False  # some site's DP noise was reproducible from the seed: not private
 
 
 def parse_when(text: str, *, end: bool = False) -> datetime:
@@ -142,11 +143,13 @@ def list_runs(store: RunStore, *, status: str | None = None, name: str | None = 
             .where(*aggregate, S.Metric.name == P.EPSILON).group_by(S.Metric.run_id)).all())
         encrypted = set(s.scalars(select(S.EncryptedMetric.run_id).where(
             S.EncryptedMetric.run_id.in_(ids)).distinct()))
+        seeded = set(s.scalars(select(S.PrivacyEvent.run_id).where(
+            S.PrivacyEvent.run_id.in_(ids), S.PrivacyEvent.rng == "seeded").distinct()))
     return [
         RunListRow(r.id, r.name, r.status, r.mode, iso_utc(r.created_at), rounds.get(r.id, (0, 0))[0],
                    r.num_rounds, int(trained.get(r.id, 0)), r.num_sites, accuracy.get(r.id),
                    r.id in encrypted and r.id not in accuracy, max_eps.get(r.id), r.wall_seconds,
-                   int(rounds.get(r.id, (0, 0))[1]))
+                   int(rounds.get(r.id, (0, 0))[1]), r.id in seeded)
         for r in runs
     ]
 
@@ -262,7 +265,8 @@ def export_tables(store: RunStore, run_id: int, key: SecretKey | None = None) ->
              "steps": e.steps, "max_grad_norm": e.max_grad_norm, "delta": e.delta, "accountant": e.accountant,
              "accountant_version": e.accountant_version, "reported_epsilon": e.reported_epsilon,
              "dataset_id": e.dataset_id, "lifetime_epsilon": e.lifetime_epsilon,
-             "lifetime_delta": e.lifetime_delta, "epsilon_cap": e.epsilon_cap}
+             "lifetime_delta": e.lifetime_delta, "epsilon_cap": e.epsilon_cap, "rng": e.rng,
+             "ledger_id": e.ledger_id, "ledger_seq": e.ledger_seq}
             for e in s.scalars(select(S.PrivacyEvent).where(S.PrivacyEvent.run_id == run_id)
                                .order_by(S.PrivacyEvent.round_number, S.PrivacyEvent.id))]
         metrics = [
@@ -277,7 +281,8 @@ def export_tables(store: RunStore, run_id: int, key: SecretKey | None = None) ->
         "rounds_planned": summary.planned_rounds, "sites_planned": summary.planned_sites,
         "error": summary.error, "spec_json": json.dumps(summary.spec, sort_keys=True),
         "encryption_json": json.dumps(summary.encryption) if summary.encryption else None,
-        "decrypted_with": summary.decrypted_with,
+        "decrypted_with": summary.decrypted_with, "noise_rng": summary.noise_rng,
+        "privacy_note": summary.privacy_note,
     }
     return {
         "run": [run],

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from privacy.ckks import CoordinatorContext
 from server.budget import ParticipationPlan, SiteStanding
+from server.ledger_heads import LedgerWitness
 from server.store import RunStore
 from server.store import schema as S
 from veil import protocol as P
@@ -82,10 +83,12 @@ class RecordingStrategy(Strategy):
         encrypted_train: bool = False,
         encrypted_eval: bool = False,
         weight_norm: float = 0.0,
+        rng: str = "os-entropy",
     ) -> None:
         """``encrypted_train``: replies carry encrypted updates of ``stream_values`` values,
         which are checked and added with ``cipher``, never decrypted; ``encrypted_eval``:
-        evaluation replies carry encrypted sums, stored as one ciphertext per round."""
+        evaluation replies carry encrypted sums, stored as one ciphertext per round; ``rng``:
+        the noise source the task asked for (a seeded reply to a private task is rejected)."""
         if cipher is None and (encrypted_train or encrypted_eval):
             raise ValueError("encrypted aggregation or evaluation needs the coordinator's CKKS context")
         self.cipher = cipher
@@ -93,6 +96,7 @@ class RecordingStrategy(Strategy):
         self.stream_values = stream_values
         self.encrypted_eval = encrypted_eval
         self.weight_norm = weight_norm
+        self.rng = rng
         self.inner = inner
         self.plan = plan
         self.store = store
@@ -169,8 +173,9 @@ class RecordingStrategy(Strategy):
                     bytes_down=per_site_bytes, bytes_up=up,
                 ))
                 ev, life = report.event, report.lifetime
-                assert life is not None  # checked in _check_train_reply
+                assert life is not None and life.head is not None  # checked in _check_train_reply
                 site.dataset_id = life.dataset_id
+                LedgerWitness(s, self.run_id).advance(info.site_id, life.head)
                 s.add(S.PrivacyEvent(
                     run_id=self.run_id, round_number=server_round, site_id=site.id,
                     noise_multiplier=ev.noise_multiplier, sample_rate=ev.sample_rate,
@@ -179,7 +184,8 @@ class RecordingStrategy(Strategy):
                     accountant_version=report.accountant_version, reported_epsilon=report.epsilon,
                     dataset_id=life.dataset_id, ledger_entry=life.entry_id,
                     lifetime_epsilon=life.epsilon, lifetime_delta=life.delta,
-                    ledger_accountant=life.accountant, epsilon_cap=life.cap,
+                    ledger_accountant=life.accountant, epsilon_cap=life.cap, rng=report.rng,
+                    ledger_id=life.head.ledger_id, ledger_seq=life.head.seq,
                 ))
                 if self.plan:
                     self.plan.trained(node)
@@ -239,6 +245,9 @@ class RecordingStrategy(Strategy):
         report = P.PrivacyReport.from_config(privacy)
         if report.lifetime is None:
             raise ValueError("privacy record has no lifetime spend: the site must keep a privacy ledger")
+        if report.rng != self.rng and report.rng == "seeded":
+            raise ValueError("the site drew its DP noise from the seed (reproducible, not private), but this "
+                             "run asked for noise from each site's own entropy: not aggregated")
         return info, report, int(n)
 
     def _refusal(self, s: Session, server_round: int, node: int, content: RecordDict,
@@ -276,7 +285,12 @@ class RecordingStrategy(Strategy):
                 site.budget_delta, site.budget_accountant = b.delta, b.accountant
                 site.spent_before, site.projected_epsilon = b.spent, b.projected
                 site.affordable_rounds, site.num_train = b.affordable_rounds, b.num_examples
-                if b.refusal is not None:
+                if b.ledger is not None:
+                    site.ledger_id, site.ledger_seq = b.ledger.ledger_id, b.ledger.seq
+                if st.rejection is not None:
+                    self._participation(s, 0, node, "preflight", "rejected", reason=str(st.rejection),
+                                        bytes_down=0, code=st.rejection.code)
+                elif b.refusal is not None:
                     self._participation(s, 0, node, "preflight", "refused", reason=str(b.refusal),
                                         bytes_down=0, code=b.refusal.code)
                 else:

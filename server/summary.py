@@ -92,6 +92,21 @@ class RunSummary:
     seed: int | None = None
     spec_hash: str = ""
     code_version: str = ""
+    # where the sites' DP noise came from: "os-entropy", "seeded" (any site), or None (no events)
+    noise_rng: str | None = None
+
+    @property
+    def not_private(self) -> bool:
+        """Some site's noise was reproducible from the seed: no ε of this run protects anyone."""
+        return self.noise_rng == "seeded" or bool(self.spec.get("privacy", {}).get("reproducible_noise"))
+
+    @property
+    def privacy_note(self) -> str:
+        from privacy.randomness import NOT_PRIVATE, describe
+
+        if self.not_private:
+            return NOT_PRIVATE
+        return f"DP noise and Poisson sampling {describe('os-entropy')}" if self.noise_rng else ""
 
     @property
     def refusals(self) -> list[RefusalRow]:
@@ -187,6 +202,8 @@ def load_summary(store: RunStore, run_id: int, key: SecretKey | None = None) -> 
                 ledger_accountant=ev.ledger_accountant if ev else site.budget_accountant,
             ))
         sites.sort(key=lambda r: natural_key(r.site))
+        modes = set(s.scalars(select(S.PrivacyEvent.rng).where(S.PrivacyEvent.run_id == run_id).distinct()))
+        noise_rng = "seeded" if "seeded" in modes else "os-entropy" if "os-entropy" in modes else None
         artifacts = [(a.uri, a.sha256, a.size_bytes) for a in
                      s.scalars(select(S.Artifact).where(S.Artifact.run_id == run_id))]
         missed = [
@@ -202,7 +219,7 @@ def load_summary(store: RunStore, run_id: int, key: SecretKey | None = None) -> 
                       key.key_id if key is not None and encrypted else None,
                       spec=json.loads(run.spec_json), created_at=iso_utc(run.created_at), mode=run.mode,
                       planned_rounds=run.num_rounds, planned_sites=run.num_sites, seed=run.seed,
-                      spec_hash=run.spec_hash, code_version=run.code_version)
+                      spec_hash=run.spec_hash, code_version=run.code_version, noise_rng=noise_rng)
 
 
 def iso_utc(when: datetime | None) -> str | None:
@@ -228,10 +245,23 @@ class BudgetRow:
     cap: float | None
     delta: float | None
     accountant: str | None
+    # the site's administrator replaced a lost ledger (explicitly): what, when and why
+    ledger_note: str | None = None
 
     @property
     def remaining(self) -> float | None:
         return None if self.cap is None or self.spent is None else max(0.0, self.cap - self.spent)
+
+
+def ledger_notes(store: RunStore) -> dict[str, str]:
+    """{site: what the coordinator recorded when the site's administrator replaced its ledger}."""
+    with store.session() as s:
+        rows = s.scalars(select(S.LedgerHead).where(S.LedgerHead.replaced_ledger.is_not(None))).all()
+    return {r.site_key: (f"new ledger {r.ledger_id} since {iso_utc(r.replaced_at)}, replacing lost ledger "
+                         f"{r.replaced_ledger} ({r.replaced_seq} entries): "
+                         f"{r.replaced_reason or 'no reason given'}; the lost ledger's spend is not in the "
+                         "lifetime ε the site reports")
+            for r in rows}
 
 
 def budget_rows(store: RunStore, run_id: int | None = None, site: str | None = None) -> list[BudgetRow]:
@@ -254,11 +284,13 @@ def budget_rows(store: RunStore, run_id: int | None = None, site: str | None = N
                  .where(S.PrivacyEvent.id.in_(latest)))
         if site is not None:
             query = query.where((S.Site.site_key == site) | (S.PrivacyEvent.dataset_id == site))
-        rows = [
-            BudgetRow(key, ev.dataset_id, ev.run_id, ev.reported_epsilon, ev.lifetime_epsilon,
-                      ev.epsilon_cap, ev.lifetime_delta, ev.ledger_accountant)
-            for ev, key in s.execute(query).all()
-        ]
+        found = s.execute(query).all()
+    notes = ledger_notes(store)
+    rows = [
+        BudgetRow(key, ev.dataset_id, ev.run_id, ev.reported_epsilon, ev.lifetime_epsilon,
+                  ev.epsilon_cap, ev.lifetime_delta, ev.ledger_accountant, notes.get(key))
+        for ev, key in found
+    ]
     rows.sort(key=lambda r: (natural_key(r.site), r.dataset_id or ""))
     return rows
 

@@ -38,6 +38,8 @@ class SimulatedSites:
     scenario: Scenario
     ledger_dir: str = "veil-ledgers"
     keys: str | None = None  # the run's CKKS secret key file, when encryption is on
+    # only `veil simulate` sets this: its sites accept a (labelled, non-private) seeded-noise task
+    allow_seeded_noise: bool = False
 
     def partitions(self) -> tuple[SitePartition, ...]:
         s = self.scenario
@@ -54,15 +56,16 @@ class SimulatedSites:
             ledger=Path(self.ledger_dir).expanduser().resolve() / f"{site_id(index)}.ledger",
             policy=self.scenario.policy_for(site_id(index)),
             keys=Path(self.keys) if self.keys else None,
+            allow_seeded_noise=self.allow_seeded_noise,
         )
 
     def __call__(self, context: Context) -> Site:
         torch.set_num_threads(1)  # one thread per simulated site; Ray runs sites side by side
         index = int(context.node_config["partition-id"])
-        key = (self.scenario.spec_hash(), self.ledger_dir, self.keys or "", index)
+        key = (self.scenario.spec_hash(), self.ledger_dir, self.keys or "", self.allow_seeded_noise, index)
         if key not in _SITES:  # one Site (data, fingerprint) per worker process
             _SITES[key] = self.site(index)
         return _SITES[key]
 
 
-_SITES: dict[tuple[str, str, str, int], Site] = {}
+_SITES: dict[tuple[str, str, str, bool, int], Site] = {}

@@ -133,7 +133,7 @@ def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
     from server.app import build_server_app
     from simulations.federation import SimulatedSites
 
-    sites = SimulatedSites(scenario, str(Path(ledger_dir).expanduser().resolve()))
+    sites = SimulatedSites(scenario, str(Path(ledger_dir).expanduser().resolve()), allow_seeded_noise=True)
     parts = sites.partitions()  # fails here, before any record, if the data cannot be split
     log.info("partitioned %s into %d sites (%s): train sizes %s", scenario.data.source,
              len(parts), scenario.data.partitioner, [len(p.train) for p in parts])

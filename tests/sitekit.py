@@ -16,12 +16,13 @@ from veil import protocol as P
 from veil.models import build_model
 
 
-def make_site(ledger: Path, policy: SitePolicy | None = None, n: int = 120, seed: int = 0) -> Site:
+def make_site(ledger: Path, policy: SitePolicy | None = None, n: int = 120, seed: int = 0,
+              site_id: str = "site-t", **extra: object) -> Site:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand((n, 1, 28, 28), generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    return Site("site-t", TensorDataset(x, y), TensorDataset(x[:20], y[:20]), torch.device("cpu"),
-                ledger, policy or SitePolicy())
+    return Site(site_id, TensorDataset(x, y), TensorDataset(x[:20], y[:20]), torch.device("cpu"),
+                ledger, policy or SitePolicy(), **extra)  # type: ignore[arg-type]
 
 
 def task(**kw: object) -> P.TrainTask:

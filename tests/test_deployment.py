@@ -116,6 +116,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         sel = order[i * 250:(i + 1) * 250]
         np.savez(base / f"site-{i}.npz", x=digits.features[sel], y=digits.labels[sel])
         _site_yaml(base, f"site-{i}", port, f"site-{i}.npz")
+        run("site", "init", "--config", f"site-{i}.yaml")  # the ledger, its id pinned in the yaml
     _site_yaml(base, "broken", port, "missing.npz")
 
     with pg_database() as url:

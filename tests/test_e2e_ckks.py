@@ -1,6 +1,10 @@
 """CKKS end to end through Flower's simulation engine: the same run, plaintext and encrypted,
 with the same seed. The encrypted run reaches the same accuracy, its final model decrypts to
-the plaintext one, and the store holds ciphertexts and the public key-set description only."""
+the plaintext one, and the store holds ciphertexts and the public key-set description only.
+
+Comparing the two runs value for value needs the same DP noise in both, so these runs use
+``reproducible_noise`` (seeded, recorded as not private): with each site's own entropy, as
+by default, no two runs share their noise."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ SPEC = {
     "federation": {"sites": 3, "rounds": 2, "min_sites": 1},
     "data": {"partitioner": "iid"}, "model": {"arch": "mlp"},
     "training": {"batch_size": 64, "learning_rate": 0.5},
-    "privacy": {"noise_multiplier": 1.0},
+    "privacy": {"noise_multiplier": 1.0, "reproducible_noise": True},
 }
 
 
@@ -33,9 +37,9 @@ SPEC = {
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunStore, int, int, Path]:
     base = tmp_path_factory.mktemp("ckks")
     store = RunStore(f"sqlite:///{base / 'veil.db'}")
-    plain = simulate(parse_scenario(SPEC), store, base / "art", progress=False, ledger_dir=base / "l1")
+    plain = simulate(parse_scenario(SPEC), store, base / "art", progress=False, ledger_dir=base / "l")
     spec = {**SPEC, "encryption": {"aggregation": "ckks", "evaluation": "ckks"}}
-    enc = simulate(parse_scenario(spec), store, base / "art", progress=False, ledger_dir=base / "l2")
+    enc = simulate(parse_scenario(spec), store, base / "art", progress=False, ledger_dir=base / "l")
     return store, plain.run_id, enc.run_id, base
 
 

@@ -27,19 +27,21 @@ def test_lifetime_composes_across_runs_and_keeps_data_sets_apart(tmp_path: Path)
     with SiteLedger(tmp_path / "l") as ledger:
         for run in ("run-1", "run-2"):
             for rnd in (1, 2):
-                assert isinstance(_charge(ledger, run_ref=run, round_number=rnd), Charge)
-        last = _charge(ledger, FP_B, run_ref="run-3")
-        assert isinstance(last, Charge) and last.epsilon_before == 0.0  # another data set
-        spent = ledger.spent(FP_A, delta=1e-5)
+                assert isinstance(_charge(ledger, run_ref=run, round_number=rnd, scope="dataset"), Charge)
+        last = _charge(ledger, FP_B, run_ref="run-3", scope="dataset")
+        assert isinstance(last, Charge) and last.epsilon_before == 0.0  # another data set (opt-in scope)
+        spent = ledger.spent(FP_A, delta=1e-5, scope="dataset")
         assert spent.entries == 4 and spent.epsilon == pytest.approx(epsilon([EV] * 4, 1e-5), rel=1e-12)
-        whole = ledger.spent(FP_A, delta=1e-5, scope="ledger")  # overlapping data sets: compose all
+        whole = ledger.spent(FP_A, delta=1e-5)  # the default scope composes every data set
         assert whole.epsilon == pytest.approx(epsilon([EV] * 5, 1e-5), rel=1e-12)
         after = [e.epsilon_after for e in ledger.entries(FP_A)]
         assert after == sorted(after)
     # reopened (another process would do the same): same numbers, chain verified
-    (a, b) = sorted(ledger_report(tmp_path / "l"), key=lambda d: -d.entries)
+    report = ledger_report(tmp_path / "l")
+    (a, b) = sorted(report.datasets, key=lambda d: -d.entries)
     assert (a.entries, a.runs, a.steps) == (4, 2, 160) and a.epsilon == pytest.approx(spent.epsilon)
     assert b.entries == 1
+    assert report.whole is not None and report.whole.epsilon == pytest.approx(whole.epsilon)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -114,7 +116,6 @@ def test_tampered_ledger_stops_with_a_clear_error(tmp_path: Path, statements: li
 
 def test_truncated_and_foreign_files_are_refused_not_reset(tmp_path: Path) -> None:
     path = _filled(tmp_path)
-    _sql(path, "PRAGMA wal_checkpoint(TRUNCATE)")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(LedgerError, match=r"damaged|integrity|not a Veil ledger"):
@@ -128,10 +129,11 @@ def test_truncated_and_foreign_files_are_refused_not_reset(tmp_path: Path) -> No
     assert path.read_bytes() == b"not a database at all" * 100
 
 
-def test_a_deleted_ledger_with_its_log_left_behind_is_not_recreated(tmp_path: Path) -> None:
+@pytest.mark.parametrize("journal", ["-wal", "-journal"])
+def test_a_deleted_ledger_with_its_log_left_behind_is_not_recreated(tmp_path: Path, journal: str) -> None:
     path = tmp_path / "l"
-    (tmp_path / "l-wal").write_bytes(b"x")
-    with pytest.raises(LedgerError, match="write-ahead log"):
+    (tmp_path / f"l{journal}").write_bytes(b"x")
+    with pytest.raises(LedgerError, match="journal files are present"):
         SiteLedger(path)
     assert not path.exists()
     with pytest.raises(LedgerError, match="does not exist"):

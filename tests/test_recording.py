@@ -14,7 +14,7 @@ from server.store import schema as S
 from veil import protocol as P
 
 GLOBAL = {"w": torch.zeros((2, 3), dtype=torch.float32)}
-LIFE = P.LifetimeSpend("d" * 16, "e" * 32, 1.5, 1e-5, "pld", 4.0)
+LIFE = P.LifetimeSpend("d" * 16, "e" * 32, 1.5, 1e-5, "pld", 4.0, P.LedgerHead("f" * 32, 7, "a" * 64))
 
 
 def _reply(**overrides: object) -> RecordDict:
@@ -62,6 +62,10 @@ def test_good_reply_passes(strategy: RecordingStrategy) -> None:
                                      sampling="shuffle", lifetime=LIFE).to_config()}, "must be 'poisson'"),
         ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0).to_config()},
          "must keep a privacy ledger"),
+        ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0, lifetime=LIFE,
+                                     rng="seeded").to_config()}, "from the seed .* not aggregated"),
+        ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0, lifetime=LIFE,
+                                     rng="time").to_config()}, "rng must be one of"),
     ],
 )
 def test_malformed_replies_are_rejected(strategy: RecordingStrategy, overrides: dict, message: str) -> None:
@@ -122,6 +126,10 @@ def test_site_refusal_is_recorded_with_its_code_and_the_site_is_dropped(strategy
         ev = s.scalars(select(S.PrivacyEvent)).one()
     assert row.reason_code == "budget-exhausted" and "4.2 > 4" in (row.reason or "")
     assert (ev.lifetime_epsilon, ev.epsilon_cap, ev.dataset_id) == (1.5, 4.0, "d" * 16)
+    assert (ev.rng, ev.ledger_id, ev.ledger_seq) == ("os-entropy", "f" * 32, 7)
+    with strategy.store.session() as s:  # the coordinator now witnesses site-0's ledger at entry 7
+        head = s.scalars(select(S.LedgerHead)).one()
+    assert (head.site_key, head.ledger_id, head.seq, head.entry_hash) == ("site-0", "f" * 32, 7, "a" * 64)
     # the refusing site is never sampled again; the other is charged one round
     assert plan.choose(2) == [1] and plan.standings[1].remaining == 2
 

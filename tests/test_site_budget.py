@@ -75,11 +75,18 @@ def test_lifetime_spend_composes_across_runs_on_the_same_data(tmp_path: Path) ->
     both = epsilon([first.event, second.event], second.lifetime.delta)
     assert second.lifetime.epsilon == pytest.approx(both, rel=1e-12)  # ...the data's does not
     assert second.lifetime.epsilon > first.lifetime.epsilon
-    # different data at the same site: a separate budget (cap_scope: dataset)
+    # other data at the same site (the same patients exported again, say): by default
+    # (cap_scope: ledger) one lifetime budget over both data sets
     other = SiteDriver(make_site(tmp_path / "l", seed=1))
     third = _report(other.train(task(run_ref="run-3")))
     assert third.lifetime is not None and third.lifetime.dataset_id != first.lifetime.dataset_id
-    assert third.lifetime.epsilon == pytest.approx(first.lifetime.epsilon, rel=1e-12)
+    all_three = epsilon([first.event, second.event, third.event], third.lifetime.delta)
+    assert third.lifetime.epsilon == pytest.approx(all_three, rel=1e-12)
+    # cap_scope: dataset is an explicit opt-in (truly disjoint data): a separate budget
+    disjoint = SiteDriver(make_site(tmp_path / "l", SitePolicy(cap_scope="dataset"), seed=2))
+    fourth = _report(disjoint.train(task(run_ref="run-4")))
+    assert fourth.lifetime is not None
+    assert fourth.lifetime.epsilon == pytest.approx(first.lifetime.epsilon, rel=1e-12)
 
 
 def test_encrypted_site_decrypts_before_charging_and_sends_only_ciphertext(tmp_path: Path) -> None:

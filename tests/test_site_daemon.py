@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from client.daemon import load_site_config, preflight, site_from_config, supernode_command
+from client.daemon import init_ledger, load_site_config, preflight, site_from_config, supernode_command
 from veil.certs import CertError, create_certs, create_node_key
 from veil.errors import ScenarioError
 
@@ -36,9 +36,17 @@ def test_config_paths_are_relative_to_the_file_and_preflight_passes(tmp_path: Pa
     cfg = load_site_config(_site(tmp_path))
     assert cfg.data.path == tmp_path / "data.csv" and cfg.ledger == tmp_path / "clinic.ledger"
     checks = {c.name: c for c in preflight(cfg)}
-    assert all(c.ok for c in checks.values()), checks
+    assert not checks["ledger"].ok and "veil site init" in checks["ledger"].detail  # no ledger pinned yet
+    assert "created ledger" in init_ledger(tmp_path / "site.yaml")
+    text = (tmp_path / "site.yaml").read_text()
+    cfg = load_site_config(tmp_path / "site.yaml")
+    assert cfg.ledger_id is not None and f"ledger_id: {cfg.ledger_id}" in text and "site_id: clinic-a" in text
+    checks = {c.name: c for c in preflight(cfg)}
+    assert all(c.ok and not c.warning for c in checks.values()), checks
     assert "90 records" in checks["data"].detail and "3 classes" in checks["data"].detail
-    assert "new ledger" in checks["ledger"].detail and "mode 600" in checks["node key"].detail
+    assert f"ledger {cfg.ledger_id} of site clinic-a, intact, 0 entries" in checks["ledger"].detail
+    assert "mode 600" in checks["node key"].detail and "cap_scope ledger" in checks["budget scope"].detail
+    assert "nothing to do" in init_ledger(tmp_path / "site.yaml")  # idempotent: never a second ledger
     cmd = supernode_command(cfg, tmp_path / "site.yaml")
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "node")
     assert cmd[cmd.index("--root-certificates") + 1] == str(tmp_path / "certs" / "ca.crt")
@@ -59,8 +67,12 @@ def test_bad_configs_and_failed_checks_say_what_to_fix(tmp_path: Path) -> None:
 
     assert checks["device"].ok == torch.cuda.is_available()
     (tmp_path / "clinic.ledger").write_bytes(b"")  # a truncated ledger is never silently reset
-    checks = {c.name: c for c in preflight(load_site_config(_site(tmp_path)))}
+    checks = {c.name: c for c in preflight(load_site_config(_site(tmp_path, ledger_id="a" * 32)))}
     assert not checks["ledger"].ok and "empty" in checks["ledger"].detail
+    # opting out of the one lifetime budget per site is allowed, with a warning
+    checks = {c.name: c for c in preflight(load_site_config(_site(tmp_path, policy={"cap_scope": "dataset"})))}
+    assert checks["budget scope"].ok and checks["budget scope"].warning
+    assert "same records saved again" in checks["budget scope"].detail
 
 
 def test_certificates_name_the_hosts_and_keep_keys_private(tmp_path: Path) -> None:
@@ -92,8 +104,10 @@ def test_a_csv_site_trains_a_model_shaped_for_it_and_refuses_one_that_is_not(tmp
     from veil import protocol as P
     from veil.spec import parse_scenario
 
-    site = site_from_config(_site(tmp_path))
+    init_ledger(_site(tmp_path))
+    site = site_from_config(tmp_path / "site.yaml")
     assert site.site_id == "clinic-a" and len(site.train) + len(site.test) == 90
+    assert site.ledger_id is not None and not site.allow_seeded_noise
     assert parse_scenario({"model": {"arch": "mlp", "in_features": 4, "num_classes": 3}}).model.key == "mlp-4x3"
     with pytest.raises(ScenarioError, match="cnn takes 1x28x28"):
         parse_scenario({"model": {"arch": "cnn", "in_features": 4}})

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from client.training import evaluate, poisson_plan, train_dp_sgd
+from privacy.randomness import RoundRandomness
 from veil.errors import ModelNotPrivatizableError
 from veil.models import build_model, ensure_privatizable
 
@@ -21,7 +22,7 @@ def _linear() -> nn.Module:
 
 def _train(model: nn.Module, data: TensorDataset, **kw: float) -> None:
     args = dict(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=len(data), local_epochs=1,
-                learning_rate=1.0, momentum=0.0, device=CPU, seed=1)
+                learning_rate=1.0, momentum=0.0, device=CPU, randomness=RoundRandomness.from_os())
     args.update(kw)
     train_dp_sgd(model, data, **args)  # type: ignore[arg-type]
 
@@ -66,7 +67,8 @@ def test_event_records_poisson_rate_and_steps() -> None:
     data = TensorDataset(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
     model = build_model("mlp", seed=0)
     out = train_dp_sgd(model, data, noise_multiplier=1.3, max_grad_norm=0.7, batch_size=batch,
-                       local_epochs=epochs, learning_rate=0.1, momentum=0.0, device=CPU, seed=3)
+                       local_epochs=epochs, learning_rate=0.1, momentum=0.0, device=CPU,
+                       randomness=RoundRandomness.from_os())
     q, steps = poisson_plan(n, batch, epochs)
     assert (out.event.sample_rate, out.event.steps) == (pytest.approx(q), steps) == (pytest.approx(1 / 7), 21)
     assert (out.event.noise_multiplier, out.event.max_grad_norm) == (1.3, 0.7)
@@ -74,17 +76,42 @@ def test_event_records_poisson_rate_and_steps() -> None:
     assert ev.num_examples == n and 0 <= ev.correct <= n and ev.loss > 0
 
 
-def test_training_is_reproducible_from_seed() -> None:
+def _run(data: TensorDataset, randomness: RoundRandomness) -> tuple[torch.Tensor, tuple[int, ...]]:
+    torch.manual_seed(0)  # a global seed anyone knows must not decide the noise or the batches
+    model = build_model("cnn", seed=0)
+    out = train_dp_sgd(model, data, noise_multiplier=1.0, max_grad_norm=1.0, batch_size=10,
+                       local_epochs=3, learning_rate=0.1, momentum=0.0, device=CPU, randomness=randomness)
+    assert out.rng == randomness.mode
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), out.batch_sizes
+
+
+def test_noise_and_batches_come_from_the_sites_entropy_unless_seeded_on_purpose() -> None:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.rand(50, 1, 28, 28, generator=g), torch.randint(0, 10, (50,), generator=g))
-    weights = []
-    for seed in (5, 5, 6):
-        model = build_model("cnn", seed=0)
-        train_dp_sgd(model, data, noise_multiplier=1.0, max_grad_norm=1.0, batch_size=10,
-                     local_epochs=1, learning_rate=0.1, momentum=0.0, device=CPU, seed=seed)
-        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.equal(weights[0], weights[1])
-    assert not torch.equal(weights[0], weights[2])
+    # default: fresh OS entropy every round, whatever the global torch seed
+    (w1, b1), (w2, b2) = _run(data, RoundRandomness.from_os()), _run(data, RoundRandomness.from_os())
+    assert not torch.equal(w1, w2)  # different noise
+    assert b1 != b2  # different Poisson masks (15 batches; equal sizes by chance ≈ 1e-10)
+    # seeded (reproducible, labelled not private): same task seed, site and round replay exactly
+    (s1, c1), (s2, c2) = (_run(data, RoundRandomness.from_seed(7, "site-0", 1)) for _ in range(2))
+    assert torch.equal(s1, s2) and c1 == c2
+    s3, _ = _run(data, RoundRandomness.from_seed(7, "site-0", 2))  # another round: other noise
+    assert not torch.equal(s1, s3)
+
+
+def test_an_unreadable_entropy_source_stops_before_anything_is_drawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from veil.errors import EntropyError
+
+    def broken(n: int) -> bytes:
+        raise OSError("no entropy")
+
+    monkeypatch.setattr(os, "urandom", broken)
+    with pytest.raises(EntropyError, match="entropy source"):
+        RoundRandomness.from_os()
+    seeded = RoundRandomness.from_seed(1, "s", 1)
+    assert str(seeded.noise_seed) not in repr(seeded) and str(seeded.sampling_seed) not in repr(seeded)
 
 
 def test_batchnorm_model_is_refused_with_the_fix() -> None:

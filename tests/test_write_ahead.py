@@ -1,5 +1,10 @@
 """Write-ahead: SIGKILL a training site at random moments, many times; the ledger must
-never show less than what the site released. (A crash may over-count, never under-count.)"""
+never show less than what the site released. (A crash may over-count, never under-count.)
+
+After every kill the ledger's journal files (``-journal``, and ``-wal``/``-shm`` should an
+older Veil have left any) are deleted, as a careless administrator or a backup of the
+``.ledger`` file alone would: a committed charge lives in the main file, so nothing released
+may go missing."""
 
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ def test_sigkill_never_loses_a_released_charge(tmp_path: Path) -> None:
             time.sleep(rng.uniform(0.0, 1.2))
             os.kill(pid, signal.SIGKILL)
             _wait_gone(pid)
+            for suffix in ("-journal", "-wal", "-shm"):
+                Path(f"{ledger_path}{suffix}").unlink(missing_ok=True)
 
             with SiteLedger(ledger_path, create=False) as ledger:  # re-verifies the whole chain
                 entries = {e.entry_id: e for e in ledger.entries()}

@@ -77,6 +77,9 @@ def simulate(
         "carry over between runs")] = Path("veil-ledgers"),
     output: Annotated[Literal["text", "json"], typer.Option("--format", help="summary format")] = "text",
     verbose: Annotated[bool, typer.Option(help="show Flower's own round log")] = False,
+    reproducible_noise: Annotated[bool, typer.Option(
+        "--reproducible-noise", help="research only: draw DP noise and sampling from the seed so the run "
+        "replays exactly; NOT private, and recorded as such")] = False,
 ) -> None:
     """Run a simulated private federation and record it in the run store."""
     from veil import logs
@@ -86,7 +89,8 @@ def simulate(
     _quiet_third_parties(verbose)
     try:
         spec = load_scenario(scenario).with_overrides(
-            **{"federation.sites": sites, "federation.rounds": rounds, "seed": seed, "device": device}
+            **{"federation.sites": sites, "federation.rounds": rounds, "seed": seed, "device": device,
+               "privacy.reproducible_noise": True if reproducible_noise else None}
         )
         if spec.federation.min_sites > spec.federation.sites:  # after --sites shrinks it
             spec = spec.with_overrides(**{"federation.min_sites": spec.federation.sites})
@@ -166,17 +170,29 @@ def budget(
 
             reports = {str(p): ledger_report(p) for p in ledger}
             if output == "json":
-                _echo_json({k: [asdict(d) | {"remaining": d.remaining} for d in v] for k, v in reports.items()})
+                _echo_json({k: asdict(v) | {"datasets": [asdict(d) | {"remaining": d.remaining}
+                                                         for d in v.datasets]} for k, v in reports.items()})
                 return
             con = console()
-            for path, datasets in reports.items():
-                con.print(f"ledger {path} (verified)", markup=False)
+            for path, rep in reports.items():
+                con.print(f"ledger {path} (verified): id {rep.ledger_id}, site {rep.site_id or 'unbound'}, "
+                          f"created {(rep.created_at or '-')[:19]}, {rep.head.seq} entries", markup=False)
+                if rep.predecessor:
+                    con.print(f"  started by its administrator on {(rep.replaced_at or '-')[:19]} to replace lost "
+                              f"ledger {rep.predecessor}: {rep.head.replaced_reason or 'no reason given'}; the "
+                              "spend recorded in that ledger is not included below", markup=False)
+                spends = [*rep.datasets, *([rep.whole] if rep.whole and len(rep.datasets) > 1 else [])]
                 con.print(table(
-                    ["data set", "entries", "runs", "steps", "lifetime ε", "cap", "remaining", "δ", "accountant"],
-                    ((d.dataset_id, d.entries, d.runs, d.steps, f"{d.epsilon:.3f}",
-                      f"{d.cap:g}" if d.cap is not None else "none",
-                      f"{d.remaining:.3f}" if d.remaining is not None else "-", f"{d.delta:.0e}", d.accountant)
-                     for d in datasets)) if datasets else "  (no charges yet)")
+                    ["data set", "entries", "runs", "steps", "lifetime ε", "cap", "remaining", "δ", "accountant",
+                     "seeded"],
+                    ((d.dataset_id if d.dataset_id != "all" else "all (cap_scope: ledger)", d.entries, d.runs,
+                      d.steps, f"{d.epsilon:.3f}", f"{d.cap:g}" if d.cap is not None else "none",
+                      f"{d.remaining:.3f}" if d.remaining is not None else "-", f"{d.delta:.0e}", d.accountant,
+                      d.seeded_entries)
+                     for d in spends)) if spends else "  (no charges yet)")
+                if any(d.seeded_entries for d in rep.datasets):
+                    con.print("  'seeded' counts charges whose noise was reproducible from a seed (simulation "
+                              "research; not private)", markup=False)
             return
         from server.dashboard import open_store, require_runs
         from server.summary import budget_rows
@@ -193,6 +209,54 @@ def budget(
         _echo_json([asdict(r) | {"remaining": r.remaining} for r in rows])
     else:
         draw_budget(console(), rows)
+
+
+@app.command()
+def audit(
+    epsilon: Annotated[float, typer.Option(
+        "--epsilon", help="the ε the training claims (σ is calibrated to it)")] = 2.0,
+    delta: Annotated[float, typer.Option(help="δ of the claim")] = 1e-5,
+    canaries: Annotated[int, typer.Option(help="canaries, each included by a secret fair coin")] = 2000,
+    epochs: Annotated[int, typer.Option(help="local epochs of the audited training")] = 20,
+    confidence: Annotated[float, typer.Option(help="confidence of the lower bound")] = 0.95,
+    disable_noise: Annotated[bool, typer.Option(
+        "--disable-noise", help="train with σ = 0 while claiming the calibrated ε: the broken run the audit "
+        "must flag (to check the alarm itself)")] = False,
+    output: FormatOpt = "text",
+) -> None:
+    """Empirical privacy audit of site training (one run, canaries): a lower bound on ε beside the claim."""
+    from simulations.audit import AuditSetup, run_audit
+
+    with _errors():
+        result = run_audit(AuditSetup(claimed_epsilon=epsilon, delta=delta, canaries=canaries, epochs=epochs,
+                                      confidence=confidence, disable_noise=disable_noise))
+    o = result.outcome
+    if output == "json":
+        _echo_json(asdict(o) | {"flagged": o.flagged, "noise_multiplier": result.noise_multiplier,
+                                "noise_disabled": disable_noise, "sample_rate": result.sample_rate,
+                                "steps": result.steps, "seconds": result.seconds})
+    else:
+        setup = result.setup
+        typer.echo("one-run privacy audit (Steinke, Nasr & Jagielski 2023) of Veil's site DP-SGD")
+        sigma = "1e-9 (NOISE DISABLED on purpose; the claim below assumes σ=" if disable_noise else ""
+        typer.echo(f"  training: mlp on {setup.records} real digits + {o.included} of {o.canaries} canaries "
+                   f"(each in by a secret coin), {setup.epochs} epochs, q={result.sample_rate:.4f}, "
+                   f"{result.steps} steps, C={setup.max_grad_norm:g}, σ={sigma}{result.noise_multiplier:.4f}"
+                   + (")" if disable_noise else " (noise from OS entropy)"))
+        typer.echo(f"  claimed:     ε = {o.claimed_epsilon:.3f} at δ = {o.delta:g} ({setup.accountant})")
+        typer.echo(f"  lower bound: ε ≥ {o.lower_bound:.3f} at {o.confidence:.0%} confidence ({o.correct} of "
+                   f"{o.guesses} guesses correct; best of k = {', '.join(map(str, o.tried))}, "
+                   "Bonferroni-corrected)")
+        typer.echo(f"  this design cannot show a bound above {o.ceiling:.2f}")
+        verdict = ("FLAGGED: the lower bound exceeds the claimed ε; this training leaks more than it claims"
+                   if o.flagged else "passed: no contradiction with the claim")
+        typer.echo(f"  verdict: {verdict}")
+        typer.echo("  an audit like this catches gross failures (noise off, broken sampling, ε off by a "
+                   "large factor), not small accounting errors; passing does not prove the claimed ε")
+    if o.flagged:
+        from veil.errors import AuditFlaggedError
+
+        raise typer.Exit(AuditFlaggedError.exit_code)
 
 
 @keys_app.command("create")
@@ -476,9 +540,24 @@ def site_check(
         _echo_json({"site": cfg.site_id, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]})
     else:
         for c in checks:
-            typer.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name:<15} {c.detail}")
+            typer.echo(f"{'FAIL' if not c.ok else 'warn' if c.warning else 'ok  '} {c.name:<15} {c.detail}")
     if not all(c.ok for c in checks):
         raise typer.Exit(3)
+
+
+@site_app.command("init")
+def site_init(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.yaml")],
+    new_ledger: Annotated[bool, typer.Option(
+        "--new-ledger", help="replace a pinned ledger that is lost (recorded and shown to the coordinator)",
+    )] = False,
+    reason: Annotated[str | None, typer.Option(help="why the ledger is replaced (with --new-ledger)")] = None,
+) -> None:
+    """Create this site's privacy ledger (or adopt the existing one) and pin its id in site.yaml."""
+    from client.daemon import init_ledger
+
+    with _errors():
+        typer.echo(init_ledger(config, new_ledger=new_ledger, reason=reason))
 
 
 @site_app.command("start")
@@ -563,6 +642,11 @@ def run_remote(
 
     with _errors():
         spec = load_scenario(scenario)
+        if spec.privacy.reproducible_noise:
+            from veil.errors import ScenarioError
+            from veil.spec import REPRODUCIBLE_REFUSED
+
+            raise ScenarioError(REPRODUCIBLE_REFUSED)
         if spec.encryption.keys is not None:
             raise VeilError("encryption.keys names a local key directory; in a deployment the coordinator "
                             "holds coordinator.ckks (veil coordinator start --coordinator-key) and each site "

@@ -58,6 +58,18 @@ class BudgetRefusedError(VeilError):
         self.run_id = run_id
 
 
+class EntropyError(VeilError):
+    """The operating system's entropy source cannot be read: DP noise cannot be drawn privately."""
+
+    exit_code = 12
+
+
+class AuditFlaggedError(VeilError):
+    """``veil audit`` found an empirical lower bound on ε above the claimed ε."""
+
+    exit_code = 13
+
+
 class EncryptionError(VeilError, ValueError):
     """CKKS parameters, key files or ciphertexts are invalid, or a role holds the wrong key."""
 

@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from privacy import DpSgdEvent
 from privacy.accounting import ACCOUNTANTS, AccountantName
 from privacy.ckks import EncryptedVector, MalformedCiphertextError
+from privacy.randomness import RNG_MODES, RngMode
 from veil.names import EPSILON as EPSILON  # metric names, re-exported for the protocol
 from veil.names import EVAL_ACC as EVAL_ACC
 from veil.names import EVAL_LOSS as EVAL_LOSS
@@ -63,6 +64,9 @@ class TrainTask:
     run_ref: str = ""  # which run asks (for the site's ledger); not trusted for anything else
     encrypted: bool = False  # whether the update leaves the site encrypted
     encrypted_eval: bool = False  # whether evaluation metrics leave the site encrypted
+    # where DP noise and Poisson sampling come from: "os-entropy" (each site's own, private) or
+    # "seeded" (from ``seed``: reproducible and NOT private; only simulated sites accept it)
+    rng: str = "os-entropy"
 
     @classmethod
     def from_scenario(cls, s: Scenario) -> TrainTask:
@@ -82,6 +86,7 @@ class TrainTask:
             seed=s.seed,
             encrypted=s.encryption.aggregation == "ckks",
             encrypted_eval=s.encryption.evaluation == "ckks",
+            rng="seeded" if p.reproducible_noise else "os-entropy",
         )
 
     def for_run(self, run_ref: str) -> TrainTask:
@@ -106,7 +111,13 @@ class TrainTask:
             raise ValueError(f"task.accountant must be one of {ACCOUNTANTS}, got {task.accountant!r}")
         if (task.noise_multiplier > 0) == (task.target_epsilon > 0):
             raise ValueError("task must set exactly one of noise_multiplier and target_epsilon")
+        if task.rng not in RNG_MODES:
+            raise ValueError(f"task.rng must be one of {RNG_MODES}, got {str(task.rng)[:40]!r}")
         return task
+
+    @property
+    def rng_mode(self) -> RngMode:
+        return cast(RngMode, self.rng)
 
     @property
     def accountant_name(self) -> AccountantName:
@@ -124,6 +135,7 @@ class PrivacyReport:
     epsilon: float
     sampling: str = "poisson"
     lifetime: LifetimeSpend | None = None
+    rng: str = "os-entropy"  # where the noise and the Poisson mask came from (RNG_MODES)
 
     def to_config(self) -> ConfigRecord:
         extra = self.lifetime.to_dict() if self.lifetime else {}
@@ -139,6 +151,7 @@ class PrivacyReport:
                 "accountant-version": self.accountant_version,
                 "epsilon": self.epsilon,
                 "sampling": self.sampling,
+                "rng": self.rng,
             }
         )
 
@@ -161,10 +174,13 @@ class PrivacyReport:
         sampling = str(rec.get("sampling", ""))
         if sampling != "poisson":
             raise ValueError(f"privacy record: sampling must be 'poisson', got {sampling!r}")
+        rng = rec.get("rng")
+        if rng not in RNG_MODES:
+            raise ValueError(f"privacy record: rng must be one of {RNG_MODES}, got {str(rng)[:40]!r}")
         lifetime = LifetimeSpend.from_config(rec) if "lifetime-epsilon" in rec else None
         return cls(
             event, delta, str(rec.get("accountant", "")), str(rec.get("accountant-version", "")), eps,
-            lifetime=lifetime,
+            lifetime=lifetime, rng=str(rng),
         )
 
 
@@ -178,6 +194,7 @@ class LifetimeSpend:
     delta: float
     accountant: str
     cap: float | None
+    head: LedgerHead | None = None  # the ledger's head right after this charge
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -185,6 +202,8 @@ class LifetimeSpend:
             "lifetime-epsilon": self.epsilon, "lifetime-delta": self.delta,
             "ledger-accountant": self.accountant,
         }
+        if self.head is not None:
+            out.update(self.head.to_dict())
         if self.cap is not None:
             out["epsilon-cap"] = self.cap
         return out
@@ -195,12 +214,48 @@ class LifetimeSpend:
         if not (eps >= 0 and 0 < delta < 1):
             raise ValueError(f"privacy record: lifetime ε={eps}, δ={delta} out of range")
         cap = float(_num(rec, "epsilon-cap")) if "epsilon-cap" in rec else None
+        head = LedgerHead.from_config(rec)
         return cls(_short(rec, "dataset-id"), _short(rec, "ledger-entry"), eps, delta,
-                   _short(rec, "ledger-accountant"), cap)
+                   _short(rec, "ledger-accountant"), cap, head)
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    """Which ledger a site answers from and how far it has got: the coordinator remembers the
+    last head it saw per site and refuses a ledger that has gone backwards or was swapped."""
+
+    ledger_id: str
+    seq: int  # entries in the ledger
+    entry_hash: str  # hash of the last entry (the chain's head)
+    predecessor: str | None = None  # a ledger the site's administrator explicitly replaced
+    replaced_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ledger-id": self.ledger_id, "ledger-seq": self.seq,
+                               "ledger-head": self.entry_hash}
+        if self.predecessor:
+            out["ledger-predecessor"] = self.predecessor
+            out["ledger-replaced-reason"] = (self.replaced_reason or "")[:500]
+        return out
+
+    @classmethod
+    def from_config(cls, rec: ConfigRecord) -> LedgerHead:
+        seq = _num(rec, "ledger-seq")
+        if seq != int(seq) or seq < 0:
+            raise ValueError(f"field 'ledger-seq' must be a non-negative integer, got {seq!r}")
+        head = _short(rec, "ledger-head")
+        if len(head) != 64 or any(c not in "0123456789abcdef" for c in head):
+            raise ValueError("field 'ledger-head' must be a sha256 hex digest")
+        predecessor = _short(rec, "ledger-predecessor") if "ledger-predecessor" in rec else None
+        reason = str(rec.get("ledger-replaced-reason", ""))[:500] if predecessor else None
+        return cls(_short(rec, "ledger-id"), int(seq), head, predecessor, reason)
 
 
 REFUSAL_CODES = (
     "budget-exhausted", "noise-below-minimum", "sample-rate-above-maximum", "encryption-required",
+    "seeded-noise",  # a task asking for reproducible (seeded, not private) noise at a real site
+    # given by the coordinator, not the site: its ledger is not the one it reported last time
+    "ledger-rolled-back", "ledger-replaced",
 )
 
 
@@ -243,6 +298,7 @@ class BudgetStatus:
     projected: float  # lifetime ε if the site joined every planned round
     affordable_rounds: int  # most planned rounds it can join within its cap
     refusal: Refusal | None = None
+    ledger: LedgerHead | None = None
 
     def to_config(self) -> ConfigRecord:
         out: dict[str, Any] = {
@@ -256,6 +312,8 @@ class BudgetStatus:
             out["cap"] = self.cap
         if self.refusal is not None:
             out["refusal-code"], out["refusal-detail"] = self.refusal.code, self.refusal.detail
+        if self.ledger is not None:
+            out.update(self.ledger.to_dict())
         return ConfigRecord(out)
 
     @classmethod
@@ -273,6 +331,7 @@ class BudgetStatus:
             steps_per_round=int(_num(rec, "steps-per-round")),
             projected=float(_num(rec, "projected")),
             affordable_rounds=int(_num(rec, "affordable-rounds")), refusal=refusal,
+            ledger=LedgerHead.from_config(rec),
         )
         if status.affordable_rounds < 0 or status.spent < 0 or status.num_examples < 1:
             raise ValueError(f"budget record: implausible values {status}")

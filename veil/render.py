@@ -81,11 +81,15 @@ def draw_runs(con: Console, rows: list[RunListRow]) -> None:
     con.print(table(
         ["run", "name", "status", "mode", "created (UTC)", "rounds", "sites", "accuracy", "max ε", "wall",
          "moved"],
-        ([str(r.run_id), r.name, _status(r.status), r.mode, (r.created_at or "-")[:19].replace("T", " "),
+        ([str(r.run_id), r.name, _status(r.status), r.mode + (" (seeded)" if r.noise_seeded else ""),
+          (r.created_at or "-")[:19].replace("T", " "),
           f"{r.rounds_completed}/{r.rounds_planned}", f"{r.sites_trained}/{r.sites_planned}",
           "encrypted" if r.accuracy_encrypted else fmt(r.accuracy, 4), eps(r.max_epsilon),
           f"{r.wall_seconds:.1f}s" if r.wall_seconds is not None else "-", mb(r.bytes_moved)]
          for r in rows), left=5))
+    if any(r.noise_seeded for r in rows):
+        con.print(" runs marked (seeded) are not private: their DP noise is reproducible from the seed",
+                  markup=False)
 
 
 # -- veil runs show -------------------------------------------------------------------------
@@ -94,6 +98,11 @@ def draw_summary(con: Console, summary: RunSummary) -> None:
     con.print(f"[bold]run {s.run_id}[/] ({s.name}): {_status(s.status)}")
     if s.error:
         con.print(f"  error: {s.error}", markup=False)
+    if s.not_private:
+        con.print("  [bold red]NOT PRIVATE[/]: noise reproducible from the seed (--reproducible-noise, for "
+                  "simulation research only); the ε below assumes noise nobody else can reproduce")
+    elif s.privacy_note:
+        con.print(f"  {s.privacy_note}", markup=False)
     spec = s.spec
     if spec:
         fed, data, train, priv = (spec.get(k, {}) for k in ("federation", "data", "training", "privacy"))
@@ -172,6 +181,8 @@ def draw_budget(con: Console, rows: list[BudgetRow]) -> None:
         ((r.site, r.dataset_id or "-", str(r.run_id), eps(r.run_epsilon), eps(r.spent),
           f"{r.cap:g}" if r.cap is not None else "none", eps(r.remaining),
           f"{r.delta:.0e}" if r.delta else "-", r.accountant or "-") for r in rows), left=2))
+    for site, note in dict.fromkeys((r.site, r.ledger_note) for r in rows if r.ledger_note):
+        con.print(f" {site}: {note}", markup=False)
 
 
 # -- veil compare ---------------------------------------------------------------------------

@@ -77,6 +77,13 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
         f"each step independently with probability q). The noise multiplier σ was {target}. Each site "
         "recorded the mechanism it actually ran (σ, q, steps, C, δ) before its update left it, and ε below "
         "is recomputed from those recorded events."))
+    if s.not_private:
+        blocks.append(Block("p", f"**Not private: {s.privacy_note.removeprefix('not private: ')}.** This run "
+                                 "drew every site's DP noise and Poisson sampling from the scenario seed "
+                                 "(`--reproducible-noise`, for simulation research): anyone who knows the seed "
+                                 "can recompute the noise and remove it, so the ε below protects no one."))
+    elif s.noise_rng:
+        blocks.append(Block("p", f"Randomness: {s.privacy_note}; the seeds never left the sites."))
     used = sorted({site.accountant for site in trained if site.accountant})
     blocks.append(Block("list", items=[
         f"Accountant `{a}`: {ACCOUNTANTS.get(a, a)}; version {accountant_versions.get(a, 'not recorded')}."
@@ -129,6 +136,9 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
         "which composes every run it joined; ε of this run alone understates the total when there were "
         "other runs.",
     ]
+    if s.not_private:
+        caveats.insert(0, "**This run is not private: noise reproducible from the seed.** Its ε describes the "
+                          "mechanism's shape only.")
     if s.encryption:
         caveats.append("CKKS release noise is a mitigation against known key-recovery attacks on "
                        "decryptions, not a differential-privacy mechanism, and is not counted in ε.")

@@ -19,6 +19,10 @@ from privacy.ckks import CkksParams
 from privacy.policy import SitePolicy
 from veil.errors import ScenarioError
 
+REPRODUCIBLE_REFUSED = (
+    "privacy.reproducible_noise: seeded, reproducible noise is not private and exists for `veil simulate` "
+    "alone; a deployed run always draws DP noise from each site's own entropy. Remove the setting"
+)
 DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "scenarios" / "default.yaml"
 
 
@@ -92,6 +96,11 @@ class PrivacySpec(_Strict):
         None, gt=0.0, lt=1.0, description="δ; default min(1e-5, 0.1/n) for a site with n records"
     )
     accountant: Literal["pld", "rdp", "prv"] = "pld"
+    reproducible_noise: bool = Field(
+        False, description="simulation research only: draw DP noise and Poisson sampling from the seed, so "
+        "a run replays exactly; NOT private (anyone who knows the seed can remove the noise); refused by "
+        "deployed runs and real sites",
+    )
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> PrivacySpec:

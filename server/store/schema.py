@@ -85,6 +85,9 @@ class Site(Base):
     # event makes it stale, and readers recompute)
     derived_epsilon: Mapped[float | None] = mapped_column(Float)
     derived_events: Mapped[int | None] = mapped_column(Integer)
+    # the site's ledger as it reported it at the pre-flight (id and entry count)
+    ledger_id: Mapped[str | None] = mapped_column(String(32))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)
 
 
 class Round(Base):
@@ -166,6 +169,33 @@ class PrivacyEvent(Base):
     ledger_accountant: Mapped[str | None] = mapped_column(String(16))
     epsilon_cap: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # where the noise and the Poisson mask came from: os-entropy (private) | seeded (NOT private)
+    rng: Mapped[str | None] = mapped_column(String(16))
+    ledger_id: Mapped[str | None] = mapped_column(String(32))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the ledger entry this charge wrote
+
+
+class LedgerHead(Base):
+    """The coordinator's witness of each site's ledger: the furthest head it has seen.
+
+    A site whose ledger later reports fewer entries (an older copy restored), a different
+    entry at a seen position, or another ledger id without naming this one as the ledger it
+    explicitly replaced, is refused. Sites are keyed by the id they report.
+    """
+
+    __tablename__ = "ledger_heads"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site_key: Mapped[str] = mapped_column(String(200), unique=True)
+    ledger_id: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(Integer)
+    entry_hash: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    run_id: Mapped[int | None] = mapped_column(Integer)  # the run that last moved it (no FK: outlives runs)
+    # set when the site's administrator explicitly started a new ledger (``veil site init --new-ledger``)
+    replaced_ledger: Mapped[str | None] = mapped_column(String(32))
+    replaced_seq: Mapped[int | None] = mapped_column(Integer)
+    replaced_reason: Mapped[str | None] = mapped_column(Text)
+    replaced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Artifact(Base):

@@ -34,7 +34,7 @@ log = get_logger("store")
 DEFAULT_STORE_URL = "sqlite:///veil.db"
 STORE_ENV = "VEIL_STORE"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-SCHEMA_HEAD = "0004"  # the newest migration; a test checks it against Alembic's own head
+SCHEMA_HEAD = "0005"  # the newest migration; a test checks it against Alembic's own head
 
 
 def code_version() -> str:

@@ -1,0 +1,103 @@
+"""Randomness belongs to the site: a real site never runs seeded noise, whoever asks, and a
+site that cannot read its entropy source trains and charges nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from privacy.ledger import SiteLedger
+from tests.sitekit import SiteDriver, _incoming, make_site, task
+from veil import protocol as P
+from veil.errors import EntropyError, ScenarioError
+
+
+def _entries(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with SiteLedger(path, create=False, readonly=True) as ledger:
+        return len(ledger.entries())
+
+
+def test_two_sites_with_the_same_task_seed_release_different_updates(tmp_path: Path) -> None:
+    updates = []
+    for k in range(2):
+        reply = SiteDriver(make_site(tmp_path / f"{k}.ledger")).train(task(seed=123))
+        report = P.PrivacyReport.from_config(reply[P.PRIVACY])  # type: ignore[arg-type]
+        assert report.rng == "os-entropy"
+        updates.append(torch.cat([t.flatten() for t in reply[P.ARRAYS].to_torch_state_dict().values()]))  # type: ignore[union-attr]
+    assert not torch.equal(updates[0], updates[1])
+
+
+def test_a_real_site_refuses_seeded_noise_before_anything_is_charged(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "site.ledger")  # allow_seeded_noise defaults to False: a real site
+    driver = SiteDriver(site)
+    seeded = task(rng="seeded")
+    status = driver.query(seeded)
+    assert status.refusal is not None and status.refusal.code == "seeded-noise"
+    reply = driver.train(seeded)
+    refusal = P.Refusal.from_config(reply[P.REFUSAL])  # type: ignore[arg-type]
+    assert refusal.code == "seeded-noise" and P.ARRAYS not in reply
+    assert _entries(site.ledger) == 0
+    # a simulated site (veil simulate --reproducible-noise) runs it, and says so in its report
+    sim = SiteDriver(make_site(tmp_path / "sim.ledger", allow_seeded_noise=True))
+    report = P.PrivacyReport.from_config(sim.train(seeded)[P.PRIVACY])  # type: ignore[arg-type]
+    assert report.rng == "seeded"
+    with SiteLedger(tmp_path / "sim.ledger", create=False, readonly=True) as ledger:
+        assert [e.rng for e in ledger.entries()] == ["seeded"]
+
+
+def test_an_unreadable_entropy_source_trains_and_charges_nothing(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    site = make_site(tmp_path / "site.ledger")
+    driver = SiteDriver(site)
+    driver.query(task())  # the ledger exists and is open
+
+    def broken(n: int) -> bytes:
+        raise OSError("[Errno 38] getrandom is not implemented")
+
+    monkeypatch.setattr(os, "urandom", broken)
+    with pytest.raises(EntropyError, match="cannot read the operating system's entropy source"):
+        driver.train(task())
+    monkeypatch.undo()
+    assert _entries(site.ledger) == 0
+
+
+def test_deployed_runs_refuse_reproducible_noise_before_anything_is_recorded(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from server.app import _flwr_run_main
+    from veil.cli import app
+
+    spec = {"privacy": {"target_epsilon": 4.0, "reproducible_noise": True}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    out = CliRunner().invoke(app, ["run", str(tmp_path / "s.yaml"), "--coordinator", "127.0.0.1:1",
+                                   "--ca", str(tmp_path / "none.crt")])
+    assert out.exit_code == 2 and "reproducible_noise" in out.output and "veil simulate" in out.output
+    # the ServerApp `flwr run` and `veil run` load refuses it too, before touching a store
+    store = tmp_path / "store.db"
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"scenario-json": json.dumps(spec), "store": f"sqlite:///{store}"})
+    with pytest.raises(ScenarioError, match="reproducible_noise"):
+        _flwr_run_main(None, context)  # type: ignore[arg-type]
+    assert not store.exists()
+
+
+def test_the_flwr_run_client_app_never_runs_seeded_noise(tmp_path: Path) -> None:
+    """`flwr run .` loads client.app:app; its simulated sites are not `veil simulate`'s."""
+    from client.app import app as module_app
+
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("federation: {sites: 2}\nprivacy: {noise_multiplier: 1.0}\n")
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={"scenario": str(scenario), "ledger-dir": str(tmp_path / "l")})
+    config = task(rng="seeded").to_config()
+    reply = module_app(_incoming(RecordDict({P.TASK: ConfigRecord(dict(config))}), P.BUDGET_QUERY), context)
+    status = P.BudgetStatus.from_config(reply.content[P.BUDGET])  # type: ignore[arg-type]
+    assert status.refusal is not None and status.refusal.code == "seeded-noise"
