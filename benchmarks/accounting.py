@@ -52,9 +52,9 @@ def clear_caches() -> None:
 
 def time_answer(num_sites: int, rounds: int) -> float:
     """Fill a SQLite run store with num_sites × rounds privacy events; time budget_rows()."""
+    from server.read.summary import budget_rows
     from server.store import RunStore
     from server.store import schema as S
-    from server.summary import budget_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(f"sqlite:///{tmp}/b.db")

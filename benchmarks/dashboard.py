@@ -33,9 +33,9 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from server.lifecycle import derive_site_epsilons  # noqa: E402
 from server.store import RunStore  # noqa: E402
 from server.store import schema as S  # noqa: E402
-from server.summary import derive_site_epsilons  # noqa: E402
 
 CHUNK = 20_000
 
@@ -101,7 +101,7 @@ def fill(store: RunStore, runs: int, rounds: int, sites: int, seed: int = 0) -> 
             for table, rows in ((S.Participation, part), (S.PrivacyEvent, events), (S.Metric, metrics)):
                 for j in range(0, len(rows), CHUNK):
                     conn.execute(insert(table), rows[j:j + CHUNK])
-        derive_site_epsilons(store, run_id)  # what finish_run does when a real run ends
+        derive_site_epsilons(store, run_id)  # what end_run does when a real run ends
         counts["runs"] += 1
         counts["rounds"] += rounds
         counts["sites"] += sites

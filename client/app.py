@@ -1,7 +1,7 @@
 """The site's Flower ClientApp: budget answers, local DP-SGD training, evaluation.
 
-``build_client_app(resolve_site)`` makes the app; ``app`` (module level) is what
-``flwr run .`` loads, resolving sites from the run config's scenario.
+``build_client_app(resolve_site)`` makes the app; the module-level app that ``flwr run``
+loads (``veil.apps.clientapp``) passes a resolver for deployed or simulated sites.
 
 What the site does with a training task, in this order:
 
@@ -29,7 +29,6 @@ under-report.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +44,7 @@ from privacy.randomness import RoundRandomness, describe
 from veil import protocol as P
 from veil.logs import get_logger
 from veil.models import build_model
+from veil.names import eval_sums
 
 log = get_logger("client")
 _HISTORY = "veil.privacy-history"
@@ -159,7 +159,7 @@ def _noise_multiplier(task: P.TrainTask, context: Context, n: int, delta: float)
         return float(rec["sigma"])  # type: ignore[arg-type]
     q, steps = poisson_plan(n, task.batch_size, task.local_epochs)
     sigma = calibrate_noise_multiplier(
-        task.target_epsilon, delta, q, steps * task.planned_rounds, task.accountant_name
+        task.target_epsilon, delta, q, steps * task.planned_rounds, task.accountant
     )
     context.state[_SIGMA] = ConfigRecord({"sigma": sigma})
     return sigma
@@ -295,7 +295,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         weight = _weight(config, n) if key else 0.0
         model = _model_from(msg, task.arch, site)  # a model that cannot be read costs no budget
         # the round's secret seeds, drawn before the charge: no entropy, no charge, no training
-        randomness = RoundRandomness.for_round(task.rng_mode, task.seed, site.site_id, server_round)
+        randomness = RoundRandomness.for_round(task.rng, task.seed, site.site_id, server_round)
         policy = site.policy
         ledger = open_ledger(site)
         charge = ledger.charge(
@@ -328,12 +328,12 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             raise RuntimeError(f"{site.site_id}: ran {outcome.event} ({outcome.rng}), but charged {planned} "
                                f"({randomness.mode}); not released")
         _append_history(context, outcome.event)
-        eps = epsilon(_history(context), delta, task.accountant_name)
+        eps = epsilon(_history(context), delta, task.accountant)
         lifetime = P.LifetimeSpend(dataset_id(site.fingerprint), charge.entry_id, charge.epsilon_after,
                                    charge.delta, charge.accountant, charge.epsilon_cap,
                                    P.LedgerHead(charge.ledger_id, charge.seq, charge.entry_hash))
         report = P.PrivacyReport(
-            outcome.event, delta, task.accountant, accountant_version(task.accountant_name), eps,
+            outcome.event, delta, task.accountant, accountant_version(task.accountant), eps,
             lifetime=lifetime, rng=outcome.rng,
         )
         num_test = 0 if task.encrypted_eval else len(site.test)  # an encrypted evaluation hides it
@@ -365,7 +365,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         if config.get(P.ENC_EVAL):
             key = site_key(site, config.get(P.ENC_KEY_ID))
             per_example = _weight(config, out.num_examples) / out.num_examples  # = 1 / norm
-            sums = np.array([out.loss_sum, out.correct, out.num_examples], dtype=np.float64) * per_example
+            sums = np.array(eval_sums(out.loss_sum, out.correct, out.num_examples), dtype=np.float64) * per_example
             seconds = time.perf_counter() - start
             return Message(content=RecordDict({
                 P.ENC_METRICS: P.encrypted_record(key.encrypt(sums)),
@@ -384,24 +384,3 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         return Message(content=content, reply_to=msg)
 
     return app
-
-
-def _resolve_from_run_config(context: Context) -> Site:
-    """A deployed site (``site-config`` in its node config, set by ``veil site start``), or for
-    ``flwr run .`` in simulation, the scenario file named in the run config."""
-    if "site-config" in context.node_config:
-        from client.daemon import site_from_config
-        from veil import logs
-
-        logs.configure()  # the site's own ClientApp process: its charges and noise source go to the site's log
-        return site_from_config(Path(str(context.node_config["site-config"])))
-    from simulations.federation import SimulatedSites
-    from veil.spec import load_scenario
-
-    scenario = load_scenario(str(context.run_config["scenario"]))
-    key = context.run_config.get("key-file")
-    return SimulatedSites(scenario, str(context.run_config.get("ledger-dir", "veil-ledgers")),
-                          str(key) if key else None)(context)
-
-
-app = build_client_app(_resolve_from_run_config)

@@ -22,11 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from client.loaders import DataSource
 from privacy.policy import SitePolicy
+from veil import config
 from veil.errors import ScenarioError, VeilError
 
 
@@ -62,19 +62,8 @@ class SiteConfig(BaseModel):
 
 def load_site_config(path: Path) -> SiteConfig:
     path = Path(path).expanduser()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ScenarioError(f"site config {path}: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise ScenarioError(f"site config {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ScenarioError(f"site config {path} must be a mapping of settings")
-    try:
-        cfg = SiteConfig.model_validate(raw)
-    except ValidationError as err:
-        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise ScenarioError(f"invalid site config ({path}):\n" + "\n".join(lines)) from None
+    cfg = config.validate(SiteConfig, config.read_yaml(path, what="site config", error=ScenarioError),
+                          what="site config", source=str(path), error=ScenarioError)
     base = path.resolve().parent
 
     def rel(p: Path) -> Path:
@@ -195,7 +184,7 @@ def preflight(cfg: SiteConfig) -> list[Check]:
 
 
 def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
-    from veil.deploy import flower_exe
+    from veil.processes import flower_exe
 
     return [flower_exe("flower-supernode"), "--superlink", cfg.coordinator.address,
             "--root-certificates", str(cfg.coordinator.root_certificates),
@@ -221,7 +210,7 @@ def run_site(config_path: Path) -> int:
         log_event("refused-to-start", site=cfg.site_id,
                   reason=f"preflight failed: {', '.join(c.name for c in failed)}")
         return 3
-    from veil.deploy import bin_path, supervise
+    from veil.processes import bin_path, supervise
 
     cmd = supernode_command(cfg, config_path)
     return supervise(cmd, {**os.environ, "PATH": bin_path()},

@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 
 AccountantName = Literal["pld", "rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = get_args(AccountantName)
+DESCRIPTIONS: dict[str, str] = {
+    "pld": "privacy loss distributions (Google dp_accounting PLD): a numerically tight composition",
+    "rdp": "Rényi DP (Google dp_accounting RDP): an upper bound, looser than PLD",
+    "prv": "privacy random variables (Opacus PRV): a numerically tight composition",
+}
 
 # dp_accounting's PLD is pessimistic: rounding privacy losses up to this grid can only
 # over-report ε. At 1e-3 it is 10x faster than at 1e-4 and, measured here, over-reports by

@@ -32,12 +32,10 @@ No Flower imports here; no pickle anywhere (TenSEAL's protobuf serialization and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
 import math
-import os
 import secrets
 import stat
 from collections.abc import Iterator, Sequence
@@ -49,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from veil.errors import EncryptionError
+from veil.files import atomic_write
 
 # Total coefficient-modulus bits that keep 128-bit classical security (HomomorphicEncryption.org
 # standard, as enforced by SEAL's CoeffModulus.MaxBitCount).
@@ -224,23 +223,11 @@ def _params_only(ctx: Any) -> bytes:
 # -- files ----------------------------------------------------------------------------------
 
 def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically with ``mode`` from the first byte (never world-readable
-    in between), fsynced; refuses to overwrite."""
-    if path.exists():
-        raise EncryptionError(f"{path} already exists; refusing to overwrite key material")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    """Write key material atomically with ``mode`` from the first byte; refuses to overwrite."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+        atomic_write(path, data, mode=mode, exclusive=True)
+    except FileExistsError:
+        raise EncryptionError(f"{path} already exists; refusing to overwrite key material") from None
 
 
 def _read_container(path: Path, kind: str | None) -> tuple[dict[str, Any], bytes]:

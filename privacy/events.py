@@ -42,3 +42,14 @@ def default_delta(num_records: int) -> float:
     if num_records < 1:
         raise ValueError(f"A data set needs at least one record. Found {num_records}.")
     return min(1e-5, 0.1 / num_records)
+
+
+def remaining_budget(cap: float | None, spent: float | None) -> float | None:
+    """ε left under a lifetime ``cap`` after ``spent`` (never negative); None without a cap or a spend.
+
+    The one definition behind every "remaining" Veil shows: the ledger report, ``veil budget``
+    and the run summary.
+    """
+    if cap is None or spent is None:
+        return None
+    return max(0.0, cap - spent)

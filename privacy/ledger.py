@@ -69,9 +69,11 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from privacy.accounting import AccountantName, accountant_version, group_events, history_epsilon
-from privacy.events import DpSgdEvent
+from privacy.events import DpSgdEvent, remaining_budget
 from privacy.randomness import RngMode
+from veil import __version__
 from veil.errors import LedgerError
+from veil.files import atomic_write, publish_new, temp_beside
 from veil.logs import get_logger
 
 log = get_logger("ledger")
@@ -262,8 +264,6 @@ def read_witness(path: Path | str) -> Head | None:
 
 
 def _write_witness(path: Path, head: Head, site_id: str | None) -> None:
-    from veil.files import atomic_write
-
     body = {"ledger_id": head.ledger_id, "site_id": site_id, "seq": head.seq, "hash": head.entry_hash,
             "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
     atomic_write(witness_path(path), (json.dumps(body, indent=1) + "\n").encode(), mode=0o600)
@@ -613,10 +613,8 @@ def _create(path: Path, site_id: str | None, *, predecessor: str | None = None,
     replaced: a process that loses the race returns None and opens the winner's file. A crash
     while creating leaves at most a stray temporary file, never a half-made ledger.
     """
-    from veil import __version__
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
+    tmp = temp_beside(path, "creating")
     ledger_id = uuid.uuid4().hex
     meta = {"schema_version": SCHEMA_VERSION, "ledger_id": ledger_id,
             "created_at": datetime.now(UTC).isoformat(), "created_by": f"veil {__version__}",
@@ -633,26 +631,15 @@ def _create(path: Path, site_id: str | None, *, predecessor: str | None = None,
             _set_meta(conn, **meta)
     finally:
         engine.dispose()
+    os.chmod(tmp, 0o600)
     try:
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
+        if not publish_new(tmp, path):
             return None
-        except OSError as err:
-            raise LedgerError(
-                f"cannot create ledger {path}: this filesystem does not support hard links ({err}); keep "
-                "ledgers on a local filesystem"
-            ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    except OSError as err:
+        raise LedgerError(
+            f"cannot create ledger {path}: this filesystem does not support hard links ({err}); keep "
+            "ledgers on a local filesystem"
+        ) from None
     return ledger_id
 
 
@@ -673,7 +660,8 @@ class DatasetSpend:
 
     @property
     def remaining(self) -> float | None:
-        return None if self.cap is None else max(0.0, self.cap - self.epsilon)
+        """Lifetime ε left under the cap (None without a cap)."""
+        return remaining_budget(self.cap, self.epsilon)
 
 
 @dataclass(frozen=True)

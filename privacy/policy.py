@@ -21,10 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from privacy.accounting import AccountantName
+from veil import config
 from veil.errors import PolicyError
 
 
@@ -75,33 +75,14 @@ class SitePolicy(BaseModel):
 
 def parse_policy(raw: Any, source: str = "<dict>") -> SitePolicy:
     """Validate a mapping into a SitePolicy, or raise PolicyError naming each bad field."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise PolicyError(f"invalid site policy ({source}): expected a mapping, got {type(raw).__name__}")
-    try:
-        return SitePolicy.model_validate(raw)
-    except ValidationError as err:
-        lines = [f"invalid site policy ({source}):"]
-        for item in err.errors():
-            field = "policy." + ".".join(str(p) for p in item["loc"])
-            if item["type"] == "extra_forbidden":
-                allowed = ", ".join(SitePolicy.model_fields)
-                lines.append(f"  {field}: unknown key; allowed keys: {allowed}")
-            else:
-                lines.append(f"  {field}: {item['msg']} (got {item.get('input')!r})")
-        raise PolicyError("\n".join(lines)) from None
+    return config.validate(SitePolicy, raw, what="site policy", source=source, error=PolicyError,
+                           prefix="policy.")
 
 
 def load_policy(path: Path | str) -> SitePolicy:
     """Read a policy YAML file (the whole file, or its ``policy:`` section)."""
     file = Path(path)
-    try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolicyError(f"site policy file not found: {file}") from None
-    except (OSError, yaml.YAMLError) as err:
-        raise PolicyError(f"cannot read site policy {file}: {err}") from None
+    raw = config.read_yaml(file, what="site policy", error=PolicyError)
     if isinstance(raw, dict) and set(raw) == {"policy"}:
         raw = raw["policy"]
     return parse_policy(raw, source=str(file))

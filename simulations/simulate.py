@@ -12,39 +12,22 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sqlalchemy import select
+
+from client.app import build_client_app
+from server.coordinator import build_server_app
+from server.lifecycle import record_run
 from server.store import RunStore
+from server.store import schema as S
+from simulations.federation import SimulatedSites
 from veil.errors import BudgetRefusedError, EncryptionError
 from veil.logs import get_logger
 from veil.spec import Scenario
 
 log = get_logger("simulate")
-
-
-@contextmanager
-def record_run(store: RunStore, scenario: Scenario, mode: str = "simulation") -> Iterator[int]:
-    """Create the run; mark it completed on success, failed (with the error) otherwise.
-
-    A status the run already reached on its own (``refused``, ``stopped``) is kept.
-    """
-    run_id = store.create_run(
-        name=scenario.name, spec=scenario.model_dump(mode="json"), spec_hash=scenario.spec_hash(),
-        seed=scenario.seed, num_sites=scenario.federation.sites,
-        num_rounds=scenario.federation.rounds, mode=mode,
-    )
-    try:
-        yield run_id
-    except BaseException as err:
-        if store.get_run(run_id).status == "running":
-            reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
-            store.finish_run(run_id, status="failed", error=reason[:4000])
-        raise
-    if store.get_run(run_id).status == "running":
-        store.finish_run(run_id, status="completed")
 
 
 @dataclass
@@ -55,10 +38,7 @@ class SimulationResult:
 
 
 def first_failure(store: RunStore, run_id: int) -> str:
-    from sqlalchemy import select
-
-    from server.store import schema as S
-
+    """The first recorded reason a site did not take part (for a run where no round trained)."""
     with store.session() as s:
         reason = s.scalar(
             select(S.Participation.reason)
@@ -128,10 +108,6 @@ def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
              progress: bool = True, ledger_dir: Path | str = "veil-ledgers") -> SimulationResult:
     """Run ``scenario`` end to end and return its run id; everything lands in ``store``."""
     from flwr.simulation import run_simulation
-
-    from client.app import build_client_app
-    from server.app import build_server_app
-    from simulations.federation import SimulatedSites
 
     sites = SimulatedSites(scenario, str(Path(ledger_dir).expanduser().resolve()), allow_seeded_noise=True)
     parts = sites.partitions()  # fails here, before any record, if the data cannot be split

@@ -68,7 +68,7 @@ def test_scores_separate_or_not() -> None:
 
 
 def test_veil_audit_flags_training_without_noise_and_passes_honest_training() -> None:
-    from veil.cli import app
+    from veil.cli.main import app
 
     broken = CliRunner().invoke(app, ["audit", "--disable-noise"])
     assert broken.exit_code == 13, broken.output

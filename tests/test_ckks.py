@@ -254,7 +254,7 @@ def test_checkpoint_file_round_trips_and_detects_truncation(
 def test_keys_create_cli_writes_a_key_set_and_explains_bad_parameters(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from veil.cli import app
+    from veil.cli.main import app
 
     ok = CliRunner().invoke(app, ["keys", "create", str(tmp_path / "ks")])
     assert ok.exit_code == 0 and "never to the coordinator" in ok.output

@@ -16,12 +16,12 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from privacy.ckks import SecretKey
+from server.read.summary import load_summary, site_epsilons
 from server.store import RunStore
 from server.store import schema as S
-from server.summary import load_summary, site_epsilons
 from simulations.simulate import simulate
 from tests.conftest import pg_database
-from veil.cli import app
+from veil.cli.main import app
 from veil.spec import parse_scenario
 
 SPEC = {
@@ -67,6 +67,9 @@ def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def cli(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, list(args))
+    if result.exit_code and result.exception is not None:
+        import traceback
+        traceback.print_exception(result.exception)
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -132,7 +135,7 @@ def test_runs_show_prints_the_stored_rounds_sites_and_spend(filled: Filled) -> N
         s.site: pytest.approx(s.epsilon) for s in truth.sites}
     # what the run's end derived and stored is what the accountant gives from the events now
     recomputed = site_epsilons(filled.store, filled.plain, use_derived=False)
-    assert {s.site: s.epsilon for s in truth.sites} == {k: pytest.approx(v[0]) for k, v in recomputed.items()}
+    assert {s.site: s.epsilon for s in truth.sites} == {e.site: pytest.approx(e.epsilon) for e in recomputed}
     assert shown["spec"]["name"] == "dash-plain" and shown["planned_rounds"] == 2  # type: ignore[index]
     code, text, _ = cli("runs", "show", str(filled.plain), "--store", filled.store.url)
     assert code == 0

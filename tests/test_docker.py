@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from veil.cli import app
+from veil.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

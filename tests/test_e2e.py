@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import func, select
 
 from privacy import DpSgdEvent, epsilon
+from server.read.summary import load_summary
 from server.store import RunStore
 from server.store import schema as S
-from server.summary import load_summary
 from simulations.simulate import simulate
 from veil.spec import parse_scenario
 

@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 
 from privacy import epsilon
 from privacy.ledger import SiteLedger
+from server.read.summary import load_summary
 from server.store import RunStore
 from server.store import schema as S
-from server.summary import load_summary
 from simulations.simulate import simulate
-from veil.cli import app
+from veil.cli.main import app
+from veil.cli.render import format_summary
 from veil.errors import BudgetRefusedError
-from veil.render import format_summary
 from veil.spec import parse_scenario
 
 SPEC = {

@@ -17,11 +17,11 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from privacy.ckks import SecretKey
+from server.read.summary import load_summary
 from server.store import RunStore
 from server.store import schema as S
-from server.summary import load_summary
 from simulations.simulate import simulate
-from veil.cli import app
+from veil.cli.main import app
 from veil.spec import parse_scenario
 
 SPEC = {

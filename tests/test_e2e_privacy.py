@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 
 from privacy.ledger import SiteLedger
 from privacy.randomness import NOT_PRIVATE
+from server.read.summary import load_summary
 from server.store import RunStore
 from server.store import schema as S
-from server.summary import load_summary
 from simulations.simulate import simulate
-from veil.cli import app
+from veil.cli.main import app
 from veil.errors import BudgetRefusedError
 from veil.spec import parse_scenario
 

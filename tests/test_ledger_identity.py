@@ -134,7 +134,7 @@ def test_a_pinned_ledger_that_is_missing_or_foreign_stops_the_site_until_a_perso
     assert report.head.replaced_reason == "disk failure 2026-11-20, no backup"
     from typer.testing import CliRunner
 
-    from veil.cli import app
+    from veil.cli.main import app
 
     out = CliRunner().invoke(app, ["budget", "--ledger", str(new.ledger)])
     assert out.exit_code == 0 and f"to replace lost ledger {cfg.ledger_id}: disk failure" in out.output

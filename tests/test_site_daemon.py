@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from client.daemon import init_ledger, load_site_config, preflight, site_from_config, supernode_command
-from veil.certs import CertError, create_certs, create_node_key
-from veil.errors import ScenarioError
+from veil.cli.pki import create_certs, create_node_key
+from veil.errors import CertError, ScenarioError
 
 
 def _site(tmp: Path, **over: object) -> Path:

@@ -72,8 +72,8 @@ def test_deployed_runs_refuse_reproducible_noise_before_anything_is_recorded(tmp
     import yaml
     from typer.testing import CliRunner
 
-    from server.app import _flwr_run_main
-    from veil.cli import app
+    from veil.apps.serverapp import main as serverapp_main
+    from veil.cli.main import app
 
     spec = {"privacy": {"target_epsilon": 4.0, "reproducible_noise": True}}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
@@ -85,13 +85,13 @@ def test_deployed_runs_refuse_reproducible_noise_before_anything_is_recorded(tmp
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                       run_config={"scenario-json": json.dumps(spec), "store": f"sqlite:///{store}"})
     with pytest.raises(ScenarioError, match="reproducible_noise"):
-        _flwr_run_main(None, context)  # type: ignore[arg-type]
+        serverapp_main(None, context)  # type: ignore[arg-type]
     assert not store.exists()
 
 
 def test_the_flwr_run_client_app_never_runs_seeded_noise(tmp_path: Path) -> None:
-    """`flwr run .` loads client.app:app; its simulated sites are not `veil simulate`'s."""
-    from client.app import app as module_app
+    """`flwr run .` loads veil.apps.clientapp:app; its simulated sites are not `veil simulate`'s."""
+    from veil.apps.clientapp import app as module_app
 
     scenario = tmp_path / "s.yaml"
     scenario.write_text("federation: {sites: 2}\nprivacy: {noise_multiplier: 1.0}\n")

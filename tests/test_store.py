@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, inspect, select, text
 
+from server.lifecycle import record_run
 from server.store import RunStore
 from server.store import schema as S
-from simulations.simulate import record_run
 from veil.errors import StoreError
 from veil.spec import parse_scenario
 
@@ -117,7 +117,8 @@ def test_migrations_build_exactly_the_models_schema(store_url: str) -> None:
 
 def test_site_epsilon_is_derived_at_run_end_and_recomputed_when_stale(store_url: str) -> None:
     from privacy.accounting import DpSgdEvent, epsilon
-    from server.summary import load_summary, site_epsilons
+    from server.lifecycle import end_run
+    from server.read.summary import load_summary, site_epsilons
 
     store = RunStore(store_url)
     run_id = store.create_run(name="d", spec={}, spec_hash="h", seed=0, num_sites=1, num_rounds=2)
@@ -130,7 +131,7 @@ def test_site_epsilon_is_derived_at_run_end_and_recomputed_when_stale(store_url:
                                  accountant_version="x", reported_epsilon=0.0))
 
     event(1)
-    store.finish_run(run_id, status="completed")
+    end_run(store, run_id, "completed")
     one = epsilon([DpSgdEvent(1.1, 0.05, 20, 1.0)], 1e-5, "rdp")
     with store.session() as s:
         row = s.scalars(select(S.Site).where(S.Site.run_id == run_id)).one()
@@ -138,7 +139,8 @@ def test_site_epsilon_is_derived_at_run_end_and_recomputed_when_stale(store_url:
     assert load_summary(store, run_id).sites[0].epsilon == pytest.approx(one)
     event(2)  # an event after the run ended: the derived value is stale and not used
     two = epsilon([DpSgdEvent(1.1, 0.05, 20, 1.0)] * 2, 1e-5, "rdp")
-    assert site_epsilons(store, run_id)["site-0"][0] == pytest.approx(two) and two > one
+    (now,) = site_epsilons(store, run_id)
+    assert now.site == "site-0" and now.epsilon == pytest.approx(two) and two > one
     assert load_summary(store, run_id).sites[0].epsilon == pytest.approx(two)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+from veil import env
+
 LOGGER_NAME = "veil"
 
 
@@ -21,7 +23,7 @@ def get_logger(name: str | None = None) -> logging.Logger:
 def configure(level: str | None = None) -> None:
     """Attach one stderr handler to the ``veil`` logger (idempotent)."""
     logger = logging.getLogger(LOGGER_NAME)
-    wanted = (level or os.environ.get("VEIL_LOG_LEVEL", "INFO")).upper()
+    wanted = (level or os.environ.get(env.LOG_LEVEL, "INFO")).upper()
     logger.setLevel(wanted)
     if not any(getattr(h, "_veil", False) for h in logger.handlers):
         handler = logging.StreamHandler()

@@ -1,11 +1,69 @@
-"""Names of the metrics Veil records: shared by the wire protocol and the dashboard.
+"""Names shared by the wire protocol, the store and the dashboard: metrics, statuses, modes.
 
-Kept free of Flower imports so the read-only CLI starts fast.
+Kept free of Flower imports so the read-only CLI starts fast. Statuses are ``Literal`` types,
+so a misspelt status is a type error rather than a row nobody can find.
 """
+
+from __future__ import annotations
+
+from typing import Literal, get_args
 
 TRAIN_LOSS = "train-loss"
 EPSILON = "epsilon"
 EVAL_LOSS = "eval-loss"
 EVAL_ACC = "eval-acc"
 
-__all__ = ["EPSILON", "EVAL_ACC", "EVAL_LOSS", "TRAIN_LOSS"]
+# What the dashboard shows per round (``veil metrics --metric``), with the label a plot uses.
+ShownMetric = Literal["accuracy", "loss", "train-loss", "epsilon"]
+SHOWN_METRICS: tuple[ShownMetric, ...] = get_args(ShownMetric)
+METRIC_LABELS: dict[str, str] = {"accuracy": "evaluation accuracy", "loss": "evaluation loss",
+                                 "train-loss": "train loss", "epsilon": "run ε per site"}
+
+# The slots of an encrypted evaluation, in order, each divided by the run's weight norm: the
+# one layout sites encrypt (``eval_sums``), the coordinator adds and a key holder reads
+# (``eval_from_sums``).
+EVAL_SUMS = ("eval-loss-sum", "eval-correct", "eval-examples")
+
+
+def eval_sums(loss_sum: float, correct: float, examples: float) -> list[float]:
+    """A site's evaluation as the encrypted slots hold it (before weighting)."""
+    return [float(loss_sum), float(correct), float(examples)]
+
+
+def eval_from_sums(values: list[float] | tuple[float, ...]) -> tuple[float, float]:
+    """(accuracy, loss) from decrypted, summed slots; the common weight norm cancels."""
+    if len(values) != len(EVAL_SUMS):
+        raise ValueError(f"encrypted evaluation holds {len(values)} values, expected {len(EVAL_SUMS)}")
+    loss_sum, correct, examples = (float(v) for v in values)
+    if examples <= 0:
+        raise ValueError("decrypted example count is not positive")
+    return correct / examples, loss_sum / examples
+
+
+RunStatus = Literal["running", "completed", "failed", "refused", "stopped"]
+RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
+FINAL_STATUSES: tuple[RunStatus, ...] = tuple(s for s in RUN_STATUSES if s != "running")
+RunMode = Literal["simulation", "deployment"]
+RoundStatus = Literal["running", "completed", "insufficient"]
+Phase = Literal["preflight", "train", "evaluate", "aggregate"]
+ParticipationStatus = Literal["ok", "failed", "rejected", "refused", "no-reply"]
+
+__all__ = [
+    "EPSILON",
+    "EVAL_ACC",
+    "EVAL_LOSS",
+    "EVAL_SUMS",
+    "FINAL_STATUSES",
+    "METRIC_LABELS",
+    "RUN_STATUSES",
+    "SHOWN_METRICS",
+    "TRAIN_LOSS",
+    "ParticipationStatus",
+    "Phase",
+    "RoundStatus",
+    "RunMode",
+    "RunStatus",
+    "ShownMetric",
+    "eval_from_sums",
+    "eval_sums",
+]

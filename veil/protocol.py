@@ -21,6 +21,7 @@ from privacy.randomness import RNG_MODES, RngMode
 from veil.names import EPSILON as EPSILON  # metric names, re-exported for the protocol
 from veil.names import EVAL_ACC as EVAL_ACC
 from veil.names import EVAL_LOSS as EVAL_LOSS
+from veil.names import EVAL_SUMS as EVAL_SUMS
 from veil.names import TRAIN_LOSS as TRAIN_LOSS
 from veil.spec import Scenario
 
@@ -39,8 +40,6 @@ ENC_METRICS = "enc-metrics"  # site -> coordinator: its encrypted evaluation sum
 ENC_KEY_ID = "enc-key-id"
 ENC_WEIGHT_NORM = "enc-weight-norm"  # sites weight by n / norm, so every sum stays within ±1 x |value|
 ENC_EVAL = "enc-eval"  # evaluation replies must be encrypted
-# what the slots of an encrypted evaluation hold, each divided by the weight norm
-EVAL_SUMS = ("eval-loss-sum", "eval-correct", "eval-examples")
 
 NUM_EXAMPLES = "num-examples"
 
@@ -58,7 +57,7 @@ class TrainTask:
     noise_multiplier: float  # 0.0 means "calibrate from target_epsilon"
     target_epsilon: float  # 0.0 means "use noise_multiplier"
     delta: float  # 0.0 means "site default: min(1e-5, 0.1/n)"
-    accountant: str
+    accountant: AccountantName
     planned_rounds: int
     seed: int
     run_ref: str = ""  # which run asks (for the site's ledger); not trusted for anything else
@@ -66,7 +65,7 @@ class TrainTask:
     encrypted_eval: bool = False  # whether evaluation metrics leave the site encrypted
     # where DP noise and Poisson sampling come from: "os-entropy" (each site's own, private) or
     # "seeded" (from ``seed``: reproducible and NOT private; only simulated sites accept it)
-    rng: str = "os-entropy"
+    rng: RngMode = "os-entropy"
 
     @classmethod
     def from_scenario(cls, s: Scenario) -> TrainTask:
@@ -115,14 +114,6 @@ class TrainTask:
             raise ValueError(f"task.rng must be one of {RNG_MODES}, got {str(task.rng)[:40]!r}")
         return task
 
-    @property
-    def rng_mode(self) -> RngMode:
-        return cast(RngMode, self.rng)
-
-    @property
-    def accountant_name(self) -> AccountantName:
-        return cast(AccountantName, self.accountant)
-
 
 @dataclass(frozen=True)
 class PrivacyReport:
@@ -135,7 +126,7 @@ class PrivacyReport:
     epsilon: float
     sampling: str = "poisson"
     lifetime: LifetimeSpend | None = None
-    rng: str = "os-entropy"  # where the noise and the Poisson mask came from (RNG_MODES)
+    rng: RngMode = "os-entropy"  # where the noise and the Poisson mask came from
 
     def to_config(self) -> ConfigRecord:
         extra = self.lifetime.to_dict() if self.lifetime else {}
@@ -180,7 +171,7 @@ class PrivacyReport:
         lifetime = LifetimeSpend.from_config(rec) if "lifetime-epsilon" in rec else None
         return cls(
             event, delta, str(rec.get("accountant", "")), str(rec.get("accountant-version", "")), eps,
-            lifetime=lifetime, rng=str(rng),
+            lifetime=lifetime, rng=rng,
         )
 
 

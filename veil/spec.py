@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from privacy.accounting import AccountantName
 from privacy.ckks import CkksParams
 from privacy.policy import SitePolicy
+from veil import config
 from veil.errors import ScenarioError
 
 REPRODUCIBLE_REFUSED = (
@@ -95,7 +96,7 @@ class PrivacySpec(_Strict):
     delta: float | None = Field(
         None, gt=0.0, lt=1.0, description="δ; default min(1e-5, 0.1/n) for a site with n records"
     )
-    accountant: Literal["pld", "rdp", "prv"] = "pld"
+    accountant: AccountantName = "pld"
     reproducible_noise: bool = Field(
         False, description="simulation research only: draw DP noise and Poisson sampling from the seed, so "
         "a run replays exactly; NOT private (anyone who knows the seed can remove the noise); refused by "
@@ -224,59 +225,12 @@ class Scenario(_Strict):
         return parse_scenario(raw, source="command line")
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid scenario ({source}):"]
-    for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            parent = _model_at(tuple(item["loc"][:-1]))
-            allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
-            lines.append(f"  {field}: unknown key; allowed keys here: {allowed}")
-            continue
-        msg = item["msg"].removeprefix("Value error, ")
-        got = item.get("input")
-        shown = "" if isinstance(got, dict) or item["type"] == "value_error" else f" (got {got!r})"
-        lines.append(f"  {field}: {msg}{shown}")
-    return "\n".join(lines)
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Scenario
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
-
-
 def parse_scenario(raw: Any, source: str = "<dict>") -> Scenario:
     """Validate a mapping into a Scenario, or raise ScenarioError naming each bad field."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ScenarioError(
-            f"invalid scenario ({source}): the top level must be a mapping of keys, "
-            f"got {type(raw).__name__}"
-        )
-    try:
-        return Scenario.model_validate(raw)
-    except ValidationError as err:
-        raise ScenarioError(_format_errors(err, source)) from None
+    return config.validate(Scenario, raw, what="scenario", source=source, error=ScenarioError)
 
 
 def load_scenario(path: Path | str | None = None) -> Scenario:
     """Read and validate a scenario YAML file (the default scenario when ``path`` is None)."""
     file = Path(path) if path is not None else DEFAULT_SCENARIO
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScenarioError(f"scenario file not found: {file}") from None
-    except OSError as err:
-        raise ScenarioError(f"cannot read scenario file {file}: {err.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ScenarioError(f"scenario file {file} is not valid YAML: {err}") from None
-    return parse_scenario(raw, source=str(file))
+    return parse_scenario(config.read_yaml(file, what="scenario", error=ScenarioError), source=str(file))

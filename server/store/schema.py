@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from veil.names import ParticipationStatus, Phase, RoundStatus, RunMode, RunStatus
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -44,14 +46,14 @@ class Run(Base):
     __tablename__ = "runs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), index=True)  # running|completed|failed
+    status: Mapped[RunStatus] = mapped_column(String(16), index=True)
     spec_json: Mapped[str] = mapped_column(Text)
     spec_hash: Mapped[str] = mapped_column(String(64), index=True)
     code_version: Mapped[str] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(Integer)
     num_sites: Mapped[int] = mapped_column(Integer)
     num_rounds: Mapped[int] = mapped_column(Integer)
-    mode: Mapped[str] = mapped_column(String(16), default="simulation")
+    mode: Mapped[RunMode] = mapped_column(String(16), default="simulation")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -96,7 +98,7 @@ class Round(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     number: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))  # running|completed|insufficient|failed
+    status: Mapped[RoundStatus] = mapped_column(String(16))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     seconds: Mapped[float | None] = mapped_column(Float)
@@ -116,8 +118,8 @@ class Participation(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     round_number: Mapped[int] = mapped_column(Integer)
     site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"), index=True)
-    phase: Mapped[str] = mapped_column(String(16))  # preflight|train|evaluate
-    status: Mapped[str] = mapped_column(String(16))  # ok|failed|rejected|refused|no-reply
+    phase: Mapped[Phase] = mapped_column(String(16))
+    status: Mapped[ParticipationStatus] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     reason_code: Mapped[str | None] = mapped_column(String(40))  # a site's refusal code
     num_examples: Mapped[int | None] = mapped_column(Integer)
@@ -136,7 +138,7 @@ class Metric(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     round_number: Mapped[int] = mapped_column(Integer)
     site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"))
-    phase: Mapped[str] = mapped_column(String(16))
+    phase: Mapped[Phase] = mapped_column(String(16))
     name: Mapped[str] = mapped_column(String(64))
     value: Mapped[float | None] = mapped_column(Float)
     encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -223,7 +225,7 @@ class EncryptedMetric(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     round_number: Mapped[int] = mapped_column(Integer)
-    phase: Mapped[str] = mapped_column(String(16))
+    phase: Mapped[Phase] = mapped_column(String(16))
     names: Mapped[str] = mapped_column(String(200))
     key_id: Mapped[str] = mapped_column(String(32))
     weight_norm: Mapped[float] = mapped_column(Float)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,14 +24,13 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.store import schema as S
-from veil import __version__
+from veil import __version__, env
 from veil.errors import StoreError
 from veil.logs import get_logger
+from veil.names import RunMode, RunStatus
 
 log = get_logger("store")
 
-DEFAULT_STORE_URL = "sqlite:///veil.db"
-STORE_ENV = "VEIL_STORE"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SCHEMA_HEAD = "0005"  # the newest migration; a test checks it against Alembic's own head
 
@@ -50,7 +48,8 @@ def code_version() -> str:
 
 
 def resolve_store_url(url: str | None) -> str:
-    return url or os.environ.get(STORE_ENV) or DEFAULT_STORE_URL
+    """``url`` (a --store option), else ``VEIL_STORE``, else the default SQLite file."""
+    return env.store_url(url)
 
 
 def _alembic_config(connection: Any = None) -> Any:
@@ -159,7 +158,8 @@ class RunStore:
 
     # -- runs ----------------------------------------------------------------------------
     def create_run(self, *, name: str, spec: dict[str, Any], spec_hash: str, seed: int,
-                   num_sites: int, num_rounds: int, mode: str = "simulation") -> int:
+                   num_sites: int, num_rounds: int, mode: RunMode = "simulation") -> int:
+        """A new run row, ``running`` from now; returns its id."""
         with self.session() as s:
             run = S.Run(
                 name=name, status="running", spec_json=json.dumps(spec, sort_keys=True),
@@ -171,7 +171,8 @@ class RunStore:
             s.flush()
             return run.id
 
-    def finish_run(self, run_id: int, *, status: str, error: str | None = None) -> None:
+    def finish_run(self, run_id: int, *, status: RunStatus, error: str | None = None) -> None:
+        """Store the run's final status, error and wall time (``server.lifecycle`` decides them)."""
         with self.session() as s:
             run = s.get(S.Run, run_id)
             if run is None:
@@ -182,12 +183,6 @@ class RunStore:
             if run.started_at is not None:
                 started = run.started_at if run.started_at.tzinfo else run.started_at.replace(tzinfo=UTC)
                 run.wall_seconds = (run.ended_at - started).total_seconds()
-        from server.summary import derive_site_epsilons
-
-        try:
-            derive_site_epsilons(self, run_id)  # once, so readers need not run the accountant
-        except (ValueError, ArithmeticError, StoreError) as err:  # readers recompute instead
-            log.warning("run %d: could not derive site ε at run end (%s); readers will recompute", run_id, err)
 
     def get_run(self, run_id: int) -> S.Run:
         with self.session() as s:

@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
+from server.read.summary import RunSummary, iso_utc, load_summary, natural_key
 from server.store import RunStore
 from server.store import schema as S
 from server.store.store import resolve_store_url
-from server.summary import RunSummary, iso_utc, load_summary, natural_key
 from veil import names as P
 from veil.errors import StoreError, VeilError
+from veil.files import atomic_write
+from veil.names import SHOWN_METRICS
 
 if TYPE_CHECKING:
     from privacy.ckks import SecretKey
@@ -61,10 +63,20 @@ def accountant_versions(store: RunStore, run_id: int) -> dict[str, str]:
             .where(S.PrivacyEvent.run_id == run_id).distinct())}
 
 
-def site_mechanisms(store: RunStore, run_id: int) -> dict[str, tuple[float, float, int, float]]:
-    """{site: (largest q, smallest σ, total steps, C)} over the run's privacy events."""
+@dataclass(frozen=True)
+class SiteMechanism:
+    """A site's DP-SGD mechanism over one run: the worst case of each knob, and total steps."""
+
+    max_sample_rate: float
+    min_noise_multiplier: float
+    steps: int
+    max_grad_norm: float
+
+
+def site_mechanisms(store: RunStore, run_id: int) -> dict[str, SiteMechanism]:
+    """{site: its mechanism} over the run's privacy events."""
     with store.session() as s:
-        return {key: (q, sigma, int(steps), c) for key, q, sigma, steps, c in s.execute(
+        return {key: SiteMechanism(q, sigma, int(steps), c) for key, q, sigma, steps, c in s.execute(
             select(S.Site.site_key, func.max(S.PrivacyEvent.sample_rate),
                    func.min(S.PrivacyEvent.noise_multiplier),
                    func.sum(S.PrivacyEvent.steps), func.max(S.PrivacyEvent.max_grad_norm))
@@ -213,11 +225,12 @@ class MetricSeries:
     epsilon_cap: float | None = None
 
     def values(self, metric: str) -> list[float | None]:
+        """The per-round values of one of ``SHOWN_METRICS`` (ε: the worst site's)."""
         return {"accuracy": self.accuracy, "loss": self.loss, "train-loss": self.train_loss,
                 "epsilon": self.max_epsilon}[metric]
 
 
-METRICS = ("accuracy", "loss", "train-loss", "epsilon")
+METRICS = SHOWN_METRICS
 
 
 def metric_series(store: RunStore, run_id: int, key: SecretKey | None = None,
@@ -298,7 +311,7 @@ def write_export(tables: dict[str, list[dict[str, Any]]], fmt: str, out: Path) -
     """json: one file; csv and parquet: one file per table in the directory ``out``."""
     if fmt == "json":
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, json.dumps(tables, indent=2, default=str).encode())
+        atomic_write(out, json.dumps(tables, indent=2, default=str).encode(), mode=0o644)
         return [out]
     if out.exists() and not out.is_dir():
         raise VeilError(f"{out} is a file; --out for {fmt} is a directory (one file per table)")
@@ -307,9 +320,9 @@ def write_export(tables: dict[str, list[dict[str, Any]]], fmt: str, out: Path) -
     for name, rows in tables.items():
         path = out / f"{name}.{fmt}"
         if fmt == "csv":
-            _atomic_write(path, _csv(rows))
+            atomic_write(path, _csv(rows), mode=0o644)
         else:
-            _atomic_write(path, _parquet(rows))
+            atomic_write(path, _parquet(rows), mode=0o644)
         written.append(path)
     return written
 
@@ -343,9 +356,3 @@ def _parquet(rows: list[dict[str, Any]]) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

@@ -1,72 +1,37 @@
-"""The coordinator's Flower ServerApp.
+"""The coordinator: one run of a scenario on a Flower grid, from pre-flight to the last round.
 
-``build_server_app(scenario, store, run_id)`` makes the app that ``veil simulate`` runs;
-``app`` (module level) is what ``flwr run .`` loads: it reads the scenario file and store URL
-from the run config and creates the run record itself. Both run ``run_federation``.
+``run_federation`` is the whole run: budget pre-flight (each site answers from its own ledger
+and policy), the participation plan, then the rounds (``train_rounds``, the one round loop),
+then the final checkpoint. ``build_server_app`` wraps it in the ServerApp that ``veil
+simulate`` runs; the module-level app that ``flwr run`` loads lives in ``veil.apps.serverapp``.
+The run record itself is made and ended by ``server.lifecycle``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from privacy.ckks import CoordinatorContext
 from privacy.randomness import describe
 from server.budget import ParticipationPlan, ask_budgets, check_ledgers, wait_for_nodes
-from server.recording import Model, RecordingStrategy, aggregate_train_metrics
+from server.checkpoints import save_checkpoint, save_encrypted_checkpoint
+from server.checks import Model, aggregate_train_metrics
+from server.lifecycle import end_run
+from server.rounds import ProgressFn, RoundWriter
 from server.store import RunStore
+from server.strategy import RecordingStrategy
 from veil import protocol as P
 from veil.logs import get_logger
 from veil.models import build_model, count_parameters
 from veil.spec import Scenario
 
 log = get_logger("server")
-ProgressFn = Callable[[dict[str, float | int | None]], None]
-
-
-def save_checkpoint(store: RunStore, run_id: int, round_number: int | None, arrays: ArrayRecord,
-                    directory: Path) -> Path:
-    """Write a checkpoint file and record its URI, sha256 and size (never a blob in the DB).
-
-    Written to a temporary name and renamed, so a crash never leaves a truncated file
-    behind a recorded hash.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    name = f"round-{round_number:04d}.pt" if round_number is not None else "final.pt"
-    path = (directory / name).resolve()
-    tmp = path.with_suffix(".tmp")
-    torch.save(arrays.to_torch_state_dict(), tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    data = path.read_bytes()
-    store.add_artifact(run_id, round_number=round_number, kind="checkpoint", uri=path.as_uri(),
-                       sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
-    return path
-
-
-def save_encrypted_checkpoint(store: RunStore, run_id: int, round_number: int, model: ConfigRecord,
-                              arch: str, directory: Path) -> Path:
-    """The encrypted aggregate as a file (only key holders can read it; ``veil keys decrypt``)."""
-    enc = P.encrypted_from(RecordDict({P.ENC_MODEL: model}), P.ENC_MODEL)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = (directory / f"round-{round_number:04d}.ckks").resolve()
-    layout = [[k, list(v.shape), str(v.dtype).removeprefix("torch.")]
-              for k, v in build_model(arch).state_dict().items()]
-    enc.to_file(path, {"arch": arch, "layout": layout, "run_id": run_id, "round": round_number,
-                       "stream": "weighted sum of all layers in state_dict order; last value: total weight"})
-    data = path.read_bytes()
-    store.add_artifact(run_id, round_number=round_number, kind="encrypted-checkpoint", uri=path.as_uri(),
-                       sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
-    return path
 
 
 def load_coordinator_context(scenario: Scenario, coordinator_key: Path | None) -> CoordinatorContext | None:
@@ -147,26 +112,26 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         public[P.ENC_WEIGHT_NORM] = float(max(1, sum(st.status.num_examples for st in standings.values()
                                                      if st.status is not None)))
         public[P.ENC_EVAL] = enc.evaluation == "ckks"
+    writer = RoundWriter(store, run_id, num_rounds=fed.rounds, min_sites=min_sites, on_round=on_round)
     strategy = RecordingStrategy(
-        inner, store, run_id, num_rounds=fed.rounds, min_sites=min_sites, on_round=on_round, plan=plan,
-        cipher=cipher, stream_values=count_parameters(model) + 1,
+        inner, writer, plan=plan, cipher=cipher, stream_values=count_parameters(model) + 1,
         encrypted_train=enc.aggregation == "ckks", encrypted_eval=enc.evaluation == "ckks",
         weight_norm=float(public.get(P.ENC_WEIGHT_NORM, 0.0)), rng=task.rng,
     )
-    strategy.record_preflight(standings)
+    writer.preflight(standings)
     answered = sum(1 for st in standings.values() if st.status is not None)
     if answered < min_sites:  # sites broken, not refusing: a failure, not a budget decision
         failures = "; ".join(f"{st.site_id}: {st.failure}" for st in standings.values() if st.failure)
         message = (f"pre-flight: only {answered} of {len(standings)} sites answered the budget "
                    f"question (min_sites {min_sites}): {failures}")
         log.error("run %d %s", run_id, message)
-        store.finish_run(run_id, status="failed", error=message[:4000])
+        end_run(store, run_id, "failed", message)
         return None
     reasons = plan.refusal_reasons()
     if reasons:
         message = "refused before training (on_budget_exhausted: refuse): " + "; ".join(reasons)
         log.warning("run %d %s", run_id, message)
-        store.finish_run(run_id, status="refused", error=message[:4000])
+        end_run(store, run_id, "refused", message)
         return None
     for st in sorted(standings.values(), key=lambda st: st.site_id):
         if st.status is not None:
@@ -178,21 +143,8 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         else:
             log.warning("pre-flight node %d: %s", st.node, st.failure)
 
-    arrays: Model = ArrayRecord(model.state_dict())  # round 1 starts from the public initial model
-    for server_round in range(1, fed.rounds + 1):
-        messages = list(strategy.configure_train(server_round, arrays, task_config(), grid))
-        if not messages:
-            break
-        replies = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-        eval_config = ConfigRecord({"arch": scenario.model.key, **public})
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, eval_config, grid),
-            timeout=fed.round_timeout_s,
-        )
-        strategy.aggregate_evaluate(server_round, replies)
+    arrays = train_rounds(grid, strategy, ArrayRecord(model.state_dict()), task_config,
+                          ConfigRecord({"arch": scenario.model.key, **public}), fed.rounds, fed.round_timeout_s)
     if isinstance(arrays, ConfigRecord):
         save_encrypted_checkpoint(store, run_id, fed.rounds, arrays, scenario.model.key,
                                   artifacts_dir / f"run-{run_id}")
@@ -200,12 +152,35 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         save_checkpoint(store, run_id, fed.rounds, arrays, artifacts_dir / f"run-{run_id}")
     if plan.stopped:
         log.warning("run %d %s", run_id, plan.stopped)
-        store.finish_run(run_id, status="stopped", error=plan.stopped)
+        end_run(store, run_id, "stopped", plan.stopped)
+    return arrays
+
+
+def train_rounds(grid: Grid, strategy: RecordingStrategy, initial: Model, task_config: Callable[[], ConfigRecord],
+                 eval_config: ConfigRecord, num_rounds: int, timeout: float) -> Model:
+    """The round loop, shaped like Flower's ``Strategy.start``: train the planned sites, aggregate,
+    evaluate the new global model everywhere. Round 1 starts from the public initial model; a
+    round without enough usable replies keeps the model; the loop ends early when the plan has
+    nobody left to train. (Why not ``Strategy.start`` itself: see ``server.strategy``.)"""
+    arrays = initial
+    for server_round in range(1, num_rounds + 1):
+        messages = list(strategy.configure_train(server_round, arrays, task_config(), grid))
+        if not messages:
+            break
+        new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
+        if new_arrays is not None:
+            arrays = new_arrays
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(eval_config)), grid),
+            timeout=timeout,
+        )
+        strategy.aggregate_evaluate(server_round, replies)
     return arrays
 
 
 def build_server_app(scenario: Scenario, store_url: str, run_id: int, artifacts_dir: Path,
                      on_round: ProgressFn | None = None, coordinator_key: Path | None = None) -> ServerApp:
+    """The ServerApp ``veil simulate`` runs: ``run_federation`` on an already recorded run."""
     app = ServerApp()
 
     @app.main()
@@ -219,39 +194,3 @@ def build_server_app(scenario: Scenario, store_url: str, run_id: int, artifacts_
     return app
 
 
-app = ServerApp()
-
-
-@app.main()
-def _flwr_run_main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run`` and ``veil run``.
-
-    ``veil run`` sends the whole scenario as ``scenario-json`` (the coordinator's machine need
-    not have the researcher's file); ``flwr run .`` names a ``scenario`` file. The store is
-    the coordinator's own (``VEIL_STORE``, set by ``veil coordinator start``), falling back
-    to the run config's ``store``; likewise its CKKS parameters file (``VEIL_COORDINATOR_KEY``).
-    """
-    import json
-    import os
-
-    from simulations.simulate import record_run
-    from veil import logs
-    from veil.errors import ScenarioError
-    from veil.spec import REPRODUCIBLE_REFUSED, load_scenario, parse_scenario
-
-    logs.configure()  # the ServerApp's own process: its log is what `veil run` streams
-    deployed = bool(context.run_config.get("scenario-json"))
-    scenario = (parse_scenario(json.loads(str(context.run_config["scenario-json"])), "veil run")
-                if deployed else load_scenario(str(context.run_config["scenario"])))
-    if scenario.privacy.reproducible_noise:  # refused before anything is recorded, asked or trained
-        raise ScenarioError(REPRODUCIBLE_REFUSED)
-    store = RunStore(os.environ.get("VEIL_STORE") or str(context.run_config.get("store", "sqlite:///veil.db")))
-    key = os.environ.get("VEIL_COORDINATOR_KEY") or context.run_config.get("coordinator-key")
-    artifacts = Path(os.environ.get("VEIL_ARTIFACTS", "veil-artifacts"))
-    try:
-        with record_run(store, scenario, mode="deployment" if deployed else "simulation") as run_id:
-            log.info("run %d (%s) recorded in %s", run_id, scenario.name, store.safe_url)
-            run_federation(grid, scenario, store, run_id, artifacts.resolve(),
-                           coordinator_key=Path(str(key)) if key else None)
-    finally:
-        store.close()

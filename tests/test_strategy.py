@@ -1,16 +1,21 @@
-"""The coordinator checks every reply at the edge: malformed ones are rejected and recorded."""
+"""The coordinator checks every reply at the edge (``server.checks``, pure) and the strategy
+records what it rejected, refused or never heard from (``server.strategy`` + ``server.rounds``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from flowerkit import LocalGrid, answers
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from sqlalchemy import select
 
 from privacy import DpSgdEvent
-from server.recording import RecordingStrategy, aggregate_train_metrics
+from server import checks
+from server.checks import aggregate_train_metrics
+from server.rounds import RoundWriter
 from server.store import RunStore
 from server.store import schema as S
+from server.strategy import RecordingStrategy
 from veil import protocol as P
 
 GLOBAL = {"w": torch.zeros((2, 3), dtype=torch.float32)}
@@ -35,14 +40,23 @@ def strategy(tmp_path) -> RecordingStrategy:  # type: ignore[no-untyped-def]
 
     store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
     run_id = store.create_run(name="t", spec={}, spec_hash="0" * 64, seed=0, num_sites=1, num_rounds=1)
-    strat = RecordingStrategy(FedAvg(), store, run_id, num_rounds=1, min_sites=1)
-    strat._global_keys = {k: (tuple(a.shape), a.dtype) for k, a in ArrayRecord(GLOBAL).items()}
-    return strat
+    return RecordingStrategy(FedAvg(), RoundWriter(store, run_id, num_rounds=1, min_sites=1))
 
 
-def test_good_reply_passes(strategy: RecordingStrategy) -> None:
-    info, report, n = strategy._check_train_reply(_reply())
-    assert (info.site_id, n, report.event.steps) == ("site-0", 10, 10)
+def _check(content: RecordDict) -> checks.TrainReply:
+    return checks.check_train_reply(content, encrypted=False, expected=checks.layout(ArrayRecord(GLOBAL)),
+                                    rng="os-entropy")
+
+
+def _train(strategy: RecordingStrategy, nodes: list[int], content_for: dict[int, RecordDict]):  # type: ignore[no-untyped-def]
+    """One training round through the strategy's public methods: send to ``nodes``, get replies."""
+    sent = strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), LocalGrid(nodes))
+    return strategy.aggregate_train(1, answers(sent, content_for))
+
+
+def test_good_reply_passes() -> None:
+    reply = _check(_reply())
+    assert (reply.info.site_id, reply.num_examples, reply.report.event.steps) == ("site-0", 10, 10)
 
 
 @pytest.mark.parametrize(
@@ -68,9 +82,9 @@ def test_good_reply_passes(strategy: RecordingStrategy) -> None:
                                      rng="time").to_config()}, "rng must be one of"),
     ],
 )
-def test_malformed_replies_are_rejected(strategy: RecordingStrategy, overrides: dict, message: str) -> None:
+def test_malformed_replies_are_rejected(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        strategy._check_train_reply(_reply(**overrides))
+        _check(_reply(**overrides))
 
 
 def test_epsilon_aggregates_with_max_not_mean() -> None:
@@ -81,18 +95,9 @@ def test_epsilon_aggregates_with_max_not_mean() -> None:
 
 
 def test_rejection_is_recorded_with_reason(strategy: RecordingStrategy) -> None:
-    from flwr.app import Message
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # as in a run
-    good = Message(_reply(), dst_node_id=1, message_type="train")
-    bad = Message(_reply(**{P.PRIVACY: None}), dst_node_id=2, message_type="train")
-    for msg, node in ((good, 1), (bad, 2)):
-        msg.metadata.__dict__["_src_node_id"] = node
-    strategy.round.sampled = [1, 2, 3]
-    arrays, _ = strategy.aggregate_train(1, [good, bad])
+    arrays, _ = _train(strategy, [1, 2, 3], {1: _reply(), 2: _reply(**{P.PRIVACY: None})})  # 3 is silent
     assert arrays is not None  # the round goes on with the good reply
-    with strategy.store.session() as s:
+    with strategy.writer.store.session() as s:
         rows = {p.status: p.reason for p in s.scalars(select(S.Participation))}
     assert rows["ok"] is None
     assert "no privacy record" in (rows["rejected"] or "")
@@ -100,34 +105,25 @@ def test_rejection_is_recorded_with_reason(strategy: RecordingStrategy) -> None:
 
 
 def test_site_refusal_is_recorded_with_its_code_and_the_site_is_dropped(strategy: RecordingStrategy) -> None:
-    from flwr.app import Message
-    from flwr.supercore.task_identity import TaskIdentity
-
     from server.budget import ParticipationPlan, SiteStanding
 
     def status(site: str) -> P.BudgetStatus:
         return P.BudgetStatus(site, "d" * 16, 100, 1e-5, "pld", 4.0, 1.0, 1.0, 0.1, 10, 3.0, 3)
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     plan = ParticipationPlan({1: SiteStanding(1, status("site-0")), 2: SiteStanding(2, status("site-1"))},
                              rounds=3, per_round=2, min_sites=1, mode="drop", seed=0)
     strategy.plan = plan
-    good = Message(_reply(), dst_node_id=1, message_type="train")
     refusal = RecordDict({P.REFUSAL: P.Refusal("budget-exhausted", "lifetime ε would reach 4.2 > 4").to_config(),
                           P.SITE: P.SiteInfo("site-1", "cpu", 0.0).to_config()})
-    no = Message(refusal, dst_node_id=2, message_type="train")
-    for msg, node in ((good, 1), (no, 2)):
-        msg.metadata.__dict__["_src_node_id"] = node
-    strategy.round.sampled = [1, 2]
-    arrays, _ = strategy.aggregate_train(1, [good, no])
+    arrays, _ = _train(strategy, [1, 2], {1: _reply(), 2: refusal})
     assert arrays is not None
-    with strategy.store.session() as s:
+    with strategy.writer.store.session() as s:
         row = s.scalars(select(S.Participation).where(S.Participation.status == "refused")).one()
         ev = s.scalars(select(S.PrivacyEvent)).one()
     assert row.reason_code == "budget-exhausted" and "4.2 > 4" in (row.reason or "")
     assert (ev.lifetime_epsilon, ev.epsilon_cap, ev.dataset_id) == (1.5, 4.0, "d" * 16)
     assert (ev.rng, ev.ledger_id, ev.ledger_seq) == ("os-entropy", "f" * 32, 7)
-    with strategy.store.session() as s:  # the coordinator now witnesses site-0's ledger at entry 7
+    with strategy.writer.store.session() as s:  # the coordinator now witnesses site-0's ledger at entry 7
         head = s.scalars(select(S.LedgerHead)).one()
     assert (head.site_key, head.ledger_id, head.seq, head.entry_hash) == ("site-0", "f" * 32, 7, "a" * 64)
     # the refusing site is never sampled again; the other is charged one round
@@ -149,18 +145,8 @@ def _encrypted_strategy(url: str, ckks_keys, values: int, **kw):  # type: ignore
 
     store = RunStore(url)
     run_id = store.create_run(name="e", spec={}, spec_hash="0" * 64, seed=0, num_sites=3, num_rounds=1)
-    return RecordingStrategy(FedAvg(), store, run_id, num_rounds=1, min_sites=1, cipher=ckks_keys[1],
+    return RecordingStrategy(FedAvg(), RoundWriter(store, run_id, num_rounds=1, min_sites=1), cipher=ckks_keys[1],
                              stream_values=values, encrypted_train=True, **kw)
-
-
-def _message(content: RecordDict, node: int, kind: str = "train"):  # type: ignore[no-untyped-def]
-    from flwr.app import Message
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    msg = Message(content, dst_node_id=node, message_type=kind)
-    msg.metadata.__dict__["_src_node_id"] = node
-    return msg
 
 
 def test_malformed_ciphertexts_are_rejected_with_a_reason_and_the_round_goes_on(
@@ -177,20 +163,18 @@ def test_malformed_ciphertexts_are_rejected_with_a_reason_and_the_round_goes_on(
         return _reply(**{P.ARRAYS: None, P.ENC_UPDATE: P.encrypted_record(enc)})
 
     good = secret.encrypt(update)
-    replies = [
-        _message(encrypted(good), 1),
-        _message(encrypted(EncryptedVector(good.key_id, 7, (b"\x00garbage" * 100,))), 2),
-        _message(encrypted(secret.encrypt(update[:5])), 3),  # wrong length
-        _message(_reply(), 4),  # a plaintext update in an encrypted run
-        _message(encrypted(EncryptedVector(good.key_id, 7, (good.chunks[0] * 2,))), 5),  # oversized
-    ]
-    strategy.round.sampled = [1, 2, 3, 4, 5]
-    model, metrics = strategy.aggregate_train(1, replies)
+    model, metrics = _train(strategy, [1, 2, 3, 4, 5], {
+        1: encrypted(good),
+        2: encrypted(EncryptedVector(good.key_id, 7, (b"\x00garbage" * 100,))),
+        3: encrypted(secret.encrypt(update[:5])),  # wrong length
+        4: _reply(),  # a plaintext update in an encrypted run
+        5: encrypted(EncryptedVector(good.key_id, 7, (good.chunks[0] * 2,))),  # oversized
+    })
     assert isinstance(model, ConfigRecord) and metrics is not None
     mean, weight = secret.decrypt_mean(P.encrypted_from(RecordDict({P.ENC_MODEL: model}), P.ENC_MODEL))
     assert weight == pytest.approx(0.25, abs=1e-7)  # only the good site is in the sum
     assert np.max(np.abs(mean - update[:6] / 0.25)) < 1e-6
-    with strategy.store.session() as s:
+    with strategy.writer.store.session() as s:
         rows = sorted((p.status, p.reason or "") for p in s.scalars(select(S.Participation)))
     reasons = [r for status, r in rows if status == "rejected"]
     assert [status for status, _ in rows].count("ok") == 1 and len(reasons) == 4
@@ -205,34 +189,35 @@ def test_encrypted_evaluation_is_stored_as_one_ciphertext_only_a_key_holder_read
     """On SQLite and PostgreSQL: the ciphertext round-trips through the store's binary column."""
     import numpy as np
 
-    from server.summary import load_summary
+    from server.read.summary import load_summary
 
     secret, _ = ckks_keys
     strategy = _encrypted_strategy(store_url, ckks_keys, values=9, encrypted_eval=True, weight_norm=1000.0)
     site_sums = [(40.0, 80, 100), (90.0, 150, 200)]  # (loss sum, correct, examples) per site
-    replies = [
-        _message(RecordDict({
+    content = {
+        i + 1: RecordDict({
             P.ENC_METRICS: P.encrypted_record(secret.encrypt(np.array(sums, dtype=float) / 1000.0)),
             P.SITE: P.SiteInfo(f"site-{i}", "cpu", 0.1, 0).to_config(),
-        }), i + 1, "evaluate")
+        })
         for i, sums in enumerate(site_sums)
-    ]
-    replies.append(_message(RecordDict({  # plaintext metrics are not accepted in an encrypted evaluation
+    }
+    content[3] = RecordDict({  # plaintext metrics are not accepted in an encrypted evaluation
         P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, P.EVAL_LOSS: 0.1, P.EVAL_ACC: 1.0}),
-        P.SITE: P.SiteInfo("site-2", "cpu", 0.1, 10).to_config()}), 3, "evaluate"))
-    strategy._eval_sampled, strategy._eval_bytes = [1, 2, 3], 0
-    with strategy.store.session() as s:
-        strategy.store.round_row(s, strategy.run_id, 1)
-    assert strategy.aggregate_evaluate(1, replies) is None  # the coordinator learns nothing
-    with strategy.store.session() as s:
+        P.SITE: P.SiteInfo("site-2", "cpu", 0.1, 10).to_config()})
+    grid = LocalGrid([1, 2, 3])
+    strategy.writer.open_round(1, [], 0)
+    sent = strategy.configure_evaluate(1, ArrayRecord(GLOBAL), ConfigRecord(), grid)
+    assert strategy.aggregate_evaluate(1, answers(sent, content)) is None  # the coordinator learns nothing
+    store, run_id = strategy.writer.store, strategy.writer.run_id
+    with store.session() as s:
         stored = s.scalars(select(S.EncryptedMetric)).one()
         plain = s.scalars(select(S.Metric).where(S.Metric.name.in_([P.EVAL_ACC, P.EVAL_LOSS]))).all()
         rejected = s.scalars(select(S.Participation).where(S.Participation.status == "rejected")).one()
     assert stored.sites == 2 and stored.weight_norm == 1000.0 and plain == []
     assert "plaintext metrics" in (rejected.reason or "")
-    hidden = load_summary(strategy.store, strategy.run_id).rounds[0]
+    hidden = load_summary(store, run_id).rounds[0]
     assert hidden.encrypted and hidden.accuracy is None
-    shown = load_summary(strategy.store, strategy.run_id, secret).rounds[0]
+    shown = load_summary(store, run_id, secret).rounds[0]
     assert shown.accuracy == pytest.approx(230 / 300, abs=1e-6)
     assert shown.loss == pytest.approx(130 / 300, abs=1e-6)
 
@@ -242,9 +227,7 @@ def test_encrypted_evaluation_alone_keeps_plaintext_aggregation(tmp_path, ckks_k
 
     store = RunStore(f"sqlite:///{tmp_path / 'p.db'}")
     run_id = store.create_run(name="p", spec={}, spec_hash="0" * 64, seed=0, num_sites=1, num_rounds=1)
-    strategy = RecordingStrategy(FedAvg(), store, run_id, num_rounds=1, min_sites=1, cipher=ckks_keys[1],
-                                 stream_values=7, encrypted_train=False, encrypted_eval=True)
-    strategy._global_keys = {k: (tuple(a.shape), a.dtype) for k, a in ArrayRecord(GLOBAL).items()}
-    strategy.round.sampled = [1]
-    arrays, _ = strategy.aggregate_train(1, [_message(_reply(), 1)])
+    strategy = RecordingStrategy(FedAvg(), RoundWriter(store, run_id, num_rounds=1, min_sites=1),
+                                 cipher=ckks_keys[1], stream_values=7, encrypted_train=False, encrypted_eval=True)
+    arrays, _ = _train(strategy, [1], {1: _reply()})
     assert isinstance(arrays, ArrayRecord)  # plaintext FedAvg, as the scenario asked

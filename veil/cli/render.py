@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from server.dashboard import CompareRow, MetricSeries, RunListRow
-    from server.summary import BudgetRow, RunSummary
+    from server.read.dashboard import CompareRow, MetricSeries, RunListRow
+    from server.read.summary import BudgetRow, RunSummary
 
 PIPE_WIDTH = 240
 

@@ -14,18 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veil.render import eps, fmt, mb
+from privacy.accounting import DESCRIPTIONS
+from veil.cli.render import eps, fmt, mb
 
 if TYPE_CHECKING:
-    from server.dashboard import MetricSeries
-    from server.summary import RunSummary, SiteRow
-
-ACCOUNTANTS = {
-    "pld": "privacy loss distributions (Google dp_accounting PLD): a numerically tight composition",
-    "rdp": "Rényi DP (Google dp_accounting RDP): an upper bound, looser than PLD",
-    "prv": "privacy random variables (Opacus PRV): a numerically tight composition",
-}
-
+    from server.read.dashboard import MetricSeries, SiteMechanism
+    from server.read.summary import RunSummary, SiteRow
 
 @dataclass
 class Block:
@@ -36,8 +30,15 @@ class Block:
     rows: list[list[str]] | None = None
 
 
+def _mechanism_cells(m: SiteMechanism | None) -> list[str]:
+    """σ, q, steps, C of a site's mechanism as table cells ("-" for a site that never trained)."""
+    if m is None:
+        return [fmt(None)] * 4
+    return [fmt(m.min_noise_multiplier), fmt(m.max_sample_rate, 4), fmt(m.steps), fmt(m.max_grad_norm, 2)]
+
+
 def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str],
-          mechanisms: dict[str, tuple[float, float, int, float]]) -> list[Block]:
+          mechanisms: dict[str, SiteMechanism]) -> list[Block]:
     s, spec = summary, summary.spec
     data, train, priv = (spec.get(k, {}) for k in ("data", "training", "privacy"))
     trained = [site for site in s.sites if site.rounds_joined > 0]
@@ -86,15 +87,13 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
         blocks.append(Block("p", f"Randomness: {s.privacy_note}; the seeds never left the sites."))
     used = sorted({site.accountant for site in trained if site.accountant})
     blocks.append(Block("list", items=[
-        f"Accountant `{a}`: {ACCOUNTANTS.get(a, a)}; version {accountant_versions.get(a, 'not recorded')}."
+        f"Accountant `{a}`: {DESCRIPTIONS.get(a, a)}; version {accountant_versions.get(a, 'not recorded')}."
         for a in used] or ["No site trained, so no privacy was spent in this run."]))
-    none = (None, None, None, None)
     blocks.append(Block("table", header=[
         "site", "train records", "rounds", "noise σ", "sampling q", "steps", "C", "run ε", "δ",
         "lifetime ε (ledger)", "cap", "remaining"],
         rows=[[site.site, str(site.num_train or 0), str(site.rounds_joined),
-               fmt(mechanisms.get(site.site, none)[1]), fmt(mechanisms.get(site.site, none)[0], 4),
-               fmt(mechanisms.get(site.site, none)[2]), fmt(mechanisms.get(site.site, none)[3], 2),
+               *_mechanism_cells(mechanisms.get(site.site)),
                eps(site.epsilon), f"{site.delta:.0e}" if site.delta else "-", eps(site.lifetime_epsilon),
                f"{site.epsilon_cap:g}" if site.epsilon_cap is not None else "none", eps(site.remaining)]
               for site in s.sites]))
@@ -213,9 +212,9 @@ def to_html(blocks: list[Block], png: bytes) -> str:
 
 
 def write_report(summary: RunSummary, series: MetricSeries, out: Path, accountant_versions: dict[str, str],
-                 mechanisms: dict[str, tuple[float, float, int, float]]) -> list[Path]:
+                 mechanisms: dict[str, SiteMechanism]) -> list[Path]:
     """report.md + metrics.png + report.html (the image embedded: one file to send)."""
-    from veil.plots import png
+    from veil.cli.plots import png
 
     out.mkdir(parents=True, exist_ok=True)
     image = out / "metrics.png"

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from server.dashboard import MetricSeries
+from veil.names import METRIC_LABELS
 
-LABELS = {"accuracy": "evaluation accuracy", "loss": "evaluation loss", "train-loss": "train loss",
-          "epsilon": "run ε per site"}
+if TYPE_CHECKING:
+    from server.read.dashboard import MetricSeries
+
+LABELS = METRIC_LABELS
 MAX_SITE_LINES = 12  # more sites than this: plot the largest and smallest ε, and the max
 
 

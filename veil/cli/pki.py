@@ -10,7 +10,6 @@ Private keys are written with mode 600 and never overwritten.
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,11 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from veil.errors import VeilError
-
-
-class CertError(VeilError):
-    exit_code = 10
+from veil.errors import CertError
+from veil.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -36,14 +32,10 @@ class CertSet:
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
-    if path.exists():
-        raise CertError(f"{path} exists; refusing to overwrite (move it away first)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        atomic_write(path, data, mode=0o600 if private else 0o644, exclusive=True)
+    except FileExistsError:
+        raise CertError(f"{path} exists; refusing to overwrite (move it away first)") from None
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
+from privacy.events import remaining_budget
 from server.store import RunStore
 from server.store import schema as S
+from veil.names import EVAL_ACC, EVAL_LOSS, EVAL_SUMS, TRAIN_LOSS, eval_from_sums
 
 if TYPE_CHECKING:
     from privacy.ckks import SecretKey
@@ -54,9 +56,8 @@ class SiteRow:
 
     @property
     def remaining(self) -> float | None:
-        if self.epsilon_cap is None or self.lifetime_epsilon is None:
-            return None
-        return max(0.0, self.epsilon_cap - self.lifetime_epsilon)
+        """Lifetime ε the site's ledger has left under its cap after this run."""
+        return remaining_budget(self.epsilon_cap, self.lifetime_epsilon)
 
 
 @dataclass(frozen=True)
@@ -135,16 +136,13 @@ def decrypt_evaluation(key: SecretKey, key_id: str, blob: bytes) -> tuple[float,
     """(accuracy, loss) from a round's encrypted evaluation sums; needs the key set's secret key."""
     from privacy.ckks import EncryptedVector
 
-    loss_sum, correct, examples = key.decrypt(EncryptedVector(key_id, 3, (blob,)))
-    if examples <= 0:
-        raise ValueError("decrypted example count is not positive")
-    return float(correct / examples), float(loss_sum / examples)
+    return eval_from_sums(list(key.decrypt(EncryptedVector(key_id, len(EVAL_SUMS), (blob,)))))
 
 
 def load_summary(store: RunStore, run_id: int, key: SecretKey | None = None) -> RunSummary:
     """The run as the store has it; with ``key``, encrypted evaluation metrics are decrypted."""
     run = store.get_run(run_id)
-    eps = site_epsilons(store, run_id)
+    eps = {e.site: e for e in site_epsilons(store, run_id)}
     with store.session() as s:
         encrypted: dict[int, tuple[float | None, float | None]] = {}
         for row in s.scalars(select(S.EncryptedMetric).where(S.EncryptedMetric.run_id == run_id,
@@ -161,9 +159,9 @@ def load_summary(store: RunStore, run_id: int, key: SecretKey | None = None) -> 
         }
         rounds = [
             RoundRow(r.number, r.status,
-                     encrypted[r.number][0] if r.number in encrypted else agg.get((r.number, "eval-acc")),
-                     encrypted[r.number][1] if r.number in encrypted else agg.get((r.number, "eval-loss")),
-                     agg.get((r.number, "train-loss")),
+                     encrypted[r.number][0] if r.number in encrypted else agg.get((r.number, EVAL_ACC)),
+                     encrypted[r.number][1] if r.number in encrypted else agg.get((r.number, EVAL_LOSS)),
+                     agg.get((r.number, TRAIN_LOSS)),
                      r.sites_ok, r.sites_sampled, r.examples, r.bytes_down, r.bytes_up, r.seconds,
                      encrypted=r.number in encrypted)
             for r in s.scalars(select(S.Round).where(S.Round.run_id == run_id).order_by(S.Round.number))
@@ -194,8 +192,8 @@ def load_summary(store: RunStore, run_id: int, key: SecretKey | None = None) -> 
             ev = last_event.get(site.id)
             sites.append(SiteRow(
                 site.site_key, site.num_train, site.num_test, int(joined.get(site.id, 0)),
-                e[0] if e else None, e[1] if e else site.delta, last_sigma.get(site.id),
-                e[2] if e else None, dataset_id=site.dataset_id,
+                e.epsilon if e else None, e.delta if e else site.delta, last_sigma.get(site.id),
+                e.accountant if e else None, dataset_id=site.dataset_id,
                 lifetime_epsilon=ev.lifetime_epsilon if ev else site.spent_before,
                 lifetime_delta=ev.lifetime_delta if ev else site.budget_delta,
                 epsilon_cap=ev.epsilon_cap if ev else site.epsilon_cap,
@@ -250,7 +248,8 @@ class BudgetRow:
 
     @property
     def remaining(self) -> float | None:
-        return None if self.cap is None or self.spent is None else max(0.0, self.cap - self.spent)
+        """Lifetime ε left under the cap after that run's last charge."""
+        return remaining_budget(self.cap, self.spent)
 
 
 def ledger_notes(store: RunStore) -> dict[str, str]:
@@ -295,10 +294,21 @@ def budget_rows(store: RunStore, run_id: int | None = None, site: str | None = N
     return rows
 
 
-def _site_epsilons(store: RunStore, run_id: int, use_derived: bool
-                   ) -> dict[int, tuple[str, float, float, str, int]]:
-    """{site row id: (site, ε, δ, accountant, events)}; ε from the derived column when it covers
-    every event of the site, otherwise recomputed from the events with the site's accountant."""
+@dataclass(frozen=True)
+class SiteEpsilon:
+    """A site's run ε, derived from its recorded privacy events with its own accountant."""
+
+    site: str
+    site_row: int
+    epsilon: float
+    delta: float
+    accountant: str
+    events: int
+
+
+def site_epsilons(store: RunStore, run_id: int, *, use_derived: bool = True) -> list[SiteEpsilon]:
+    """Each site's run ε: from the value derived at run end when it covers every event of the
+    site, otherwise (or with ``use_derived=False``) recomputed from the events."""
     from privacy.accounting import DpSgdEvent, epsilon
 
     PE = S.PrivacyEvent
@@ -316,30 +326,10 @@ def _site_epsilons(store: RunStore, run_id: int, use_derived: bool
                     select(PE.site_id, PE.noise_multiplier, PE.sample_rate, PE.steps, PE.max_grad_norm)
                     .where(PE.run_id == run_id, PE.site_id.in_(stale)).order_by(PE.round_number)):
                 history.setdefault(sid, []).append(DpSgdEvent(sigma, q, steps, c))
-    out = {}
+    out = []
     for sid, n in counts.items():
         ev = last[sid]
         eps = (epsilon(history[sid], ev.delta, ev.accountant)  # type: ignore[arg-type]
                if sid in history else sites[sid].derived_epsilon)
-        out[sid] = (sites[sid].site_key, float(eps or 0.0), ev.delta, ev.accountant, n)
+        out.append(SiteEpsilon(sites[sid].site_key, sid, float(eps or 0.0), ev.delta, ev.accountant, n))
     return out
-
-
-def site_epsilons(store: RunStore, run_id: int, *, use_derived: bool = True
-                  ) -> dict[str, tuple[float, float, str]]:
-    """ε per site derived from the stored events: {site: (ε, δ, accountant)}.
-
-    ``use_derived=False`` ignores what was derived when the run ended and recomputes all.
-    """
-    return {key: (eps, delta, acc) for key, eps, delta, acc, _ in
-            _site_epsilons(store, run_id, use_derived).values()}
-
-
-def derive_site_epsilons(store: RunStore, run_id: int) -> None:
-    """Recompute every site's run ε from its events and keep it with the site (run end)."""
-    derived = _site_epsilons(store, run_id, use_derived=False)
-    with store.session() as s:
-        for sid, (_, eps, _, _, n) in derived.items():
-            row = s.get(S.Site, sid)
-            if row is not None:
-                row.derived_epsilon, row.derived_events = eps, n

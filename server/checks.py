@@ -1,0 +1,136 @@
+"""Checks on what a site sends back: pure functions, no store, no Flower grid.
+
+Each takes a reply's content and what the coordinator expects, and returns a typed record of
+the reply or raises ``ValueError`` with the reason that goes on the record. Nothing here
+decides what happens next (``server.strategy``) or writes anything (``server.rounds``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from privacy.ckks import CoordinatorContext, EncryptedVector
+from privacy.randomness import RngMode
+from veil import protocol as P
+
+Model = ArrayRecord | ConfigRecord  # plaintext arrays, or the encrypted aggregate (P.encrypted_record)
+Layout = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype) of the global model
+
+
+def array_bytes(arrays: Model) -> int:
+    """Bytes of tensor or ciphertext data in a model record (what crosses the wire, headers aside)."""
+    if isinstance(arrays, ConfigRecord):
+        return P.encrypted_nbytes(arrays)
+    return sum(len(a.data) for a in arrays.values())
+
+
+def model_key(model: Model) -> str:
+    """The record key a model travels under (plaintext arrays or the encrypted stream)."""
+    return P.ENC_MODEL if isinstance(model, ConfigRecord) else P.ARRAYS
+
+
+def layout(arrays: ArrayRecord) -> Layout:
+    """Names, shapes and dtypes of a model record: what every update must match."""
+    return {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+
+
+def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean loss; ε aggregated with *max* (a mean would hide the worst site)."""
+    total = sum(float(P.metric(r, weight_key)) for r in records)
+    loss = sum(P.metric(r, P.TRAIN_LOSS) * P.metric(r, weight_key) for r in records) / total
+    return MetricRecord({P.TRAIN_LOSS: loss, P.EPSILON: max(P.metric(r, P.EPSILON) for r in records)})
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A training reply that passed every check."""
+
+    info: P.SiteInfo
+    report: P.PrivacyReport
+    lifetime: P.LifetimeSpend
+    head: P.LedgerHead
+    num_examples: int
+    update_bytes: int
+
+
+def check_train_reply(content: RecordDict, *, encrypted: bool, expected: Layout, rng: RngMode) -> TrainReply:
+    """A site's training reply: its update matches the global model (or is encrypted when the run
+    is), it reports the mechanism it ran and its ledger's spend, and its noise source is the one
+    the run asked for (a seeded reply to a private run is refused)."""
+    info = P.site_info(content)
+    arrays = content.get(P.ARRAYS)
+    if encrypted:
+        if arrays is not None:
+            raise ValueError("plaintext update in an encrypted run: not aggregated")
+    elif not isinstance(arrays, ArrayRecord):
+        raise ValueError("reply has no arrays record")
+    elif layout(arrays) != expected:
+        raise ValueError("arrays do not match the global model (keys, shapes or dtypes differ)")
+    n = P.metric(content, P.NUM_EXAMPLES)
+    if n != int(n) or n < 1:
+        raise ValueError(f"num-examples must be a positive integer, got {n}")
+    for key in (P.TRAIN_LOSS, P.EPSILON):
+        P.metric(content, key)
+    privacy = content.get(P.PRIVACY)
+    if not isinstance(privacy, ConfigRecord):
+        raise ValueError("reply has no privacy record: a site must report the mechanism it ran")
+    report = P.PrivacyReport.from_config(privacy)
+    life = report.lifetime
+    if life is None:
+        raise ValueError("privacy record has no lifetime spend: the site must keep a privacy ledger")
+    if life.head is None:
+        raise ValueError("lifetime spend has no ledger head: the site must report its ledger's position")
+    if report.rng != rng and report.rng == "seeded":
+        raise ValueError("the site drew its DP noise from the seed (reproducible, not private), but this "
+                         "run asked for noise from each site's own entropy: not aggregated")
+    update = content[P.ENC_UPDATE if encrypted else P.ARRAYS]
+    return TrainReply(info, report, life, life.head, int(n), array_bytes(update))  # type: ignore[arg-type]
+
+
+def parse_update(content: RecordDict, cipher: CoordinatorContext, stream_values: int) -> list[Any]:
+    """An encrypted update's ciphertexts, checked to hold ``stream_values`` values under the run's key."""
+    return cipher.parse(P.encrypted_from(content, P.ENC_UPDATE), stream_values)
+
+
+def check_refusal(content: RecordDict) -> tuple[P.Refusal, str]:
+    """A site's refusal to train and the site's id (ValueError if it is malformed)."""
+    try:
+        rec = content[P.REFUSAL]
+        if not isinstance(rec, ConfigRecord):
+            raise ValueError("refusal is not a config record")
+        return P.Refusal.from_config(rec), P.site_info(content).site_id
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"malformed refusal: {err}") from None
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    """A plaintext evaluation reply that passed the checks."""
+
+    info: P.SiteInfo
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+def check_evaluate_reply(content: RecordDict) -> EvalReply:
+    """A site's plaintext evaluation: a positive count and an accuracy in [0, 1]."""
+    info = P.site_info(content)
+    n = P.metric(content, P.NUM_EXAMPLES)
+    loss, acc = P.metric(content, P.EVAL_LOSS), P.metric(content, P.EVAL_ACC)
+    if n < 1 or not 0.0 <= acc <= 1.0:
+        raise ValueError(f"implausible evaluation (n={n}, accuracy={acc})")
+    return EvalReply(info, int(n), loss, acc)
+
+
+def check_encrypted_evaluate_reply(content: RecordDict, cipher: CoordinatorContext
+                                   ) -> tuple[P.SiteInfo, EncryptedVector, list[Any]]:
+    """A site's encrypted evaluation sums: no plaintext beside them, one ciphertext of the slot layout."""
+    info = P.site_info(content)
+    if P.METRICS in content:
+        raise ValueError("plaintext metrics in an encrypted evaluation: not used")
+    enc = P.encrypted_from(content, P.ENC_METRICS)
+    return info, enc, cipher.parse(enc, len(P.EVAL_SUMS))

@@ -1,0 +1,201 @@
+"""RecordingStrategy: Flower's strategy shape, with every reply checked and put on the record.
+
+It wraps any Flower ``Strategy`` (FedAvg by default) the way Flower's own DP wrappers do
+(``DifferentialPrivacyServerSideFixedClipping(strategy, ...)``): the inner strategy
+aggregates plaintext updates; this layer picks who trains (the participation plan), checks
+each reply at the edge (``server.checks``), writes the round (``server.rounds``) and, with
+CKKS on, adds the encrypted updates itself, never decrypting them.
+
+Why it is not a ``Strategy`` subclass, and why the round loop is Veil's own
+(``server.coordinator.train_rounds``): with CKKS aggregation the global model is an
+encrypted stream (a ``ConfigRecord``), which ``Strategy.aggregate_train`` cannot return and
+``Strategy.start`` cannot carry. The method names and arguments are Flower's, so the loop
+reads like ``Strategy.start``; it just does not lie about the types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from privacy.ckks import CoordinatorContext
+from privacy.randomness import RngMode
+from server import checks
+from server.budget import ParticipationPlan
+from server.checks import Layout, Model, array_bytes, model_key
+from server.rounds import RoundWriter
+from veil import protocol as P
+from veil.logs import get_logger
+
+log = get_logger("server")
+
+
+class RecordingStrategy:
+    """Plan, check, record and aggregate one run's rounds around an inner Flower strategy."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        writer: RoundWriter,
+        *,
+        plan: ParticipationPlan | None = None,
+        cipher: CoordinatorContext | None = None,
+        stream_values: int = 0,
+        encrypted_train: bool = False,
+        encrypted_eval: bool = False,
+        weight_norm: float = 0.0,
+        rng: RngMode = "os-entropy",
+    ) -> None:
+        """``encrypted_train``: replies carry encrypted updates of ``stream_values`` values,
+        which are checked and added with ``cipher``, never decrypted; ``encrypted_eval``:
+        evaluation replies carry encrypted sums, stored as one ciphertext per round; ``rng``:
+        the noise source the task asked for (a seeded reply to a private task is rejected)."""
+        if cipher is None and (encrypted_train or encrypted_eval):
+            raise ValueError("encrypted aggregation or evaluation needs the coordinator's CKKS context")
+        self.inner = inner
+        self.writer = writer
+        self.plan = plan
+        self.cipher = cipher
+        self.stream_values = stream_values
+        self.encrypted_train = encrypted_train
+        self.encrypted_eval = encrypted_eval
+        self.weight_norm = weight_norm
+        self.rng = rng
+        self._layout: Layout = {}
+        self._eval_sampled: list[int] = []
+        self._eval_bytes = 0
+
+    # -- train ---------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: Model, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Train the nodes the participation plan picks (all nodes without a plan)."""
+        nodes = self.plan.choose(server_round) if self.plan else sorted(grid.get_node_ids())
+        config["server-round"] = server_round
+        record = RecordDict({model_key(arrays): arrays, P.TASK: config})
+        messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+        if isinstance(arrays, ArrayRecord):
+            self._layout = checks.layout(arrays)
+        self.writer.open_round(server_round, [m.metadata.dst_node_id for m in messages],
+                               array_bytes(arrays) * len(messages))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[Model | None, MetricRecord | None]:
+        """Check and record every reply; aggregate the usable ones (None: fewer than min_sites)."""
+        w = self.writer
+        valid: list[Message] = []
+        streams: list[list[Any]] = []  # parsed ciphertexts of the valid replies (CKKS on)
+        per_site_bytes = w.round.bytes_down // max(len(w.round.sampled), 1)
+        with w.store.session() as s:
+            for msg in w.answered(s, server_round, "train", list(replies), w.round.sampled, per_site_bytes):
+                node = msg.metadata.src_node_id
+                if P.REFUSAL in msg.content:
+                    try:
+                        refusal, site_id = checks.check_refusal(msg.content)
+                    except ValueError as err:
+                        w.participation(s, server_round, node, "train", "rejected", reason=str(err),
+                                        bytes_down=per_site_bytes)
+                        continue
+                    w.refused(s, server_round, node, site_id, refusal, per_site_bytes)
+                    log.warning("round %d: %s refused: %s", server_round, site_id, refusal)
+                    if self.plan:
+                        self.plan.refused(node, str(refusal))
+                    continue
+                try:
+                    reply = checks.check_train_reply(msg.content, encrypted=self.encrypted_train,
+                                                     expected=self._layout, rng=self.rng)
+                    if self.cipher is not None and self.encrypted_train:
+                        streams.append(checks.parse_update(msg.content, self.cipher, self.stream_values))
+                except ValueError as err:
+                    w.participation(s, server_round, node, "train", "rejected", reason=str(err),
+                                    bytes_down=per_site_bytes)
+                    log.warning("round %d: rejected reply from node %d: %s", server_round, node, err)
+                    continue
+                w.trained(s, server_round, node, reply, per_site_bytes,
+                          {name: P.metric(msg.content, name) for name in (P.TRAIN_LOSS, P.EPSILON)})
+                if self.plan:
+                    self.plan.trained(node)
+                valid.append(msg)
+        w.round.ok = len(valid)
+        if len(valid) < w.min_sites:
+            log.warning("round %d: %d usable replies, fewer than min_sites=%d; model kept",
+                        server_round, len(valid), w.min_sites)
+            return None, None
+        arrays: Model | None
+        metrics: MetricRecord | None
+        if self.cipher is not None and self.encrypted_train:
+            arrays = P.encrypted_record(self.cipher.add(streams))
+            metrics = checks.aggregate_train_metrics([m.content for m in valid], P.NUM_EXAMPLES)
+            log.info("round %d: added %d encrypted updates (%d bytes); the sum stays encrypted",
+                     server_round, len(streams), array_bytes(arrays))
+        else:
+            arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        if metrics is not None:
+            w.round.train_loss = float(metrics[P.TRAIN_LOSS])  # type: ignore[arg-type]
+            w.round.max_epsilon = float(metrics[P.EPSILON])  # type: ignore[arg-type]
+        return arrays, metrics
+
+    # -- evaluate ------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: Model, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Every node evaluates the current global model (plaintext or encrypted)."""
+        config["server-round"] = server_round
+        messages = [Message(content=RecordDict({model_key(arrays): arrays, P.TASK: config}),
+                            message_type=MessageType.EVALUATE, dst_node_id=n)
+                    for n in sorted(grid.get_node_ids())]
+        self._eval_sampled = [m.metadata.dst_node_id for m in messages]
+        self._eval_bytes = array_bytes(arrays)
+        self.writer.round.bytes_down += self._eval_bytes * len(messages)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Check and record evaluations; the inner strategy averages them; the round closes."""
+        if self.encrypted_eval:
+            self._aggregate_encrypted_evaluate(server_round, list(replies))
+            return None
+        w = self.writer
+        valid: list[Message] = []
+        with w.store.session() as s:
+            for msg in w.answered(s, server_round, "evaluate", list(replies), self._eval_sampled,
+                                  self._eval_bytes):
+                node = msg.metadata.src_node_id
+                try:
+                    reply = checks.check_evaluate_reply(msg.content)
+                except ValueError as err:
+                    w.participation(s, server_round, node, "evaluate", "rejected", reason=str(err),
+                                    bytes_down=self._eval_bytes)
+                    continue
+                w.evaluated(s, server_round, node, reply, self._eval_bytes)
+                valid.append(msg)
+        metrics = self.inner.aggregate_evaluate(server_round, valid) if valid else None
+        w.close_round(server_round,
+                      float(metrics[P.EVAL_ACC]) if metrics else None,  # type: ignore[arg-type]
+                      float(metrics[P.EVAL_LOSS]) if metrics else None)  # type: ignore[arg-type]
+        return metrics
+
+    def _aggregate_encrypted_evaluate(self, server_round: int, replies: list[Message]) -> None:
+        """Sum the sites' encrypted evaluation sums; store the ciphertext; read nothing."""
+        assert self.cipher is not None
+        w = self.writer
+        streams: list[list[Any]] = []
+        with w.store.session() as s:
+            for msg in w.answered(s, server_round, "evaluate", replies, self._eval_sampled, self._eval_bytes):
+                node = msg.metadata.src_node_id
+                try:
+                    info, enc, parsed = checks.check_encrypted_evaluate_reply(msg.content, self.cipher)
+                except ValueError as err:
+                    w.participation(s, server_round, node, "evaluate", "rejected", reason=str(err),
+                                    bytes_down=self._eval_bytes)
+                    log.warning("round %d: rejected evaluation from node %d: %s", server_round, node, err)
+                    continue
+                streams.append(parsed)
+                w.evaluated_encrypted(s, server_round, node, info, enc, self._eval_bytes)
+            if streams:
+                w.encrypted_metrics(s, server_round, self.cipher.add(streams), len(streams), self.weight_norm)
+        log.info("round %d evaluation: encrypted (%d sites summed; readable only with the key set's "
+                 "secret key)", server_round, len(streams))
+        w.close_round(server_round, None, None, encrypted=bool(streams))

@@ -1,0 +1,52 @@
+"""Flower messages as a run would carry them, for tests that drive the apps without a SuperLink.
+
+Flower stamps every message it creates with the task identity of the process it runs in;
+``in_a_run()`` sets that identity once, the one place tests touch Flower's internals. Replies
+are then made with Flower's public ``Message(content, reply_to=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+
+
+def in_a_run() -> None:
+    """Give this process the task identity Flower sets inside a run (run 1, node 0, task 1)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def incoming(content: RecordDict, message_type: str, dst_node_id: int = 1) -> Message:
+    """A message as a ClientApp receives it (with a message id, so it can be answered)."""
+    in_a_run()
+    msg = Message(content, dst_node_id=dst_node_id, message_type=message_type)
+    msg.metadata.__dict__["_message_id"] = "m" * 64  # the SuperLink assigns ids on delivery
+    return msg
+
+
+def answer(to: Message, content: RecordDict) -> Message:
+    """``to``'s reply from the node it was sent to (Flower's own reply_to seam)."""
+    if not to.metadata.message_id:
+        to.metadata.__dict__["_message_id"] = f"{to.metadata.dst_node_id:064d}"
+    return Message(content, reply_to=to)
+
+
+def answers(sent: Iterable[Message], content_for: dict[int, RecordDict]) -> list[Message]:
+    """Replies from the nodes in ``content_for``; the other nodes stay silent (no reply)."""
+    return [answer(m, content_for[m.metadata.dst_node_id]) for m in sent if m.metadata.dst_node_id in content_for]
+
+
+class LocalGrid:
+    """The one thing the strategy asks a Flower ``Grid``: which nodes are connected. Like a
+    ServerApp process, it runs inside a run, so the messages sent to it carry an identity."""
+
+    def __init__(self, nodes: Iterable[int]) -> None:
+        in_a_run()
+        self.nodes = list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        """The connected nodes."""
+        return self.nodes

@@ -1,0 +1,41 @@
+"""``veil certs``: a private CA, the coordinator's TLS certificate, and site node keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from veil.cli.common import errors
+
+app = typer.Typer(no_args_is_help=True, help="TLS certificates and SuperNode keys for a deployment.")
+
+
+@app.command("create")
+def certs_create(
+    directory: Annotated[Path, typer.Argument(help="new directory for ca.crt/ca.key/server.crt/server.key")],
+    host: Annotated[list[str], typer.Option("--host", help="a host name or IP the sites dial (repeatable)")],
+    days: Annotated[int, typer.Option(help="validity in days")] = 365,
+) -> None:
+    """A private CA and the coordinator's TLS certificate. Sites get ca.crt only."""
+    from veil.cli.pki import create_certs
+
+    with errors():
+        made = create_certs(directory, host, days=days)
+    typer.echo(f"CA {made.ca_cert} (give to every site) and key {made.ca_key} (mode 600: keep offline)")
+    typer.echo(f"coordinator certificate {made.server_cert} for {', '.join(host)}, "
+               f"key {made.server_key} (mode 600)")
+
+
+@app.command("node-key")
+def certs_node_key(
+    path: Annotated[Path, typer.Argument(help="where the site's private key goes (NAME; NAME.pub is the public)")],
+) -> None:
+    """A site's SuperNode key pair (ECDSA P-384, OpenSSH). The coordinator registers NAME.pub."""
+    from veil.cli.pki import create_node_key
+
+    with errors():
+        public = create_node_key(path)
+    typer.echo(f"private key {path} (mode 600: stays at the site); public key {public}: send it to the "
+               f"coordinator, who runs `veil coordinator register {public.name} ...`")

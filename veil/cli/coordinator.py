@@ -1,0 +1,72 @@
+"""``veil coordinator``: the Flower SuperLink with TLS and node authentication, and site registration."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from veil import env as veil_env
+from veil.cli.common import StoreOpt, errors
+
+app = typer.Typer(no_args_is_help=True, help="Run the coordinator (Flower SuperLink + run store).")
+
+
+@app.command("start")
+def coordinator_start(
+    certs: Annotated[Path, typer.Option("--certs", help="directory from `veil certs create`")],
+    store: StoreOpt = None,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 for all interfaces)")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="the SuperLink's port (sites, registration and runs)")] = 8000,
+    state: Annotated[Path, typer.Option(help="the SuperLink's own state (registered nodes, runs)")] = Path(
+        "veil-coordinator/superlink.db"),
+    coordinator_key: Annotated[Path | None, typer.Option(
+        help="a key set's coordinator.ckks for CKKS runs (a secret key is refused)")] = None,
+    artifacts_dir: Annotated[Path, typer.Option(help="where checkpoints are written")] = Path("veil-artifacts"),
+) -> None:
+    """A Flower SuperLink with TLS and SuperNode authentication; runs are recorded in --store."""
+    from server.store import RunStore
+    from server.store.store import resolve_store_url
+    from veil.cli.flower import superlink_command
+    from veil.processes import bin_path, supervise
+
+    with errors():
+        url = resolve_store_url(store)
+        run_store = RunStore(url)  # creates or migrates it now: a bad URL fails before anything listens
+        safe = run_store.safe_url
+        run_store.close()
+        if coordinator_key is not None:
+            from privacy.ckks import CoordinatorContext
+
+            ctx = CoordinatorContext.load(coordinator_key)
+            typer.echo(f"CKKS: key set {ctx.key_id}, parameters only (no secret key)")
+        state.parent.mkdir(parents=True, exist_ok=True)
+        cmd = superlink_command(certs, host=host, port=port, state=state)
+        env = {**os.environ, "PATH": bin_path(), "FLWR_HOME": str(state.parent.resolve() / "flwr"),
+               **veil_env.coordinator_env(url, artifacts_dir.resolve(),
+                                          coordinator_key.resolve() if coordinator_key else None)}
+        typer.echo(f"coordinator on {host}:{port} (TLS, SuperNode authentication), run store {safe}")
+
+        def event(name: str, **kw: Any) -> None:
+            typer.echo(json.dumps({"event": f"superlink-{name}", **kw}))
+
+        code = supervise(cmd, env, event)
+    raise typer.Exit(code)
+
+
+@app.command("register")
+def coordinator_register(
+    public_key: Annotated[Path, typer.Argument(help="the site's NAME.pub")],
+    coordinator: Annotated[str, typer.Option(help="the SuperLink as HOST:PORT")] = "127.0.0.1:8000",
+    ca: Annotated[Path, typer.Option(help="the federation's ca.crt")] = Path("certs/ca.crt"),
+    name: Annotated[str | None, typer.Option(help="a name for the site in Flower's node list")] = None,
+) -> None:
+    """Register a site's public node key; SuperNodes with unregistered keys are refused."""
+    from veil.cli.flower import register_node
+
+    with errors():
+        node = register_node(public_key, coordinator, ca, name)
+    typer.echo(f"registered {public_key} as node {node}")

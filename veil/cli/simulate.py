@@ -1,0 +1,57 @@
+"""``veil simulate``: a simulated private federation on this machine, recorded in the run store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from veil.cli.common import StoreOpt, echo_summary, errors, quiet_third_parties
+from veil.errors import BudgetRefusedError
+
+
+def simulate(
+    scenario: Annotated[Path | None, typer.Argument(help="scenario YAML (default: the built-in one)")] = None,
+    sites: Annotated[int | None, typer.Option(help="override federation.sites")] = None,
+    rounds: Annotated[int | None, typer.Option(help="override federation.rounds")] = None,
+    seed: Annotated[int | None, typer.Option(help="override seed")] = None,
+    device: Annotated[str | None, typer.Option(help="override device: auto | cpu | cuda")] = None,
+    store: StoreOpt = None,
+    artifacts_dir: Annotated[Path, typer.Option(help="where checkpoints are written")] = Path("veil-artifacts"),
+    ledger_dir: Annotated[Path, typer.Option(
+        help="where the simulated sites keep their privacy ledgers; reuse it and their budgets "
+        "carry over between runs")] = Path("veil-ledgers"),
+    output: Annotated[Literal["text", "json"], typer.Option("--format", help="summary format")] = "text",
+    verbose: Annotated[bool, typer.Option(help="show Flower's own round log")] = False,
+    reproducible_noise: Annotated[bool, typer.Option(
+        "--reproducible-noise", help="research only: draw DP noise and sampling from the seed so the run "
+        "replays exactly; NOT private, and recorded as such")] = False,
+) -> None:
+    """Run a simulated private federation and record it in the run store."""
+    from veil import logs
+    from veil.spec import load_scenario
+
+    logs.configure()
+    quiet_third_parties(verbose)
+    with errors():
+        spec = load_scenario(scenario).with_overrides(
+            **{"federation.sites": sites, "federation.rounds": rounds, "seed": seed, "device": device,
+               "privacy.reproducible_noise": True if reproducible_noise else None}
+        )
+        if spec.federation.min_sites > spec.federation.sites:  # after --sites shrinks it
+            spec = spec.with_overrides(**{"federation.min_sites": spec.federation.sites})
+        from server.read.summary import load_summary
+        from server.store import RunStore
+        from simulations.simulate import simulate as run_sim
+
+        run_store = RunStore(store)
+        try:
+            result = run_sim(spec, run_store, artifacts_dir, progress=output == "text",
+                             ledger_dir=ledger_dir)
+        except BudgetRefusedError as err:  # show what the sites said, then fail
+            if err.run_id is not None:
+                echo_summary(load_summary(run_store, err.run_id), output, run_store.safe_url)
+            raise
+        summary = load_summary(run_store, result.run_id)
+    echo_summary(summary, output, run_store.safe_url)

@@ -1,0 +1,61 @@
+"""``veil site``: check, initialise and run this machine as a data-holding site."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from veil.cli.common import FormatOpt, echo_json, errors
+from veil.exits import ExitCode
+
+app = typer.Typer(no_args_is_help=True, help="Run this machine as a data-holding site.")
+
+
+@app.command("check")
+def site_check(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.yaml")],
+    output: FormatOpt = "text",
+) -> None:
+    """Preflight only: config, data, key, ledger, device, node key, CA; connects nowhere."""
+    from client.daemon import load_site_config, preflight
+
+    with errors():
+        cfg = load_site_config(config)
+        checks = preflight(cfg)
+    if output == "json":
+        echo_json({"site": cfg.site_id, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]})
+    else:
+        for c in checks:
+            typer.echo(f"{'FAIL' if not c.ok else 'warn' if c.warning else 'ok  '} {c.name:<15} {c.detail}")
+    if not all(c.ok for c in checks):
+        raise typer.Exit(int(ExitCode.DATA))
+
+
+@app.command("init")
+def site_init(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.yaml")],
+    new_ledger: Annotated[bool, typer.Option(
+        "--new-ledger", help="replace a pinned ledger that is lost (recorded and shown to the coordinator)",
+    )] = False,
+    reason: Annotated[str | None, typer.Option(help="why the ledger is replaced (with --new-ledger)")] = None,
+) -> None:
+    """Create this site's privacy ledger (or adopt the existing one) and pin its id in site.yaml."""
+    from client.daemon import init_ledger
+
+    with errors():
+        typer.echo(init_ledger(config, new_ledger=new_ledger, reason=reason))
+
+
+@app.command("start")
+def site_start(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.yaml")],
+) -> None:
+    """Preflight, then run a Flower SuperNode for this site until SIGTERM (JSON log lines on stdout)."""
+    from client.daemon import run_site
+
+    with errors():
+        code = run_site(config)
+    raise typer.Exit(code)

@@ -1,0 +1,43 @@
+"""The environment variables Veil reads: the contract between ``veil coordinator start``,
+the ServerApp that Flower starts for each run, and a user's shell. One place, one name each.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+STORE = "VEIL_STORE"
+"""SQLAlchemy URL of the run store (``--store`` wins; default ``sqlite:///veil.db``)."""
+COORDINATOR_KEY = "VEIL_COORDINATOR_KEY"
+"""The coordinator's CKKS parameters file (``coordinator.ckks``; a secret key is refused)."""
+ARTIFACTS = "VEIL_ARTIFACTS"
+"""Where the coordinator writes checkpoints (default ``veil-artifacts``)."""
+LOG_LEVEL = "VEIL_LOG_LEVEL"
+"""Level of the ``veil`` logger (default INFO)."""
+
+DEFAULT_STORE_URL = "sqlite:///veil.db"
+DEFAULT_ARTIFACTS = "veil-artifacts"
+
+
+def get(name: str) -> str | None:
+    """The variable's value, or None when it is unset or empty."""
+    return os.environ.get(name) or None
+
+
+def store_url(explicit: str | None = None, fallback: str = DEFAULT_STORE_URL) -> str:
+    """``explicit`` (a --store option), else ``VEIL_STORE``, else ``fallback``."""
+    return explicit or get(STORE) or fallback
+
+
+def artifacts_dir() -> Path:
+    """``VEIL_ARTIFACTS`` or the default, as given (callers resolve it)."""
+    return Path(get(ARTIFACTS) or DEFAULT_ARTIFACTS)
+
+
+def coordinator_env(store: str, artifacts: Path, coordinator_key: Path | None) -> dict[str, str]:
+    """What ``veil coordinator start`` hands the SuperLink, and through it every run's ServerApp."""
+    env = {STORE: store, ARTIFACTS: str(artifacts)}
+    if coordinator_key is not None:
+        env[COORDINATOR_KEY] = str(coordinator_key)
+    return env
