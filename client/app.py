@@ -243,6 +243,7 @@ def _model_from(msg: Message, arch: str, site: Site) -> torch.nn.Module:
 
 
 def build_client_app(resolve_site: SiteResolver) -> ClientApp:
+    """The site's ClientApp: budget pre-flight, DP-SGD training and evaluation, for ``resolve_site``'s site."""
     app = ClientApp()
 
     @app.query("budget")

@@ -31,6 +31,8 @@ from veil.errors import ScenarioError, VeilError
 
 
 class CoordinatorSpec(BaseModel):
+    """How the SuperNode reaches the coordinator: its address, the federation's CA and this site's node key."""
+
     model_config = ConfigDict(extra="forbid")
 
     address: str = Field(description="the coordinator's SuperLink as host:port")
@@ -61,6 +63,7 @@ class SiteConfig(BaseModel):
 
 
 def load_site_config(path: Path) -> SiteConfig:
+    """Read and validate ``site.yaml``; relative paths come back resolved against the file's directory."""
     path = Path(path).expanduser()
     cfg = config.validate(SiteConfig, config.read_yaml(path, what="site config", error=ScenarioError),
                           what="site config", source=str(path), error=ScenarioError)
@@ -81,6 +84,8 @@ def load_site_config(path: Path) -> SiteConfig:
 
 @dataclass(frozen=True)
 class Check:
+    """One preflight check's outcome: its name, whether it passed, and what it found."""
+
     name: str
     ok: bool
     detail: str
@@ -184,6 +189,7 @@ def preflight(cfg: SiteConfig) -> list[Check]:
 
 
 def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
+    """The ``flower-supernode`` command line: TLS, node authentication, ``site-config`` in the node config."""
     from veil.processes import flower_exe
 
     return [flower_exe("flower-supernode"), "--superlink", cfg.coordinator.address,

@@ -36,9 +36,11 @@ class ArrayDataset:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> ArrayDataset:
+        """The records at positions ``idx``, as a new data set."""
         return ArrayDataset(self.features[idx], self.labels[idx])
 
     def to_torch(self) -> TensorDataset:
+        """The same records as a torch ``TensorDataset`` (float32 features, int64 labels)."""
         return TensorDataset(
             torch.from_numpy(self.features), torch.from_numpy(self.labels.astype(np.int64))
         )
@@ -60,6 +62,7 @@ def load_mnist_5k() -> ArrayDataset:
 
 
 def load_builtin(source: str) -> ArrayDataset:
+    """A built-in data set by name; only ``mnist-5k`` exists."""
     if source == "mnist-5k":
         return load_mnist_5k()
     raise DataError(f"unknown built-in data set {source!r}; available: mnist-5k")

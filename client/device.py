@@ -8,6 +8,7 @@ from veil.errors import VeilError
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
+    """The torch device for ``choice`` (auto, cpu or cuda); asking for cuda without one is an error."""
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():

@@ -31,6 +31,8 @@ from privacy.randomness import RngMode, RoundRandomness
 
 @dataclass(frozen=True)
 class TrainOutcome:
+    """What a DP-SGD round ran: the mechanism to account for, loss, time and the randomness mode."""
+
     event: DpSgdEvent
     num_examples: int
     mean_loss: float
@@ -42,16 +44,20 @@ class TrainOutcome:
 
 @dataclass(frozen=True)
 class EvalOutcome:
+    """Summed loss and correct count of an evaluation over ``num_examples`` records."""
+
     loss_sum: float
     correct: int
     num_examples: int
 
     @property
     def loss(self) -> float:
+        """Mean cross-entropy loss per example."""
         return self.loss_sum / self.num_examples
 
     @property
     def accuracy(self) -> float:
+        """Share of examples classified correctly, in [0, 1]."""
         return self.correct / self.num_examples
 
 
@@ -136,6 +142,7 @@ def train_dp_sgd(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TensorDataset, device: torch.device, batch_size: int = 256) -> EvalOutcome:
+    """Cross-entropy loss (summed) and accuracy of ``model`` on ``data``, without gradients."""
     model.to(device).eval()
     loss_sum, correct = 0.0, 0
     criterion = nn.CrossEntropyLoss(reduction="sum")

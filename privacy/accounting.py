@@ -70,6 +70,7 @@ def group_events(events: Iterable[DpSgdEvent]) -> History:
 
 
 def check_accountant(accountant: str) -> AccountantName:
+    """The name as an ``AccountantName`` if it is pld, rdp or prv; anything else is a ``ValueError``."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"Unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}.")
     return accountant  # type: ignore[return-value]

@@ -76,10 +76,12 @@ class CkksParams:
 
     @property
     def slots(self) -> int:
+        """Reals one ciphertext packs: N/2."""
         return self.poly_modulus_degree // 2
 
     @property
     def data_primes(self) -> int:
+        """How many data primes there are (every coefficient-modulus prime but SEAL's special one)."""
         return len(self.coeff_mod_bit_sizes) - 1
 
     @property
@@ -93,6 +95,7 @@ class CkksParams:
         return 2 * self.poly_modulus_degree * self.data_primes * 8
 
     def problems(self) -> list[str]:
+        """Every way these parameters miss 128-bit security, SEAL's limits or precision; empty if none."""
         n, bits = self.poly_modulus_degree, self.coeff_mod_bit_sizes
         out: list[str] = []
         if n not in SEAL_128_BIT_BOUNDS:
@@ -121,18 +124,21 @@ class CkksParams:
         return out
 
     def validate(self) -> CkksParams:
+        """These parameters, or an ``EncryptionError`` listing every problem."""
         found = self.problems()
         if found:
             raise EncryptionError("invalid CKKS parameters: " + "; ".join(found))
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The parameters as JSON-ready values (the primes as a list)."""
         d = asdict(self)
         d["coeff_mod_bit_sizes"] = list(self.coeff_mod_bit_sizes)
         return d
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> CkksParams:
+        """Validated parameters from a file header; incomplete or malformed ones raise ``EncryptionError``."""
         try:
             return cls(int(raw["poly_modulus_degree"]), tuple(int(b) for b in raw["coeff_mod_bit_sizes"]),
                        int(raw["scale_bits"]), int(raw["release_bits"])).validate()
@@ -152,9 +158,11 @@ class EncryptedVector:
 
     @property
     def nbytes(self) -> int:
+        """Serialized size of all chunks in bytes: what the stream costs on the wire."""
         return sum(len(c) for c in self.chunks)
 
     def digest(self) -> bytes:
+        """SHA-256 over the key id, value count and every chunk: names this exact stream."""
         h = hashlib.sha256(f"{self.key_id}:{self.values}".encode())
         for c in self.chunks:
             h.update(hashlib.sha256(c).digest())
@@ -162,12 +170,14 @@ class EncryptedVector:
 
     # A file container for encrypted checkpoints: MAGIC, one JSON header line, raw chunks.
     def to_file(self, path: Path, header: dict[str, Any]) -> None:
+        """Write the stream as an encrypted-checkpoint file (mode 644) with ``header``; refuses to overwrite."""
         meta = {**header, "format": FORMAT, "kind": "ciphertext", "key_id": self.key_id,
                 "values": self.values, "chunk_bytes": [len(c) for c in self.chunks]}
         _write_private(path, MAGIC + json.dumps(meta).encode() + b"\n" + b"".join(self.chunks), mode=0o644)
 
     @classmethod
     def from_file(cls, path: Path) -> tuple[EncryptedVector, dict[str, Any]]:
+        """Read a ``to_file`` file: the stream and its header; a truncated file is an ``EncryptionError``."""
         meta, body = _read_container(path, "ciphertext")
         sizes = meta.get("chunk_bytes")
         if not isinstance(sizes, list) or sum(sizes) != len(body):
@@ -188,6 +198,7 @@ class KeySetInfo:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
+        """The public description as JSON: key id, parameters, creation time, scheme and TenSEAL version."""
         return {"key_id": self.key_id, "params": self.params.to_dict(), "created_at": self.created_at,
                 "scheme": "CKKS", "library": f"tenseal {_tenseal_version()}",
                 "encryption": "symmetric (secret key); coordinator holds parameters only"}
@@ -253,6 +264,8 @@ def _read_container(path: Path, kind: str | None) -> tuple[dict[str, Any], bytes
 
 @dataclass(frozen=True)
 class KeySetPaths:
+    """Where ``create_keyset`` wrote the secret and coordinator files, and the key set's public description."""
+
     directory: Path
     secret: Path
     coordinator: Path
@@ -305,6 +318,7 @@ def flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def unflatten(stream: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Inverse of ``flatten``: cut ``stream`` into arrays shaped and typed like ``like``; sizes must match."""
     sizes = [int(a.size) for a in like]
     if stream.size != sum(sizes):
         raise EncryptionError(f"stream holds {stream.size} values, the model {sum(sizes)}")
@@ -350,6 +364,7 @@ class SecretKey(_Role):
 
     @classmethod
     def load(cls, path: Path) -> SecretKey:
+        """Load a ``secret.ckks``; refuses any other kind of key file, or one readable by group or others."""
         path = Path(path)
         meta, body = _read_container(path, None)
         if meta.get("kind") != "secret":
@@ -366,6 +381,7 @@ class SecretKey(_Role):
         return cls(ctx, info)
 
     def encrypt(self, stream: np.ndarray) -> EncryptedVector:
+        """Encrypt a finite, non-empty 1-D stream; every |value| must stay within half the headroom."""
         stream = np.asarray(stream, dtype=np.float64)
         if stream.ndim != 1 or stream.size == 0:
             raise EncryptionError("encrypt expects a non-empty 1-D stream")
@@ -426,10 +442,12 @@ class CoordinatorContext(_Role):
 
 
     def is_private(self) -> bool:
+        """Whether the context holds a secret key (never, once constructed)."""
         return bool(self._ctx.is_private())
 
     @classmethod
     def load(cls, path: Path) -> CoordinatorContext:
+        """Load a ``coordinator.ckks``; refuses any other kind of key file, above all a secret one."""
         path = Path(path)
         meta, body = _read_container(path, None)
         if meta.get("kind") != "coordinator":

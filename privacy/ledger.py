@@ -140,6 +140,8 @@ def dataset_id(fingerprint: str) -> str:
 
 @dataclass(frozen=True)
 class Entry:
+    """One verified ledger entry: a DP-SGD event charged to one data set, and the lifetime ε recorded after it."""
+
     seq: int
     entry_id: str
     fingerprint: str
@@ -194,6 +196,7 @@ class BudgetExceeded:
 
     @property
     def detail(self) -> str:
+        """The refusal in words: projected lifetime ε against the cap at δ, and what was already spent."""
         return (f"lifetime ε would reach {self.projected:.4f} > cap {self.cap:g} at δ={self.delta:g} "
                 f"({self.accountant}); already spent {self.spent:.4f}")
 
@@ -333,6 +336,7 @@ class SiteLedger:
         _create(self.path, site_id)  # if another process got there first, its ledger is used
 
     def close(self) -> None:
+        """Dispose of the database engine; the ledger file is left as it is."""
         self.engine.dispose()
 
     def __enter__(self) -> SiteLedger:
@@ -475,11 +479,13 @@ class SiteLedger:
         return _head_of(str(meta["ledger_id"]), rows, meta)
 
     def entries(self, fingerprint: str | None = None) -> list[Entry]:
+        """Every entry in sequence order (or only those of ``fingerprint``), after verifying the whole chain."""
         with self._tx() as conn:
             _, rows = self._verify(conn)
         return [_entry(r) for r in rows if fingerprint is None or r["fingerprint"] == fingerprint]
 
     def fingerprints(self) -> list[str]:
+        """Fingerprints of the data sets charged here, each once, in order of first charge."""
         seen: dict[str, None] = {}
         for e in self.entries():
             seen.setdefault(e.fingerprint, None)
@@ -678,6 +684,7 @@ class LedgerReport:
 
     @property
     def predecessor(self) -> str | None:
+        """The id of the lost ledger this one replaced (None if it replaced none)."""
         return self.head.predecessor
 
 

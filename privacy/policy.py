@@ -29,6 +29,8 @@ from veil.errors import PolicyError
 
 
 class SitePolicy(BaseModel):
+    """Limits a site enforces on every task, whatever it is asked: lifetime ε cap, δ, σ, q, encryption."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epsilon_cap: float | None = Field(

@@ -72,6 +72,7 @@ class RoundRandomness:
 
     @property
     def private(self) -> bool:
+        """True only for OS-entropy seeds; seeded rounds are reproducible and not private."""
         return self.mode == "os-entropy"
 
     @classmethod
@@ -87,6 +88,7 @@ class RoundRandomness:
 
     @classmethod
     def for_round(cls, mode: RngMode, task_seed: int, site_id: str, server_round: int) -> RoundRandomness:
+        """The round's seeds for ``mode``: fresh OS entropy, or derived from the task seed (not private)."""
         if mode == "os-entropy":
             return cls.from_os()
         if mode == "seeded":

@@ -49,6 +49,7 @@ class SiteStanding:
 
     @property
     def site_id(self) -> str:
+        """The site's own id from its answer, or ``node-<id>`` if it gave none."""
         return self.status.site_id if self.status else f"node-{self.node}"
 
 
@@ -113,6 +114,8 @@ def ask_budgets(grid: Grid, nodes: Iterable[int], task: ConfigRecord, timeout: f
 
 @dataclass
 class ParticipationPlan:
+    """Who trains in which round, from the budget answers: fixed up front (refuse) or sampled per round (drop)."""
+
     standings: dict[int, SiteStanding]
     rounds: int
     per_round: int
@@ -183,11 +186,13 @@ class ParticipationPlan:
         return nodes
 
     def trained(self, node: int) -> None:
+        """Count one round trained by ``node`` against the rounds it may still be sampled for."""
         st = self.standings.get(node)
         if st is not None:
             st.remaining = max(0, st.remaining - 1)
 
     def refused(self, node: int, reason: str) -> None:
+        """Stop sampling ``node`` for the rest of the run, recording ``reason``."""
         st = self.standings.get(node)
         if st is not None:
             st.remaining, st.excluded = 0, reason

@@ -74,6 +74,7 @@ class LedgerWitness:
         self.run_id = run_id
 
     def known(self, site_id: str) -> S.LedgerHead | None:
+        """The furthest head witnessed so far for ``site_id``; None for a site never heard from."""
         return self.s.scalar(select(S.LedgerHead).where(S.LedgerHead.site_key == site_id))
 
     def check(self, site_id: str, reported: P.LedgerHead) -> Verdict:

@@ -42,6 +42,8 @@ NO_NOISE = 1e-9  # σ of the deliberately broken run
 
 @dataclass(frozen=True)
 class AuditSetup:
+    """What ``veil audit`` trains and claims: ε at δ, canary and real-record counts, DP-SGD knobs, confidence."""
+
     claimed_epsilon: float = 2.0
     delta: float = 1e-5
     canaries: int = 2000
@@ -55,6 +57,7 @@ class AuditSetup:
     disable_noise: bool = False  # the broken run the audit must flag
 
     def check(self) -> None:
+        """Raise ``ScenarioError`` listing every setting out of range (ε in (0, 50], δ < 0.01, ...)."""
         problems = []
         if not 0 < self.claimed_epsilon <= 50:
             problems.append(f"--epsilon must be in (0, 50], got {self.claimed_epsilon}")
@@ -74,6 +77,8 @@ class AuditSetup:
 
 @dataclass(frozen=True)
 class AuditRun:
+    """One audit: its setup, the empirical outcome, the mechanism claimed (σ, q, steps), wall seconds."""
+
     setup: AuditSetup
     outcome: AuditOutcome
     noise_multiplier: float  # what was claimed (and run, unless noise was disabled)

@@ -22,6 +22,7 @@ from veil.spec import DataSpec, Scenario
 
 
 def site_id(index: int) -> str:
+    """The id of the simulated site with 0-based partition ``index``: ``site-<index>``."""
     return f"site-{index}"
 
 
@@ -42,10 +43,12 @@ class SimulatedSites:
     allow_seeded_noise: bool = False
 
     def partitions(self) -> tuple[SitePartition, ...]:
+        """Every site's train/test split, made once per process, deterministically from the scenario seed."""
         s = self.scenario
         return _partitions(s.data, s.federation.sites, s.seed)
 
     def site(self, index: int) -> Site:
+        """Simulated site ``index``: its partition as tensors, device, ledger file, policy and CKKS key."""
         part = self.partitions()[index]
         full = load_builtin(self.scenario.data.source)
         return Site(
@@ -60,6 +63,7 @@ class SimulatedSites:
         )
 
     def __call__(self, context: Context) -> Site:
+        """The ``Site`` behind a Flower node, by its ``partition-id``; built once per worker process."""
         torch.set_num_threads(1)  # one thread per simulated site; Ray runs sites side by side
         index = int(context.node_config["partition-id"])
         key = (self.scenario.spec_hash(), self.ledger_dir, self.keys or "", self.allow_seeded_noise, index)

@@ -32,6 +32,8 @@ log = get_logger("simulate")
 
 @dataclass
 class SimulationResult:
+    """A finished simulation: its run id in the store, wall time in seconds, and each round's progress record."""
+
     run_id: int
     wall_seconds: float
     rounds: list[dict[str, float | int | None]] = field(default_factory=list)
@@ -49,6 +51,7 @@ def first_failure(store: RunStore, run_id: int) -> str:
 
 
 def format_progress(info: dict[str, float | int | None]) -> str:
+    """One progress line per round: accuracy and loss (or encrypted), max ε, sites trained, seconds."""
     parts = [f"round {info['round']}/{info['rounds']}:"]
     if info["accuracy"] is not None:
         parts.append(f"accuracy {info['accuracy']:.4f}, loss {info['loss']:.4f},")
@@ -74,6 +77,8 @@ def backend_config(scenario: Scenario) -> dict[str, object]:
 
 @dataclass(frozen=True)
 class KeyPaths:
+    """The run's CKKS key files: ``secret.ckks`` for the sites, ``coordinator.ckks`` for the coordinator."""
+
     secret: Path
     coordinator: Path
 

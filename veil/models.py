@@ -27,6 +27,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(32 * 9, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits for a batch of 1x28x28 images (flat 784-vectors are reshaped first)."""
         if x.dim() == 2:  # flat 784-vectors
             x = x.view(-1, 1, 28, 28)
         return self.head(torch.flatten(self.features(x), 1))
@@ -42,6 +43,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits for a batch of inputs, flattened to ``in_features`` values each."""
         return self.net(x)
 
 
@@ -97,4 +99,5 @@ def ensure_privatizable(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters in ``model`` (trainable or not)."""
     return sum(p.numel() for p in model.parameters())

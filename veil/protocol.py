@@ -69,6 +69,7 @@ class TrainTask:
 
     @classmethod
     def from_scenario(cls, s: Scenario) -> TrainTask:
+        """The scenario's training job; unset σ, target ε and δ travel as 0.0 (calibrate, use σ, site default)."""
         p, t = s.privacy, s.training
         return cls(
             arch=s.model.key,
@@ -89,15 +90,18 @@ class TrainTask:
         )
 
     def for_run(self, run_ref: str) -> TrainTask:
+        """The same task tagged with ``run_ref``, the run the site's ledger records its charges under."""
         from dataclasses import replace
 
         return replace(self, run_ref=run_ref)
 
     def to_config(self) -> ConfigRecord:
+        """The task as the flat ConfigRecord sent to sites, one key per field."""
         return ConfigRecord(cast(Any, asdict(self)))
 
     @classmethod
     def from_config(cls, rec: ConfigRecord) -> TrainTask:
+        """Decode and validate a task: all fields, counts >= 1, exactly one of σ and target ε, known names."""
         values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in rec:
@@ -129,6 +133,7 @@ class PrivacyReport:
     rng: RngMode = "os-entropy"  # where the noise and the Poisson mask came from
 
     def to_config(self) -> ConfigRecord:
+        """The report as the site's ``privacy`` ConfigRecord, with its ledger's lifetime fields when present."""
         extra = self.lifetime.to_dict() if self.lifetime else {}
         return ConfigRecord(
             {
@@ -148,6 +153,7 @@ class PrivacyReport:
 
     @classmethod
     def from_config(cls, rec: ConfigRecord) -> PrivacyReport:
+        """Decode and validate a privacy record: Poisson sampling, δ in (0, 1), ε >= 0, a known rng mode."""
         try:
             event = DpSgdEvent(
                 noise_multiplier=float(_num(rec, "noise-multiplier")),
@@ -188,6 +194,7 @@ class LifetimeSpend:
     head: LedgerHead | None = None  # the ledger's head right after this charge
 
     def to_dict(self) -> dict[str, Any]:
+        """The lifetime fields as flat config keys, with the ledger head and the cap when present."""
         out: dict[str, Any] = {
             "dataset-id": self.dataset_id, "ledger-entry": self.entry_id,
             "lifetime-epsilon": self.epsilon, "lifetime-delta": self.delta,
@@ -201,6 +208,7 @@ class LifetimeSpend:
 
     @classmethod
     def from_config(cls, rec: ConfigRecord) -> LifetimeSpend:
+        """Decode the lifetime fields (ε >= 0, δ in (0, 1)) and the ledger head from a privacy record."""
         eps, delta = float(_num(rec, "lifetime-epsilon")), float(_num(rec, "lifetime-delta"))
         if not (eps >= 0 and 0 < delta < 1):
             raise ValueError(f"privacy record: lifetime ε={eps}, δ={delta} out of range")
@@ -222,6 +230,7 @@ class LedgerHead:
     replaced_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The head as flat config keys; a replacement's predecessor and reason (≤ 500 chars) only if set."""
         out: dict[str, Any] = {"ledger-id": self.ledger_id, "ledger-seq": self.seq,
                                "ledger-head": self.entry_hash}
         if self.predecessor:
@@ -231,6 +240,7 @@ class LedgerHead:
 
     @classmethod
     def from_config(cls, rec: ConfigRecord) -> LedgerHead:
+        """Decode a ledger head: seq a non-negative integer, the head a sha256 hex digest."""
         seq = _num(rec, "ledger-seq")
         if seq != int(seq) or seq < 0:
             raise ValueError(f"field 'ledger-seq' must be a non-negative integer, got {seq!r}")
@@ -262,10 +272,12 @@ class Refusal:
             raise ValueError(f"refusal code must be one of {REFUSAL_CODES}, got {self.code!r}")
 
     def to_config(self) -> ConfigRecord:
+        """The refusal as a ConfigRecord, its detail cut to 1,000 characters."""
         return ConfigRecord({"code": self.code, "detail": self.detail[:1000]})
 
     @classmethod
     def from_config(cls, rec: ConfigRecord) -> Refusal:
+        """Decode a refusal; an unknown code is a ``ValueError``."""
         return cls(_short(rec, "code"), str(rec.get("detail", ""))[:1000])
 
     def __str__(self) -> str:
@@ -292,6 +304,7 @@ class BudgetStatus:
     ledger: LedgerHead | None = None
 
     def to_config(self) -> ConfigRecord:
+        """The answer as the site's ``budget`` ConfigRecord; cap, refusal and ledger head only when set."""
         out: dict[str, Any] = {
             "site-id": self.site_id, "dataset-id": self.dataset_id,
             "num-examples": self.num_examples, "delta": self.delta, "accountant": self.accountant,
@@ -309,6 +322,7 @@ class BudgetStatus:
 
     @classmethod
     def from_config(cls, rec: ConfigRecord) -> BudgetStatus:
+        """Decode and sanity-check a budget answer; ``ValueError`` names the bad field."""
         refusal = None
         if "refusal-code" in rec:
             refusal = Refusal(_short(rec, "refusal-code"), str(rec.get("refusal-detail", "")))
@@ -331,12 +345,15 @@ class BudgetStatus:
 
 @dataclass(frozen=True)
 class SiteInfo:
+    """Who answered and how: site id, device type, seconds, test records (0 if evaluation is encrypted)."""
+
     site_id: str
     device: str
     seconds: float
     num_test: int = 0
 
     def to_config(self) -> ConfigRecord:
+        """The ``site`` ConfigRecord every reply carries."""
         return ConfigRecord(
             {"site-id": self.site_id, "device": self.device, "seconds": self.seconds,
              "num-test": self.num_test}
@@ -344,6 +361,7 @@ class SiteInfo:
 
     @classmethod
     def from_config(cls, rec: ConfigRecord) -> SiteInfo:
+        """Decode a ``site`` record; the site id must be a non-empty string of at most 200 characters."""
         site_id = rec.get("site-id")
         if not isinstance(site_id, str) or not 0 < len(site_id) <= 200:
             raise ValueError(f"site record: site-id must be a non-empty string, got {site_id!r}")
@@ -368,6 +386,7 @@ def _num(rec: ConfigRecord | MetricRecord, key: str) -> float:
 
 
 def site_info(content: RecordDict) -> SiteInfo:
+    """The replying site's ``SiteInfo``; ``ValueError`` if the record is missing or malformed."""
     rec = content.get(SITE)
     if not isinstance(rec, ConfigRecord):
         raise ValueError("reply has no site record")
@@ -375,6 +394,7 @@ def site_info(content: RecordDict) -> SiteInfo:
 
 
 def metric(content: RecordDict, key: str) -> float:
+    """The number ``key`` from a reply's metrics record; ``ValueError`` if missing, not a number or NaN."""
     rec = content.get(METRICS)
     if not isinstance(rec, MetricRecord):
         raise ValueError("reply has no metrics record")
@@ -407,6 +427,7 @@ def encrypted_from(content: RecordDict, key: str) -> EncryptedVector:
 
 
 def encrypted_nbytes(rec: ConfigRecord) -> int:
+    """Bytes of ciphertext in an encrypted record (0 without a chunk list): what it costs on the wire."""
     chunks = rec.get("chunks")
     if not isinstance(chunks, list):
         return 0

@@ -32,6 +32,8 @@ class _Strict(BaseModel):
 
 
 class FederationSpec(_Strict):
+    """How the federation runs: sites, rounds, sites sampled per round, and what happens when a budget runs out."""
+
     sites: int = Field(10, ge=1, le=1000, description="number of simulated sites")
     rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
     fraction_train: float = Field(
@@ -50,6 +52,8 @@ class FederationSpec(_Strict):
 
 
 class DataSpec(_Strict):
+    """The simulated data: the built-in source, how it is split across sites, and each site's held-out share."""
+
     source: Literal["mnist-5k"] = "mnist-5k"
     partitioner: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (smaller = more skew)")
@@ -59,6 +63,8 @@ class DataSpec(_Strict):
 
 
 class ModelSpec(_Strict):
+    """The network every site trains: the cnn (1x28x28 only) or an mlp of any input and class count."""
+
     arch: Literal["cnn", "mlp"] = "cnn"
     in_features: int = Field(784, ge=1, le=1_000_000,
                              description="mlp: features per record (784 = 28x28 images; the cnn takes 1x28x28)")
@@ -79,6 +85,8 @@ class ModelSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
+    """Local training per round: epochs, expected Poisson batch size, learning rate and momentum."""
+
     local_epochs: int = Field(1, ge=1, le=100)
     batch_size: int = Field(32, ge=1, description="expected (Poisson) batch size")
     learning_rate: float = Field(0.1, gt=0.0, le=10.0)
@@ -86,6 +94,8 @@ class TrainingSpec(_Strict):
 
 
 class PrivacySpec(_Strict):
+    """DP-SGD: σ or a target ε (exactly one), clipping norm C, δ, accountant, the non-private seeded mode."""
+
     noise_multiplier: float | None = Field(
         None, gt=0.0, description="Gaussian noise σ relative to the clipping norm"
     )
@@ -129,9 +139,11 @@ class EncryptionSpec(_Strict):
 
     @property
     def enabled(self) -> bool:
+        """Whether CKKS is on for aggregation, evaluation or both."""
         return self.aggregation == "ckks" or self.evaluation == "ckks"
 
     def params(self) -> CkksParams:
+        """The CKKS parameters for a fresh key set, as given here (the validator checks them)."""
         return CkksParams(self.poly_modulus_degree, tuple(self.coeff_mod_bit_sizes), self.scale_bits,
                           self.release_bits)
 
@@ -205,6 +217,7 @@ class Scenario(_Strict):
         return min(fed.sites, max(fed.min_sites, int(fed.sites * fed.fraction_train)))
 
     def canonical_json(self) -> str:
+        """The scenario as compact JSON with sorted keys: the exact text ``spec_hash`` hashes."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:

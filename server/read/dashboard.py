@@ -46,6 +46,7 @@ def open_store(url: str | None) -> RunStore:
 
 
 def require_runs(store: RunStore) -> None:
+    """Raise ``StoreError`` (naming how to start one) if the store holds no run yet."""
     with store.session() as s:
         if s.scalar(select(S.Run.id).limit(1)) is None:
             raise StoreError(f"store {store.safe_url} has no runs yet: start one with `veil simulate` "
@@ -87,6 +88,8 @@ def site_mechanisms(store: RunStore, run_id: int) -> dict[str, SiteMechanism]:
 # -- veil runs --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunListRow:
+    """One line of ``veil runs``: a run's status, progress, last accuracy, largest ε and traffic."""
+
     run_id: int
     name: str
     status: str
@@ -169,6 +172,8 @@ def list_runs(store: RunStore, *, status: str | None = None, name: str | None = 
 # -- veil compare -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CompareRow:
+    """One run's column in ``veil compare``: outcome, privacy (ε, δ, accountant, mean σ), encryption and cost."""
+
     run_id: int
     name: str
     status: str
@@ -190,6 +195,7 @@ class CompareRow:
 
 
 def compare_row(summary: RunSummary) -> CompareRow:
+    """A run's summary reduced to its ``veil compare`` row, over the sites that trained at least once."""
     final = summary.final
     trained = [site for site in summary.sites if site.rounds_joined > 0]
     deltas = {site.delta for site in trained if site.delta}
@@ -212,6 +218,8 @@ def compare_row(summary: RunSummary) -> CompareRow:
 # -- veil metrics -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MetricSeries:
+    """A run's per-round series for ``veil metrics``: aggregate accuracy and losses, worst and per-site ε."""
+
     run_id: int
     name: str
     rounds: list[int]
@@ -235,6 +243,7 @@ METRICS = SHOWN_METRICS
 
 def metric_series(store: RunStore, run_id: int, key: SecretKey | None = None,
                   summary: RunSummary | None = None) -> MetricSeries:
+    """A run's per-round series from its summary (loaded with ``key`` if not given) plus each site's reported ε."""
     summary = summary or load_summary(store, run_id, key)
     rounds = [r.number for r in summary.rounds]
     index = {rn: i for i, rn in enumerate(rounds)}

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RoundRow:
+    """One round: status, aggregate evaluation (None if encrypted, no key), train loss, participation, traffic."""
+
     number: int
     status: str
     accuracy: float | None
@@ -40,6 +42,8 @@ class RoundRow:
 
 @dataclass(frozen=True)
 class SiteRow:
+    """One site over a run: data sizes, rounds trained, run ε from its events, its ledger's lifetime spend."""
+
     site: str
     num_train: int | None
     num_test: int | None
@@ -74,6 +78,8 @@ class RefusalRow:
 
 @dataclass(frozen=True)
 class RunSummary:
+    """A run as the store has it: rounds, sites, artifacts, missed participations, encryption and provenance."""
+
     run_id: int
     name: str
     status: str
@@ -103,6 +109,7 @@ class RunSummary:
 
     @property
     def privacy_note(self) -> str:
+        """The noise source, for reports: ``NOT_PRIVATE`` if seeded, else OS entropy; empty without events."""
         from privacy.randomness import NOT_PRIVATE, describe
 
         if self.not_private:
@@ -111,6 +118,7 @@ class RunSummary:
 
     @property
     def refusals(self) -> list[RefusalRow]:
+        """The missed participations that a site refused (not failures, rejections or missing replies)."""
         return [m for m in self.missed if m.status == "refused"]
 
     @property
@@ -121,14 +129,17 @@ class RunSummary:
 
     @property
     def max_epsilon(self) -> float | None:
+        """The largest run ε over the sites; None if no site has privacy events."""
         return max((s.epsilon for s in self.sites if s.epsilon is not None), default=None)
 
     @property
     def bytes_moved(self) -> int:
+        """Bytes sent to and from the sites, summed over every round."""
         return sum(r.bytes_down + r.bytes_up for r in self.rounds)
 
     @property
     def examples(self) -> int:
+        """Training records summed over rounds: each trained site's train-set size, once per round it trained."""
         return sum(r.examples for r in self.rounds)
 
 
@@ -221,12 +232,14 @@ def load_summary(store: RunStore, run_id: int, key: SecretKey | None = None) -> 
 
 
 def iso_utc(when: datetime | None) -> str | None:
+    """ISO 8601 to the second, a naive time taken as UTC; None stays None."""
     if when is None:
         return None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).isoformat(timespec="seconds")
 
 
 def natural_key(key: str) -> tuple[str, int]:
+    """Sort key that puts ``site-2`` before ``site-10``: (prefix, trailing number), or (key, -1) without one."""
     head, _, tail = key.rpartition("-")
     return (head, int(tail)) if tail.isdigit() else (key, -1)
 

@@ -35,14 +35,19 @@ NAMING = {
 
 
 def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC: the default of every timestamp column."""
     return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
+    """Declarative base of the run store's tables, with fixed constraint names for Alembic migrations."""
+
     metadata = MetaData(naming_convention=NAMING)
 
 
 class Run(Base):
+    """One federated run: spec (JSON and hash), status, seed, planned size, timing, public CKKS description."""
+
     __tablename__ = "runs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -64,6 +69,8 @@ class Run(Base):
 
 
 class Site(Base):
+    """One site in one run: data sizes, device, pre-flight budget answer, derived run ε, reported ledger head."""
+
     __tablename__ = "sites"
     __table_args__ = (UniqueConstraint("run_id", "site_key"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -93,6 +100,8 @@ class Site(Base):
 
 
 class Round(Base):
+    """One round of a run: status, sites sampled and ok, training records, duration and bytes each way."""
+
     __tablename__ = "rounds"
     __table_args__ = (UniqueConstraint("run_id", "number"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -201,6 +210,8 @@ class LedgerHead(Base):
 
 
 class Artifact(Base):
+    """A file a run produced (a checkpoint), by URI with its sha256 and size; never the bytes themselves."""
+
     __tablename__ = "artifacts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)

@@ -135,9 +135,11 @@ class RunStore:
         return make_url(self.url).render_as_string(hide_password=True)
 
     def upgrade(self) -> None:
+        """Migrate the schema to this Veil's head; a store from a newer Veil is refused."""
         self._check_schema(migrate=True)
 
     def close(self) -> None:
+        """Dispose of the engine and its pooled connections."""
         self.engine.dispose()
 
     @contextmanager
@@ -185,6 +187,7 @@ class RunStore:
                 run.wall_seconds = (run.ended_at - started).total_seconds()
 
     def get_run(self, run_id: int) -> S.Run:
+        """The run's row, readable after its session closes; ``StoreError`` if there is no such run."""
         with self.session() as s:
             run = s.get(S.Run, run_id)
             if run is None:
@@ -193,6 +196,7 @@ class RunStore:
 
     # -- sites & rounds ------------------------------------------------------------------
     def site_row(self, s: Session, run_id: int, site_key: str) -> S.Site:
+        """The row of ``site_key`` in the run, added and flushed (for its id) in session ``s`` if missing."""
         row = s.scalar(select(S.Site).where(S.Site.run_id == run_id, S.Site.site_key == site_key))
         if row is None:
             row = S.Site(run_id=run_id, site_key=site_key)
@@ -209,6 +213,7 @@ class RunStore:
             run.encryption_json = description_json
 
     def round_row(self, s: Session, run_id: int, number: int) -> S.Round:
+        """The row of round ``number``, added as ``running`` and flushed in session ``s`` if missing."""
         row = s.scalar(select(S.Round).where(S.Round.run_id == run_id, S.Round.number == number))
         if row is None:
             row = S.Round(run_id=run_id, number=number, status="running")
@@ -218,6 +223,7 @@ class RunStore:
 
     def add_artifact(self, run_id: int, *, round_number: int | None, kind: str, uri: str,
                      sha256: str, size_bytes: int) -> None:
+        """Record a file the run produced by its URI, sha256 and size (never its bytes)."""
         with self.session() as s:
             s.add(S.Artifact(run_id=run_id, round_number=round_number, kind=kind, uri=uri,
                              sha256=sha256, size_bytes=size_bytes))

@@ -42,6 +42,7 @@ def project_root() -> Path:
 
 
 def superlink_command(certs: Path, *, host: str, port: int, state: Path) -> list[str]:
+    """The ``flower-superlink`` command line: TLS from ``certs``, SuperNode authentication, state in ``state``."""
     missing = [p for p in (certs / "ca.crt", certs / "server.crt", certs / "server.key") if not p.is_file()]
     if missing:
         raise DeployError(f"missing {', '.join(map(str, missing))}; make them with `veil certs create {certs} "

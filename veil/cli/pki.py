@@ -25,6 +25,8 @@ from veil.files import atomic_write
 
 @dataclass(frozen=True)
 class CertSet:
+    """Where ``create_certs`` wrote the CA and server certificates and their keys (keys mode 600)."""
+
     ca_cert: Path
     ca_key: Path
     server_cert: Path

@@ -51,6 +51,7 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str |
 
 
 def fmt(value: Any, digits: int = 3) -> str:
+    """A cell's text: ``-`` for None, yes/no for a bool, ints as they are, floats to ``digits`` decimals."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -63,10 +64,12 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def mb(n: int) -> str:
+    """A byte count in megabytes (10^6 bytes), to two decimals."""
     return f"{n / 1e6:.2f} MB"
 
 
 def eps(value: float | None) -> str:
+    """An ε to three decimals; ``-`` for None."""
     return "-" if value is None else f"{value:.3f}"
 
 
@@ -78,6 +81,7 @@ def _status(status: str) -> str:
 
 # -- veil runs ------------------------------------------------------------------------------
 def draw_runs(con: Console, rows: list[RunListRow]) -> None:
+    """The ``veil runs`` table, one row per run, plus a warning line when any run's noise was seeded."""
     con.print(table(
         ["run", "name", "status", "mode", "created (UTC)", "rounds", "sites", "accuracy", "max ε", "wall",
          "moved"],
@@ -94,6 +98,7 @@ def draw_runs(con: Console, rows: list[RunListRow]) -> None:
 
 # -- veil runs show -------------------------------------------------------------------------
 def draw_summary(con: Console, summary: RunSummary) -> None:
+    """``veil runs show``: header, round and site tables, missed participations, encryption and totals."""
     s = summary
     con.print(f"[bold]run {s.run_id}[/] ({s.name}): {_status(s.status)}")
     if s.error:
@@ -168,11 +173,13 @@ def draw_summary(con: Console, summary: RunSummary) -> None:
 
 
 def format_summary(summary: RunSummary) -> str:
+    """``draw_summary``'s output as plain text, without escape codes."""
     return to_text(draw_summary, summary)
 
 
 # -- veil budget ----------------------------------------------------------------------------
 def draw_budget(con: Console, rows: list[BudgetRow]) -> None:
+    """The ``veil budget`` table (lifetime ε, cap, remaining per data set), then any ledger-replacement notes."""
     if not rows:
         con.print("no privacy spend recorded yet")
         return
@@ -187,6 +194,7 @@ def draw_budget(con: Console, rows: list[BudgetRow]) -> None:
 
 # -- veil compare ---------------------------------------------------------------------------
 def draw_compare(con: Console, rows: list[CompareRow]) -> None:
+    """``veil compare``: one column per run, one row per measure."""
     fields: list[tuple[str, Any]] = [
         ("name", lambda r: r.name), ("status", lambda r: _status(r.status)),
         ("rounds", lambda r: f"{r.rounds_completed}/{r.rounds_planned}"),
@@ -210,6 +218,7 @@ def draw_compare(con: Console, rows: list[CompareRow]) -> None:
 
 # -- veil metrics ---------------------------------------------------------------------------
 def draw_series(con: Console, series: MetricSeries) -> None:
+    """``veil metrics``: per-round accuracy, losses, max ε and the ε of the first 8 sites."""
     sites = sorted(series.epsilon_by_site)
     shown = sites[:8]
     cols = ["round", "accuracy", "loss", "train-loss", "max ε", *(f"ε {s}" for s in shown)]

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Block:
+    """One piece of the report (heading, paragraph, list, table or image), rendered alike to Markdown and HTML."""
+
     kind: str  # h1 | h2 | p | list | table | image
     text: str = ""
     items: list[str] | None = None
@@ -39,6 +41,7 @@ def _mechanism_cells(m: SiteMechanism | None) -> list[str]:
 
 def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str],
           mechanisms: dict[str, SiteMechanism]) -> list[Block]:
+    """The report's blocks for one run: what was trained, the DP mechanism and ε per site, encryption, caveats."""
     s, spec = summary, summary.spec
     data, train, priv = (spec.get(k, {}) for k in ("data", "training", "privacy"))
     trained = [site for site in s.sites if site.rounds_joined > 0]
@@ -158,6 +161,7 @@ def _delta_caveat(trained: list[SiteRow]) -> str:
 
 
 def to_markdown(blocks: list[Block]) -> str:
+    """The blocks as Markdown; the image is linked by file name."""
     out: list[str] = []
     for b in blocks:
         if b.kind == "h1":
@@ -187,6 +191,7 @@ def _inline(text: str) -> str:
 
 
 def to_html(blocks: list[Block], png: bytes) -> str:
+    """The blocks as one self-contained HTML page, with ``png`` embedded as a data URI."""
     body: list[str] = []
     for b in blocks:
         if b.kind in ("h1", "h2"):
