@@ -69,6 +69,10 @@ class RecordingStrategy:
         self._eval_sampled: list[int] = []
         self._eval_bytes = 0
 
+    def _site_order(self, msg: Message) -> str:
+        """Replies are aggregated in the order of their sites' ids (so a seeded run replays exactly)."""
+        return self.writer.site_of(msg.metadata.src_node_id)
+
     # -- train ---------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: Model, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -132,8 +136,8 @@ class RecordingStrategy:
             metrics = checks.aggregate_train_metrics([m.content for m in valid], P.NUM_EXAMPLES)
             log.info("round %d: added %d encrypted updates (%d bytes); the sum stays encrypted",
                      server_round, len(streams), array_bytes(arrays))
-        else:
-            arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        else:  # in site order, not arrival order: float sums then do not depend on who answered first
+            arrays, metrics = self.inner.aggregate_train(server_round, sorted(valid, key=self._site_order))
         if metrics is not None:
             w.round.train_loss = float(metrics[P.TRAIN_LOSS])  # type: ignore[arg-type]
             w.round.max_epsilon = float(metrics[P.EPSILON])  # type: ignore[arg-type]
@@ -171,6 +175,7 @@ class RecordingStrategy:
                     continue
                 w.evaluated(s, server_round, node, reply, self._eval_bytes)
                 valid.append(msg)
+        valid.sort(key=self._site_order)
         metrics = self.inner.aggregate_evaluate(server_round, valid) if valid else None
         w.close_round(server_round,
                       float(metrics[P.EVAL_ACC]) if metrics else None,  # type: ignore[arg-type]
