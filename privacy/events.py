@@ -7,6 +7,7 @@ accounted*, Veil records the mechanism and derives ε from the history on demand
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -31,10 +32,13 @@ class DpSgdEvent:
             )
         if not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"Sampling rate must be in (0, 1]. Found {self.sample_rate}.")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+            # a fractional count would be truncated when events are grouped: ε under-reported
+            raise ValueError(f"Steps must be a whole number. Found {self.steps!r}.")
         if self.steps < 0:
             raise ValueError(f"Steps must be non-negative. Found {self.steps}.")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"Clipping norm must be positive. Found {self.max_grad_norm}.")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"Clipping norm must be a positive finite number. Found {self.max_grad_norm}.")
 
 
 def default_delta(num_records: int) -> float:

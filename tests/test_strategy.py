@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flowerkit import LocalGrid, answers
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from sqlalchemy import select
 
@@ -16,6 +15,7 @@ from server.rounds import RoundWriter
 from server.store import RunStore
 from server.store import schema as S
 from server.strategy import RecordingStrategy
+from tests.flowerkit import LocalGrid, answers
 from veil import protocol as P
 
 GLOBAL = {"w": torch.zeros((2, 3), dtype=torch.float32)}
@@ -72,6 +72,12 @@ def test_good_reply_passes() -> None:
         ({P.PRIVACY: ConfigRecord({"noise-multiplier": 1.0, "sample-rate": 2.0, "steps": 1,
                                    "max-grad-norm": 1.0, "delta": 1e-5, "epsilon": 1.0,
                                    "sampling": "poisson"})}, "Sampling rate must be in"),
+        ({P.PRIVACY: ConfigRecord({"noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 2.5,
+                                   "max-grad-norm": 1.0, "delta": 1e-5, "epsilon": 1.0,
+                                   "sampling": "poisson"})}, "'steps' must be a whole number"),
+        ({P.PRIVACY: ConfigRecord({"noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
+                                   "max-grad-norm": float("inf"), "delta": 1e-5, "epsilon": 1.0,
+                                   "sampling": "poisson"})}, "positive finite"),
         ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0,
                                      sampling="shuffle", lifetime=LIFE).to_config()}, "must be 'poisson'"),
         ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0).to_config()},

@@ -39,6 +39,7 @@ ENC_METRICS = "enc-metrics"  # site -> coordinator: its encrypted evaluation sum
 # task-config keys of an encrypted round (public values only)
 ENC_KEY_ID = "enc-key-id"
 ENC_WEIGHT_NORM = "enc-weight-norm"  # sites weight by n / norm, so every sum stays within ±1 x |value|
+RUN_REQUEST = "run-request"  # task-config key: the researcher's signed request (privacy.requests)
 ENC_EVAL = "enc-eval"  # evaluation replies must be encrypted
 
 NUM_EXAMPLES = "num-examples"
@@ -158,7 +159,7 @@ class PrivacyReport:
             event = DpSgdEvent(
                 noise_multiplier=float(_num(rec, "noise-multiplier")),
                 sample_rate=float(_num(rec, "sample-rate")),
-                steps=int(_num(rec, "steps")),
+                steps=_whole(rec, "steps"),
                 max_grad_norm=float(_num(rec, "max-grad-norm")),
             )
         except ValueError as err:
@@ -257,6 +258,9 @@ REFUSAL_CODES = (
     "seeded-noise",  # a task asking for reproducible (seeded, not private) noise at a real site
     # given by the coordinator, not the site: its ledger is not the one it reported last time
     "ledger-rolled-back", "ledger-replaced",
+    # who asked (privacy.requests): the run is not signed by a researcher the site trusts, or the
+    # task is not what the researcher signed, or the signed request was already spent
+    "unsigned-run", "untrusted-researcher", "bad-signature", "task-mismatch", "replayed-request",
 )
 
 
@@ -373,6 +377,14 @@ def _short(rec: ConfigRecord, key: str) -> str:
     value = rec.get(key)
     if not isinstance(value, str) or len(value) > 200:
         raise ValueError(f"field {key!r} must be a string of at most 200 characters, got {value!r}")
+    return value
+
+
+def _whole(rec: ConfigRecord | MetricRecord, key: str) -> int:
+    """A count: an integer on the wire, never a float to be truncated."""
+    value = rec.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"field {key!r} must be a whole number, got {str(value)[:40]!r}")
     return value
 
 
