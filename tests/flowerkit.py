@@ -1,8 +1,9 @@
 """Flower messages as a run would carry them, for tests that drive the apps without a SuperLink.
 
-Flower stamps every message it creates with the task identity of the process it runs in;
-``in_a_run()`` sets that identity once, the one place tests touch Flower's internals. Replies
-are then made with Flower's public ``Message(content, reply_to=...)``.
+Flower stamps every message it creates with the task identity of the process it runs in, and
+the SuperLink gives each message its id on delivery. Flower has no public API for either, so
+``in_a_run()`` and ``_delivered()`` are the only places tests touch Flower's internals; every test
+goes through the helpers below. Replies are made with Flower's public ``Message(content, reply_to=...)``.
 """
 
 from __future__ import annotations
@@ -19,18 +20,23 @@ def in_a_run() -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
+def _delivered(msg: Message, message_id: str) -> Message:
+    """``msg`` with the id the SuperLink gives a message on delivery (Flower does the same, by hand:
+    ``Metadata.message_id`` has no setter)."""
+    msg.metadata.__dict__["_message_id"] = message_id
+    return msg
+
+
 def incoming(content: RecordDict, message_type: str, dst_node_id: int = 1) -> Message:
     """A message as a ClientApp receives it (with a message id, so it can be answered)."""
     in_a_run()
-    msg = Message(content, dst_node_id=dst_node_id, message_type=message_type)
-    msg.metadata.__dict__["_message_id"] = "m" * 64  # the SuperLink assigns ids on delivery
-    return msg
+    return _delivered(Message(content, dst_node_id=dst_node_id, message_type=message_type), "m" * 64)
 
 
 def answer(to: Message, content: RecordDict) -> Message:
     """``to``'s reply from the node it was sent to (Flower's own reply_to seam)."""
     if not to.metadata.message_id:
-        to.metadata.__dict__["_message_id"] = f"{to.metadata.dst_node_id:064d}"
+        _delivered(to, f"{to.metadata.dst_node_id:064d}")
     return Message(content, reply_to=to)
 
 

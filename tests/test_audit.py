@@ -44,6 +44,7 @@ def test_pure_dp_bound_is_the_binomial_tail_and_grows_with_correct_guesses() -> 
     assert p_value(1000, 600, 600, example, 1e-5) == pytest.approx(0.05, rel=1e-4)
 
 
+@pytest.mark.slow  # 300 trials of the bound: ~10 s
 def test_the_bound_is_sound_for_an_exactly_eps_dp_mechanism() -> None:
     """Randomized response at ε0 per canary is exactly ε0-DP: the 95% bound may exceed ε0 in
     at most ~5% of trials (it is conservative, so far fewer)."""
@@ -67,6 +68,7 @@ def test_scores_separate_or_not() -> None:
         audit_scores([0.0, float("nan")], [True, False], claimed_epsilon=1.0, delta=1e-5)
 
 
+@pytest.mark.slow  # two audited trainings: minutes
 def test_veil_audit_flags_training_without_noise_and_passes_honest_training() -> None:
     from veil.cli.main import app
 

@@ -21,19 +21,15 @@ from server.store import RunStore
 from server.store import schema as S
 from simulations.simulate import simulate
 from tests.conftest import pg_database
+from tests.scenarios import merged, small_scenario
 from veil.cli.main import app
 from veil.spec import parse_scenario
 
-SPEC = {
-    "name": "dash-plain", "seed": 5, "device": "cpu",
-    "federation": {"sites": 3, "rounds": 2, "min_sites": 1},
-    "data": {"partitioner": "iid"}, "model": {"arch": "mlp"},
-    "training": {"batch_size": 64, "learning_rate": 0.5},
-    "privacy": {"target_epsilon": 6.0},
-    "site_policy": {"epsilon_cap": 50.0},
-}
-ENCRYPTED = {**SPEC, "name": "dash-encrypted-eval", "federation": {"sites": 2, "rounds": 2, "min_sites": 1},
-             "encryption": {"evaluation": "ckks"}}
+SPEC = small_scenario(name="dash-plain", seed=5, federation={"sites": 3},
+                      privacy={"noise_multiplier": None, "target_epsilon": 6.0},
+                      site_policy={"epsilon_cap": 50.0})
+ENCRYPTED = merged(SPEC, {"name": "dash-encrypted-eval", "federation": {"sites": 2},
+                          "encryption": {"evaluation": "ckks"}})
 
 
 @dataclass
@@ -45,7 +41,8 @@ class Filled:
     base: Path
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=[pytest.param("sqlite", marks=pytest.mark.slow),
+                                        pytest.param("postgresql", marks=pytest.mark.slow)])
 def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
     base = tmp_path_factory.mktemp(f"dash-{request.param}")
 

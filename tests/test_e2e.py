@@ -17,18 +17,10 @@ from server.read.summary import load_summary
 from server.store import RunStore
 from server.store import schema as S
 from simulations.simulate import simulate
+from tests.scenarios import merged, small_scenario
 from veil.spec import parse_scenario
 
-SMALL = {
-    "name": "e2e",
-    "seed": 3,
-    "device": "cpu",
-    "federation": {"sites": 2, "rounds": 2, "min_sites": 2},
-    "data": {"partitioner": "iid"},
-    "model": {"arch": "mlp"},
-    "training": {"batch_size": 64, "learning_rate": 0.5},
-    "privacy": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
-}
+SMALL = small_scenario(name="e2e", seed=3, federation={"min_sites": 2}, privacy={"max_grad_norm": 1.0})
 
 
 def _count(store: RunStore, table: type, **where: object) -> int:
@@ -39,6 +31,7 @@ def _count(store: RunStore, table: type, **where: object) -> int:
         return int(s.scalar(stmt) or 0)
 
 
+@pytest.mark.slow
 def test_two_sites_two_rounds_are_recorded(tmp_path: Path) -> None:
     store = RunStore(f"sqlite:///{tmp_path / 'veil.db'}")
     result = simulate(parse_scenario(SMALL), store, tmp_path / "artifacts", progress=False,
@@ -77,9 +70,10 @@ def test_two_sites_two_rounds_are_recorded(tmp_path: Path) -> None:
     assert len(data) == size and hashlib.sha256(data).hexdigest() == sha
 
 
+@pytest.mark.slow
 def test_failing_sites_mark_the_run_failed_with_reason(tmp_path: Path) -> None:
     # δ = 0.5 is not below 1/n for any site: every site refuses to train
-    bad = {**SMALL, "privacy": {**SMALL["privacy"], "delta": 0.5}}
+    bad = merged(SMALL, {"privacy": {"delta": 0.5}})
     store = RunStore(f"sqlite:///{tmp_path / 'veil.db'}")
     with pytest.raises(RuntimeError, match="pre-flight: only 0 of 2 sites answered"):
         simulate(parse_scenario(bad), store, tmp_path / "a", progress=False, ledger_dir=tmp_path / "l")
@@ -104,11 +98,12 @@ def test_cli_invalid_scenario_writes_nothing(tmp_path: Path) -> None:
     assert not db.exists()
 
 
+@pytest.mark.slow
 def test_cli_runs_a_scenario_and_prints_json(tmp_path: Path) -> None:
     spec = tmp_path / "s.yaml"
     import yaml
 
-    spec.write_text(yaml.safe_dump({**SMALL, "federation": {"sites": 3, "rounds": 1, "min_sites": 2}}))
+    spec.write_text(yaml.safe_dump(merged(SMALL, {"federation": {"sites": 3, "rounds": 1}})))
     db = tmp_path / "veil.db"
     proc = subprocess.run(
         [sys.executable, "-m", "veil.cli", "simulate", str(spec), "--sites", "2", "--store",

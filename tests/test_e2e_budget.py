@@ -15,18 +15,13 @@ from server.read.summary import load_summary
 from server.store import RunStore
 from server.store import schema as S
 from simulations.simulate import simulate
+from tests.scenarios import merged, small_scenario
 from veil.cli.main import app
 from veil.cli.render import format_summary
 from veil.errors import BudgetRefusedError
 from veil.spec import parse_scenario
 
-SPEC = {
-    "name": "budget-e2e", "seed": 5, "device": "cpu",
-    "federation": {"sites": 2, "rounds": 2, "min_sites": 1},
-    "data": {"partitioner": "iid"}, "model": {"arch": "mlp"},
-    "training": {"batch_size": 64, "learning_rate": 0.5},
-    "privacy": {"noise_multiplier": 1.2},
-}
+SPEC = small_scenario(name="budget-e2e", seed=5, privacy={"noise_multiplier": 1.2})
 
 
 def _events(store: RunStore, run_id: int | None = None) -> list[S.PrivacyEvent]:
@@ -37,6 +32,7 @@ def _events(store: RunStore, run_id: int | None = None) -> list[S.PrivacyEvent]:
         return list(s.scalars(q))
 
 
+@pytest.mark.slow
 def test_lifetime_across_runs_then_refusal(tmp_path: Path) -> None:
     store = RunStore(f"sqlite:///{tmp_path / 'veil.db'}")
     ledgers = tmp_path / "ledgers"
@@ -59,7 +55,7 @@ def test_lifetime_across_runs_then_refusal(tmp_path: Path) -> None:
     spent = {e.dataset_id: e.lifetime_epsilon for e in _events(store, runs[1])}
 
     # a cap just above what is spent: not one more round fits, so the run is refused
-    capped = {**SPEC, "site_policy": {"epsilon_cap": max(spent.values()) + 0.01}}  # type: ignore[type-var]
+    capped = merged(SPEC, {"site_policy": {"epsilon_cap": max(spent.values()) + 0.01}})  # type: ignore[type-var]
     with pytest.raises(BudgetRefusedError, match="refuses: budget-exhausted") as info:
         simulate(parse_scenario(capped), store, tmp_path / "a", progress=False, ledger_dir=ledgers)
     refused = store.get_run(info.value.run_id)  # type: ignore[arg-type]

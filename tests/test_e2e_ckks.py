@@ -21,16 +21,13 @@ from server.read.summary import load_summary
 from server.store import RunStore
 from server.store import schema as S
 from simulations.simulate import simulate
+from tests.scenarios import merged, small_scenario
 from veil.cli.main import app
 from veil.spec import parse_scenario
 
-SPEC = {
-    "name": "ckks-e2e", "seed": 3, "device": "cpu",
-    "federation": {"sites": 3, "rounds": 2, "min_sites": 1},
-    "data": {"partitioner": "iid"}, "model": {"arch": "mlp"},
-    "training": {"batch_size": 64, "learning_rate": 0.5},
-    "privacy": {"noise_multiplier": 1.0, "reproducible_noise": True},
-}
+pytestmark = pytest.mark.slow  # Ray simulations
+
+SPEC = small_scenario(name="ckks-e2e", seed=3, federation={"sites": 3}, privacy={"reproducible_noise": True})
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +35,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunStore, int, int, 
     base = tmp_path_factory.mktemp("ckks")
     store = RunStore(f"sqlite:///{base / 'veil.db'}")
     plain = simulate(parse_scenario(SPEC), store, base / "art", progress=False, ledger_dir=base / "l")
-    spec = {**SPEC, "encryption": {"aggregation": "ckks", "evaluation": "ckks"}}
+    spec = merged(SPEC, {"encryption": {"aggregation": "ckks", "evaluation": "ckks"}})
     enc = simulate(parse_scenario(spec), store, base / "art", progress=False, ledger_dir=base / "l")
     return store, plain.run_id, enc.run_id, base
 

@@ -23,17 +23,14 @@ from server.read.summary import load_summary
 from server.store import RunStore
 from server.store import schema as S
 from simulations.simulate import simulate
+from tests.scenarios import merged, small_scenario
 from veil.cli.main import app
 from veil.errors import BudgetRefusedError
 from veil.spec import parse_scenario
 
-SPEC = {
-    "name": "privacy-e2e", "seed": 11, "device": "cpu",
-    "federation": {"sites": 2, "rounds": 1, "min_sites": 1},
-    "data": {"partitioner": "iid"}, "model": {"arch": "mlp"},
-    "training": {"batch_size": 64, "learning_rate": 0.5},
-    "privacy": {"noise_multiplier": 1.0},
-}
+pytestmark = pytest.mark.slow  # Ray simulations
+
+SPEC = small_scenario(name="privacy-e2e", seed=11, federation={"rounds": 1})
 
 
 def _run(spec: dict, store: RunStore, tmp: Path, ledgers: Path) -> int:
@@ -57,7 +54,7 @@ def test_same_seed_runs_differ_unless_noise_is_seeded_and_then_every_record_says
     assert all(_rngs(store, r) == ["os-entropy"] * 2 for r in private)
     assert not load_summary(store, private[0]).not_private
 
-    seeded_spec = {**SPEC, "privacy": {**SPEC["privacy"], "reproducible_noise": True}}
+    seeded_spec = merged(SPEC, {"privacy": {"reproducible_noise": True}})
     seeded = [_run(seeded_spec, store, tmp_path, tmp_path / "l") for _ in range(2)]
     assert _sha(store, seeded[0]) == _sha(store, seeded[1])  # replays bit for bit
     assert all(_rngs(store, r) == ["seeded"] * 2 for r in seeded)

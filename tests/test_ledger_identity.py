@@ -171,6 +171,7 @@ def test_committed_charges_live_in_the_main_file_not_in_a_separate_log(tmp_path:
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
 
+@pytest.mark.slow  # a second process, 120 races: ~1 min
 def test_two_processes_creating_one_ledger_at_once_never_lose_a_charge(tmp_path: Path) -> None:
     trials = 120
     worker = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ledger_race_worker.py"))],

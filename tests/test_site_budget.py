@@ -98,7 +98,6 @@ def test_encrypted_site_decrypts_before_charging_and_sends_only_ciphertext(tmp_p
 
     from privacy.ckks import SecretKey, create_keyset, flatten
     from privacy.ledger import SiteLedger
-    from tests.sitekit import _incoming
     from veil import protocol as P
     from veil.models import build_model
 
@@ -115,11 +114,11 @@ def test_encrypted_site_decrypts_before_charging_and_sends_only_ciphertext(tmp_p
         return RecordDict({P.ENC_MODEL: P.encrypted_record(enc), P.TASK: ConfigRecord(dict(config))})
 
     with pytest.raises(ValueError, match="encrypted under key set"):
-        driver.app(_incoming(message(SecretKey.load(other.secret)), "train"), driver.context)
+        driver.send(message(SecretKey.load(other.secret)), "train")
     assert not site.ledger.exists() or SiteLedger(site.ledger).entries() == []  # nothing charged
 
     key = SecretKey.load(made.secret)
-    reply = driver.app(_incoming(message(key), "train"), driver.context).content
+    reply = driver.send(message(key), "train")
     assert P.ARRAYS not in reply and len(SiteLedger(site.ledger).entries()) == 1
     update = key.decrypt(P.encrypted_from(reply, P.ENC_UPDATE))
     assert update[-1] == pytest.approx(len(site.train) / 1000.0, abs=1e-7)  # pre-weighted by n / norm

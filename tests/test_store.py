@@ -145,6 +145,8 @@ def test_site_epsilon_is_derived_at_run_end_and_recomputed_when_stale(store_url:
 
 
 def test_schema_head_constant_is_alembics_head() -> None:
-    from server.store.store import SCHEMA_HEAD, _head_revision
+    from alembic.script import ScriptDirectory
 
-    assert _head_revision() == SCHEMA_HEAD
+    from server.store.store import MIGRATIONS, SCHEMA_HEAD
+
+    assert ScriptDirectory(str(MIGRATIONS)).get_current_head() == SCHEMA_HEAD

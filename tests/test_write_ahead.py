@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from privacy import DpSgdEvent, epsilon
 from privacy.ledger import SiteLedger
 
@@ -31,6 +33,7 @@ def _released(path: Path) -> list[dict[str, float | str]]:
     return [json.loads(line) for line in complete.splitlines()]
 
 
+@pytest.mark.slow  # a SIGKILL harness: 20 kills of a training process
 def test_sigkill_never_loses_a_released_charge(tmp_path: Path) -> None:
     ledger_path = tmp_path / "site.ledger"
     worker = subprocess.Popen(
