@@ -29,6 +29,7 @@ under-report.
 from __future__ import annotations
 
 import functools
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -41,10 +42,13 @@ from privacy import DpSgdEvent, accountant_version, calibrate_noise_multiplier, 
 from privacy.ckks import SecretKey, flatten, unflatten
 from privacy.ledger import BudgetExceeded, SiteLedger, dataset_id
 from privacy.randomness import RoundRandomness, describe
+from privacy.requests import RequestRefused, SignedRequest
 from veil import protocol as P
+from veil.errors import ScenarioError
 from veil.logs import get_logger
 from veil.models import build_model
 from veil.names import eval_sums
+from veil.spec import parse_scenario
 
 log = get_logger("client")
 _HISTORY = "veil.privacy-history"
@@ -111,6 +115,52 @@ def _note_new_dataset(site: Site, ledger: SiteLedger) -> None:
 def _ledger_head(ledger: SiteLedger) -> P.LedgerHead:
     h = ledger.head()
     return P.LedgerHead(h.ledger_id, h.seq, h.entry_hash, h.predecessor, h.replaced_reason)
+
+
+def _request_check(site: Site, task: P.TrainTask, config: ConfigRecord
+                   ) -> tuple[P.Refusal | None, SignedRequest | None]:
+    """Whose run is this? The task must carry a request signed by a researcher this site trusts,
+    and be exactly the task that researcher signed (σ or ε, rounds, model, batch, ...)."""
+    if site.researchers is None:
+        return None, None
+    try:
+        request = SignedRequest.from_json(config.get(P.RUN_REQUEST))
+        if not site.researchers and not (request.ephemeral and site.accept_ephemeral):
+            raise RequestRefused("untrusted-researcher", "this site trusts no researcher keys yet; list their "
+                                 "public keys in site.yaml under policy.trusted_researchers")
+        request.verify({r.key_id: r for r in site.researchers}, accept_ephemeral=site.accept_ephemeral)
+        try:
+            signed = P.TrainTask.from_scenario(parse_scenario(request.scenario, "the signed request"))
+        except ScenarioError as err:
+            raise RequestRefused("task-mismatch", f"the signed scenario is not valid here: {err}") from None
+        differ = [f.name for f in fields(task) if f.name != "run_ref"
+                  and getattr(task, f.name) != getattr(signed, f.name)]
+        if differ:
+            raise RequestRefused("task-mismatch", "the task differs from what the researcher signed in "
+                                 + ", ".join(differ))
+    except RequestRefused as err:
+        return P.Refusal(err.code, err.detail), None
+    return None, request
+
+
+def _ledger_ref(task: P.TrainTask, request: SignedRequest | None) -> str:
+    """What the ledger records as the run: the coordinator's run reference plus the signed nonce."""
+    return task.run_ref[:150] + (f"|req:{request.nonce}" if request else "")
+
+
+def _replay_refusal(ledger: SiteLedger, task: P.TrainTask, request: SignedRequest | None) -> P.Refusal | None:
+    """One signed request pays for at most its planned rounds here, under one run: a coordinator
+    cannot spend a researcher's signature twice."""
+    if request is None:
+        return None
+    mark = f"|req:{request.nonce}"
+    spent = [e.run_ref for e in ledger.entries() if e.run_ref.endswith(mark)]
+    if any(ref != _ledger_ref(task, request) for ref in spent):
+        return P.Refusal("replayed-request", "this signed request was already charged here under another run")
+    if len(spent) >= task.planned_rounds:
+        return P.Refusal("replayed-request", f"this signed request has paid for all {task.planned_rounds} "
+                         "of its rounds here")
+    return None
 
 
 def _rng_refusal(site: Site, task: P.TrainTask) -> P.Refusal | None:
@@ -259,7 +309,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         lifetime_delta = policy.delta_for(len(site.train))
         ledger = open_ledger(site)
         fp, acc, scope = site.fingerprint, policy.accountant, policy.cap_scope
-        refusal = _policy_refusal(site, task, planned)
+        refusal, request = _request_check(site, task, config)
+        refusal = refusal or _replay_refusal(ledger, task, request) or _policy_refusal(site, task, planned)
         affordable = 0 if refusal else ledger.affordable_rounds(
             fp, planned, task.planned_rounds, cap=policy.epsilon_cap, delta=lifetime_delta,
             accountant=acc, scope=scope)
@@ -288,6 +339,9 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
         n = len(site.train)
         delta = _run_delta(task, site)
+        refusal, request = _request_check(site, task, config)  # before anything else: whose run is it?
+        if refusal:
+            return _refuse(msg, site, refusal)
         planned = _planned_event(task, context, site)
         refusal = _policy_refusal(site, task, planned)
         if refusal:
@@ -299,9 +353,12 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         randomness = RoundRandomness.for_round(task.rng, task.seed, site.site_id, server_round)
         policy = site.policy
         ledger = open_ledger(site)
+        refusal = _replay_refusal(ledger, task, request)
+        if refusal:
+            return _refuse(msg, site, refusal)
         charge = ledger.charge(
             site.fingerprint, planned, delta=policy.delta_for(n), cap=policy.epsilon_cap,
-            accountant=policy.accountant, scope=policy.cap_scope, run_ref=task.run_ref,
+            accountant=policy.accountant, scope=policy.cap_scope, run_ref=_ledger_ref(task, request),
             round_number=server_round, rng=randomness.mode,
         )
         if isinstance(charge, BudgetExceeded):

@@ -74,6 +74,8 @@ def load_site_config(path: Path) -> SiteConfig:
         return p if p.is_absolute() else base / p
 
     return cfg.model_copy(update={
+        "policy": cfg.policy.model_copy(update={
+            "trusted_researchers": tuple(str(rel(Path(p))) for p in cfg.policy.trusted_researchers)}),
         "data": cfg.data.model_copy(update={"path": rel(cfg.data.path)}),
         "ledger": rel(cfg.ledger), "keys": rel(cfg.keys) if cfg.keys else None,
         "coordinator": cfg.coordinator.model_copy(update={
@@ -152,6 +154,15 @@ def preflight(cfg: SiteConfig) -> list[Check]:
         cap = "no lifetime cap" if cfg.policy.epsilon_cap is None else f"lifetime cap ε {cfg.policy.epsilon_cap:g}"
         return f"cap_scope ledger: {cap} over everything this site's ledger has ever charged"
 
+    def researchers() -> str:
+        from privacy.requests import load_researchers
+
+        found = load_researchers([Path(p) for p in cfg.policy.trusted_researchers])
+        if not found:
+            raise Warn("policy.trusted_researchers lists no researcher keys: this site refuses every run until "
+                       "you add the public keys (NAME.pub) of the researchers whose runs may spend its budget")
+        return "trusts " + ", ".join(r.label() for r in found.values())
+
     def device() -> str:
         dev = resolve_device(cfg.device)
         if dev.type == "cuda":
@@ -183,7 +194,8 @@ def preflight(cfg: SiteConfig) -> list[Check]:
         return f"{c}: {cert.subject.rfc4514_string()}, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
 
     for name, fn in (("data", data), ("key", key), ("ledger", ledger), ("budget scope", scope),
-                     ("device", device), ("node key", node_key), ("ca certificate", ca)):
+                     ("researchers", researchers), ("device", device), ("node key", node_key),
+                     ("ca certificate", ca)):
         run(name, fn)
     return checks
 
@@ -230,14 +242,16 @@ def site_from_config(path: Path) -> Any:
     from client.device import resolve_device
     from client.loaders import load_site_data
     from client.site import Site
+    from privacy.requests import load_researchers
 
     cfg = load_site_config(path)
+    researchers = tuple(load_researchers([Path(p) for p in cfg.policy.trusted_researchers]).values())
     ds, _ = load_site_data(cfg.data)
     order = np.random.default_rng(cfg.split_seed).permutation(len(ds))
     n_test = max(1, round(len(ds) * cfg.test_fraction))
     test, train = ds.subset(order[:n_test]), ds.subset(order[n_test:])
     return Site(cfg.site_id, train.to_torch(), test.to_torch(), resolve_device(cfg.device), cfg.ledger,
-                cfg.policy, cfg.keys, ledger_id=cfg.ledger_id)
+                cfg.policy, cfg.keys, ledger_id=cfg.ledger_id, researchers=researchers)
 
 
 def init_ledger(config_path: Path, *, new_ledger: bool = False, reason: str | None = None) -> str:

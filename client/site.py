@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 
 from privacy.ledger import fingerprint_arrays
 from privacy.policy import SitePolicy
+from privacy.requests import Researcher
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,13 @@ class Site:
 
     ``ledger_id`` is the ledger id the site's configuration pins (deployed sites): the file
     must then exist and be exactly that ledger. ``allow_seeded_noise`` is only ever true for
-    a simulated site: a real site draws DP noise from its own entropy, whatever it is asked."""
+    a simulated site: a real site draws DP noise from its own entropy, whatever it is asked.
+
+    ``researchers`` are the researcher keys whose signed runs this site lets spend its budget
+    (``policy.trusted_researchers``); a deployed site always has the tuple (empty: it trusts no
+    one yet), and then refuses any task that is unsigned, signed by another key, or not the
+    task the researcher signed. None skips the check (library use and unit tests only).
+    ``accept_ephemeral``: simulated sites accept a simulated federation's throwaway key."""
 
     site_id: str
     train: TensorDataset
@@ -39,6 +46,8 @@ class Site:
     keys: Path | None = None  # the key set's secret.ckks, when this site takes part in CKKS runs
     ledger_id: str | None = None
     allow_seeded_noise: bool = False
+    researchers: tuple[Researcher, ...] | None = None
+    accept_ephemeral: bool = False
 
     @cached_property
     def fingerprint(self) -> str:

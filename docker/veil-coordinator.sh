@@ -6,7 +6,7 @@ C=/coordinator
 rm -f "$C/state/ready"
 veil coordinator start --certs "$C/certs" --host 0.0.0.0 --port 8000 \
     --state "$C/state/superlink.db" --coordinator-key "$C/coordinator.ckks" \
-    --artifacts-dir "$C/artifacts" &
+    --artifacts-dir "$C/artifacts" --researchers "$C/researchers" &
 pid=$!
 trap 'kill -TERM "$pid"; wait "$pid"' TERM INT
 python -c "

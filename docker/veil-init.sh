@@ -1,6 +1,7 @@
 #!/bin/sh
-# One-shot federation set-up for the sample: certificates, node keys, a CKKS key set, each
-# site's data slice and site.yaml. Idempotent: does nothing when the coordinator has a CA.
+# One-shot federation set-up for the sample: certificates, node keys, a CKKS key set, the
+# researcher's signing key (admitted by the coordinator, trusted by both sites), each site's
+# data slice and site.yaml. Idempotent: does nothing when the coordinator has a CA.
 set -eu
 C=/coordinator
 if [ -f "$C/certs/ca.crt" ]; then
@@ -15,20 +16,24 @@ cp "$keys/coordinator.ckks" "$C/coordinator.ckks"
 mkdir -p "$C/nodes" "$C/state"
 cp "$C/certs/ca.crt" /researcher/ca.crt
 cp "$keys/secret.ckks" /researcher/secret.ckks
+veil certs researcher-key /researcher/researcher-key  # signs every run; only its .pub leaves
+mkdir -p "$C/researchers"
+cp /researcher/researcher-key.pub "$C/researchers/researcher-key.pub"
 for i in 0 1; do
     S="/site-$i"
     veil certs node-key "$S/node-key"
     cp "$S/node-key.pub" "$C/nodes/site-$i.pub"
     cp "$C/certs/ca.crt" "$S/ca.crt"
     cp "$keys/secret.ckks" "$S/secret.ckks"
-    mkdir -p "$S/ledger"
+    mkdir -p "$S/ledger" "$S/researchers"
+    cp /researcher/researcher-key.pub "$S/researchers/researcher-key.pub"
     python -c "from client.data import write_sample_npz; write_sample_npz('$S/data.npz', $i, 2)"
     cat > "$S/site.yaml" <<YAML
 site_id: site-$i
 data: {format: npz, path: data.npz}
 ledger: ledger/site-$i.ledger
 keys: secret.ckks
-policy: {epsilon_cap: 50.0, delta: 1.0e-5}
+policy: {epsilon_cap: 50.0, delta: 1.0e-5, trusted_researchers: [researchers]}
 device: auto
 coordinator: {address: "coordinator:8000", root_certificates: ca.crt, node_key: node-key}
 YAML

@@ -44,6 +44,10 @@ class SitePolicy(BaseModel):
     max_sample_rate: float = Field(1.0, gt=0.0, le=1.0)
     require_encryption: bool = False
     cap_scope: Literal["dataset", "ledger"] = "ledger"
+    trusted_researchers: tuple[str, ...] = Field(
+        (), max_length=256, description="researcher public keys (NAME.pub files or directories of them) whose "
+        "signed runs may spend this site's budget; none: the site refuses every run (simulated sites "
+        "accept their federation's ephemeral key)")
 
     def delta_for(self, num_records: int) -> float:
         """The δ this site measures its budget at, for a data set of ``num_records``."""

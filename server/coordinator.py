@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from privacy.ckks import CoordinatorContext
 from privacy.randomness import describe
+from privacy.requests import SignedRequest
 from server.budget import ParticipationPlan, ask_budgets, check_ledgers, wait_for_nodes
 from server.checkpoints import save_checkpoint, save_encrypted_checkpoint
 from server.checks import Model, aggregate_train_metrics
@@ -47,7 +48,7 @@ def load_coordinator_context(scenario: Scenario, coordinator_key: Path | None) -
 
 def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
                    artifacts_dir: Path, on_round: ProgressFn | None = None,
-                   coordinator_key: Path | None = None) -> Model | None:
+                   coordinator_key: Path | None = None, request: SignedRequest | None = None) -> Model | None:
     """Run ``scenario`` on ``grid`` and record it all under ``run_id``.
 
     Order: budget pre-flight (every site answers from its own ledger and policy), then the
@@ -84,7 +85,9 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
     task = P.TrainTask.from_scenario(scenario).for_run(f"veil-run-{run_id}:{scenario.spec_hash()[:12]}")
     enc = scenario.encryption
     cipher = load_coordinator_context(scenario, coordinator_key)
-    public: dict[str, str | float | bool] = {}  # what every site gets to know about the encryption
+    public: dict[str, str | float | bool] = {}  # what every site is sent beside the task
+    if request is not None:  # each site checks whose run this is, and that the task is what they signed
+        public[P.RUN_REQUEST] = request.to_json()
     if cipher is not None:
         public[P.ENC_KEY_ID] = cipher.key_id
         description = {"aggregation": enc.aggregation, "evaluation": enc.evaluation,
@@ -179,7 +182,8 @@ def train_rounds(grid: Grid, strategy: RecordingStrategy, initial: Model, task_c
 
 
 def build_server_app(scenario: Scenario, store_url: str, run_id: int, artifacts_dir: Path,
-                     on_round: ProgressFn | None = None, coordinator_key: Path | None = None) -> ServerApp:
+                     on_round: ProgressFn | None = None, coordinator_key: Path | None = None,
+                     request: SignedRequest | None = None) -> ServerApp:
     """The ServerApp ``veil simulate`` runs: ``run_federation`` on an already recorded run."""
     app = ServerApp()
 
@@ -187,7 +191,7 @@ def build_server_app(scenario: Scenario, store_url: str, run_id: int, artifacts_
     def main(grid: Grid, context: Context) -> None:
         store = RunStore(store_url)
         try:
-            run_federation(grid, scenario, store, run_id, artifacts_dir, on_round, coordinator_key)
+            run_federation(grid, scenario, store, run_id, artifacts_dir, on_round, coordinator_key, request)
         finally:
             store.close()
 

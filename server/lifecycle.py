@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from privacy.requests import Researcher
 from server.read.summary import site_epsilons
 from server.store import RunStore
 from server.store import schema as S
@@ -25,12 +26,14 @@ log = get_logger("server")
 MAX_ERROR = 4000
 
 
-def create_run(store: RunStore, scenario: Scenario, mode: RunMode) -> int:
-    """The run row for ``scenario`` (spec snapshot and hash, seed, sizes), status ``running``."""
+def create_run(store: RunStore, scenario: Scenario, mode: RunMode, researcher: Researcher | None = None) -> int:
+    """The run row for ``scenario`` (spec snapshot and hash, seed, sizes, who asked), status ``running``."""
     return store.create_run(
         name=scenario.name, spec=scenario.model_dump(mode="json"), spec_hash=scenario.spec_hash(),
         seed=scenario.seed, num_sites=scenario.federation.sites,
         num_rounds=scenario.federation.rounds, mode=mode,
+        researcher=researcher.name[:120] if researcher else None,
+        researcher_key_id=researcher.key_id if researcher else None,
     )
 
 
@@ -55,9 +58,10 @@ def end_run(store: RunStore, run_id: int, status: RunStatus, error: str | None =
 
 
 @contextmanager
-def record_run(store: RunStore, scenario: Scenario, mode: RunMode = "simulation") -> Iterator[int]:
+def record_run(store: RunStore, scenario: Scenario, mode: RunMode = "simulation",
+               researcher: Researcher | None = None) -> Iterator[int]:
     """Create the run; end it ``completed`` on success, ``failed`` (with the error) otherwise."""
-    run_id = create_run(store, scenario, mode)
+    run_id = create_run(store, scenario, mode, researcher)
     try:
         yield run_id
     except BaseException as err:

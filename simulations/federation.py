@@ -60,6 +60,7 @@ class SimulatedSites:
             policy=self.scenario.policy_for(site_id(index)),
             keys=Path(self.keys) if self.keys else None,
             allow_seeded_noise=self.allow_seeded_noise,
+            researchers=(), accept_ephemeral=True,  # a simulated federation's runs are signed ephemerally
         )
 
     def __call__(self, context: Context) -> Site:

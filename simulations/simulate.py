@@ -18,6 +18,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from client.app import build_client_app
+from privacy.requests import ephemeral_request
 from server.coordinator import build_server_app
 from server.lifecycle import record_run
 from server.store import RunStore
@@ -127,10 +128,12 @@ def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
             print(format_progress(info), flush=True)
 
     start = time.perf_counter()
-    with record_run(store, scenario) as run_id:
+    request = ephemeral_request(scenario.model_dump(mode="json"))  # the simulated sites check it too
+    signer = request.verify({}, accept_ephemeral=True)
+    with record_run(store, scenario, researcher=signer) as run_id:
         keys = prepare_keys(scenario, Path(artifacts_dir).resolve() / f"run-{run_id}" / "keys")
         server_app = build_server_app(scenario, store.url, run_id, artifacts_dir, on_round,
-                                      coordinator_key=keys.coordinator if keys else None)
+                                      coordinator_key=keys.coordinator if keys else None, request=request)
         client_app = build_client_app(replace(sites, keys=str(keys.secret)) if keys else sites)
         run_simulation(
             server_app=server_app,

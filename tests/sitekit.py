@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from torch.utils.data import TensorDataset
 
 from client.app import build_client_app
 from client.site import Site
 from privacy.policy import SitePolicy
+from privacy.requests import SignedRequest
+from tests.flowerkit import incoming
 from veil import protocol as P
 from veil.models import build_model
 
@@ -33,13 +35,22 @@ def task(**kw: object) -> P.TrainTask:
     return P.TrainTask(**base)  # type: ignore[arg-type]
 
 
-def _incoming(content: RecordDict, message_type: str) -> Message:
-    from flwr.supercore.task_identity import TaskIdentity
+def _config(t: P.TrainTask, request: SignedRequest | None) -> ConfigRecord:
+    config = t.to_config()
+    if request is not None:
+        config[P.RUN_REQUEST] = request.to_json()
+    return config
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    msg = Message(content, dst_node_id=1, message_type=message_type)
-    msg.metadata.__dict__["_message_id"] = "m" * 64
-    return msg
+
+def signed_task(scenario: dict[str, object], key: Path, run_ref: str = "run-a"
+                ) -> tuple[P.TrainTask, SignedRequest]:
+    """The task a coordinator derives from ``scenario``, and the request the researcher's ``key`` signed."""
+    from privacy.requests import load_private_key, sign_request
+    from veil.spec import parse_scenario
+
+    parsed = parse_scenario(scenario)
+    request = sign_request(parsed.model_dump(mode="json"), load_private_key(key))
+    return P.TrainTask.from_scenario(parsed).for_run(run_ref), request
 
 
 class SiteDriver:
@@ -53,13 +64,18 @@ class SiteDriver:
     def new_run(self) -> None:
         self.context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
 
-    def query(self, t: P.TrainTask) -> P.BudgetStatus:
-        reply = self.app(_incoming(RecordDict({P.TASK: t.to_config()}), P.BUDGET_QUERY), self.context)
-        return P.BudgetStatus.from_config(reply.content[P.BUDGET])  # type: ignore[arg-type]
+    def send(self, content: RecordDict, message_type: str) -> RecordDict:
+        """The ClientApp's reply to ``content``, delivered as a ``message_type`` message."""
+        return self.app(incoming(content, message_type), self.context).content
 
-    def train(self, t: P.TrainTask, server_round: int = 1) -> RecordDict:
-        config = t.to_config()
+    def query(self, t: P.TrainTask, request: SignedRequest | None = None) -> P.BudgetStatus:
+        """The site's pre-flight answer to ``t`` (with the researcher's signed request, if given)."""
+        reply = self.send(RecordDict({P.TASK: _config(t, request)}), P.BUDGET_QUERY)
+        return P.BudgetStatus.from_config(reply[P.BUDGET])  # type: ignore[arg-type]
+
+    def train(self, t: P.TrainTask, server_round: int = 1, request: SignedRequest | None = None) -> RecordDict:
+        """The site's reply to training round ``server_round`` of ``t`` from the seed-0 model."""
+        config = _config(t, request)
         config["server-round"] = server_round
         arrays = ArrayRecord(build_model(t.arch, seed=0).state_dict())
-        msg = _incoming(RecordDict({P.ARRAYS: arrays, P.TASK: ConfigRecord(dict(config))}), "train")
-        return self.app(msg, self.context).content
+        return self.send(RecordDict({P.ARRAYS: arrays, P.TASK: ConfigRecord(dict(config))}), "train")

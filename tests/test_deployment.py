@@ -31,6 +31,8 @@ from server.store import RunStore
 from server.store import schema as S
 from tests.conftest import pg_database
 
+pytestmark = pytest.mark.slow  # a SuperLink and three SuperNodes, as separate processes
+
 VEIL = [sys.executable, "-m", "veil.cli"]
 BIN = Path(sys.executable).parent
 
@@ -90,7 +92,8 @@ class Federation:
 def _site_yaml(base: Path, name: str, port: int, data: str) -> None:
     (base / f"{name}.yaml").write_text(yaml.safe_dump({
         "site_id": name, "data": {"format": "npz", "path": data}, "ledger": f"ledgers/{name}.ledger",
-        "keys": "ks/secret.ckks", "policy": {"epsilon_cap": 100.0}, "device": "cpu",
+        "keys": "ks/secret.ckks", "policy": {"epsilon_cap": 100.0, "trusted_researchers": ["researchers"]},
+        "device": "cpu",
         "runtime_port": _free_port(),
         "coordinator": {"address": f"127.0.0.1:{port}", "root_certificates": "certs/ca.crt",
                         "node_key": f"keys/{name}"},
@@ -109,6 +112,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     for name in ("site-0", "site-1", "site-2", "rogue"):
         run("certs", "node-key", f"keys/{name}")
     run("keys", "create", "ks")
+    run("certs", "researcher-key", "keys/researcher")  # signs the run; coordinator and sites get the .pub
+    (base / "researchers").mkdir()
+    (base / "researchers" / "researcher.pub").write_bytes((base / "keys" / "researcher.pub").read_bytes())
     (base / "ledgers").mkdir()
     digits = load_mnist_5k()
     order = np.random.default_rng(7).permutation(len(digits))
@@ -124,7 +130,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         coordinator = subprocess.Popen(
             [*VEIL, "coordinator", "start", "--certs", "certs", "--store", url, "--host", "127.0.0.1",
              "--port", str(port), "--state", "state/superlink.db", "--coordinator-key", "ks/coordinator.ckks",
-             "--artifacts-dir", "art"],
+             "--artifacts-dir", "art", "--researchers", "researchers"],
             cwd=base, stdout=coord_log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             # the coordinator migrates the store before its SuperLink listens
@@ -191,7 +197,7 @@ def test_two_encrypted_dp_rounds_and_a_site_killed_mid_round(federation: Federat
         "encryption": {"aggregation": "ckks", "evaluation": "ckks"},
     }))
     submit = subprocess.Popen([*VEIL, "run", "spec.yaml", "--coordinator", f"127.0.0.1:{fed.port}",
-                               "--ca", "certs/ca.crt", "--timeout", "420"],
+                               "--ca", "certs/ca.crt", "--key", "keys/researcher", "--timeout", "420"],
                               cwd=fed.base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def round_two_started() -> bool:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from client.daemon import init_ledger, load_site_config, preflight, site_from_config, supernode_command
+from privacy.requests import create_researcher_key
 from veil.cli.pki import create_certs, create_node_key
 from veil.errors import CertError, ScenarioError
 
@@ -24,8 +25,12 @@ def _site(tmp: Path, **over: object) -> Path:
     if not (tmp / "certs").exists():
         create_certs(tmp / "certs", ["127.0.0.1"])
         create_node_key(tmp / "node")
+        create_researcher_key(tmp / "alice")
+        (tmp / "researchers").mkdir()
+        (tmp / "researchers" / "alice.pub").write_bytes((tmp / "alice.pub").read_bytes())
     cfg = {"site_id": "clinic-a", "data": {"format": "csv", "path": "data.csv", "label": "label"},
-           "ledger": "clinic.ledger", "policy": {"epsilon_cap": 10.0}, "device": "cpu",
+           "ledger": "clinic.ledger", "policy": {"epsilon_cap": 10.0, "trusted_researchers": ["researchers"]},
+           "device": "cpu",
            "coordinator": {"address": "127.0.0.1:8000", "root_certificates": "certs/ca.crt", "node_key": "node"}}
     cfg.update(over)  # type: ignore[arg-type]
     (tmp / "site.yaml").write_text(yaml.safe_dump(cfg))
@@ -46,6 +51,7 @@ def test_config_paths_are_relative_to_the_file_and_preflight_passes(tmp_path: Pa
     assert "90 records" in checks["data"].detail and "3 classes" in checks["data"].detail
     assert f"ledger {cfg.ledger_id} of site clinic-a, intact, 0 entries" in checks["ledger"].detail
     assert "mode 600" in checks["node key"].detail and "cap_scope ledger" in checks["budget scope"].detail
+    assert checks["researchers"].detail.startswith("trusts alice (")
     assert "nothing to do" in init_ledger(tmp_path / "site.yaml")  # idempotent: never a second ledger
     cmd = supernode_command(cfg, tmp_path / "site.yaml")
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "node")
@@ -73,6 +79,14 @@ def test_bad_configs_and_failed_checks_say_what_to_fix(tmp_path: Path) -> None:
     checks = {c.name: c for c in preflight(load_site_config(_site(tmp_path, policy={"cap_scope": "dataset"})))}
     assert checks["budget scope"].ok and checks["budget scope"].warning
     assert "same records saved again" in checks["budget scope"].detail
+    # a site that trusts no researcher is warned that it will refuse every run; a bad key file fails
+    assert checks["researchers"].ok and checks["researchers"].warning and "refuses every run" in checks[
+        "researchers"].detail
+    (tmp_path / "bad.pub").write_text("ssh-rsa AAAA someone\n")
+    checks = {c.name: c for c in preflight(load_site_config(_site(
+        tmp_path, policy={"trusted_researchers": ["bad.pub"]})))}
+    bad = checks["researchers"]
+    assert not bad.ok and "bad.pub is not a researcher public key" in bad.detail
 
 
 def test_certificates_name_the_hosts_and_keep_keys_private(tmp_path: Path) -> None:
@@ -100,7 +114,7 @@ def test_certificates_name_the_hosts_and_keep_keys_private(tmp_path: Path) -> No
 
 
 def test_a_csv_site_trains_a_model_shaped_for_it_and_refuses_one_that_is_not(tmp_path: Path) -> None:
-    from tests.sitekit import SiteDriver, task
+    from tests.sitekit import SiteDriver, signed_task, task
     from veil import protocol as P
     from veil.spec import parse_scenario
 
@@ -112,8 +126,15 @@ def test_a_csv_site_trains_a_model_shaped_for_it_and_refuses_one_that_is_not(tmp
     with pytest.raises(ScenarioError, match="cnn takes 1x28x28"):
         parse_scenario({"model": {"arch": "cnn", "in_features": 4}})
     driver = SiteDriver(site)
-    reply = driver.train(task(arch="mlp-4x3", batch_size=20))
+    assert [r.name for r in site.researchers or ()] == ["alice"]  # a deployed site always checks who asks
+    unsigned = driver.train(task(arch="mlp-4x3", batch_size=20))[P.REFUSAL]
+    assert P.Refusal.from_config(unsigned).code == "unsigned-run"  # type: ignore[arg-type]
+    tabular = {"model": {"arch": "mlp", "in_features": 4, "num_classes": 3}, "training": {"batch_size": 20},
+               "privacy": {"noise_multiplier": 1.0}}
+    t, request = signed_task(tabular, tmp_path / "alice")
+    reply = driver.train(t, request=request)
     assert P.ARRAYS in reply and P.REFUSAL not in reply
     fix = r"4 features but the run's model 'mlp' takes 784; set model\.in_features: 4"
+    t, request = signed_task({**tabular, "model": {"arch": "mlp"}}, tmp_path / "alice")
     with pytest.raises(ValueError, match=fix):
-        driver.train(task(arch="mlp", batch_size=20), server_round=2)
+        driver.train(t, server_round=2, request=request)

@@ -3,7 +3,6 @@ site that cannot read its entropy source trains and charges nothing."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from privacy.ledger import SiteLedger
-from tests.sitekit import SiteDriver, _incoming, make_site, task
+from tests.flowerkit import incoming
+from tests.sitekit import SiteDriver, make_site, task
 from veil import protocol as P
 from veil.errors import EntropyError, ScenarioError
 
@@ -78,12 +78,16 @@ def test_deployed_runs_refuse_reproducible_noise_before_anything_is_recorded(tmp
     spec = {"privacy": {"target_epsilon": 4.0, "reproducible_noise": True}}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     out = CliRunner().invoke(app, ["run", str(tmp_path / "s.yaml"), "--coordinator", "127.0.0.1:1",
-                                   "--ca", str(tmp_path / "none.crt")])
+                                   "--ca", str(tmp_path / "none.crt"), "--key", str(tmp_path / "no-key")])
     assert out.exit_code == 2 and "reproducible_noise" in out.output and "veil simulate" in out.output
     # the ServerApp `flwr run` and `veil run` load refuses it too, before touching a store
+    from privacy.requests import create_researcher_key, load_private_key, sign_request
+
+    create_researcher_key(tmp_path / "alice")
+    request = sign_request(spec, load_private_key(tmp_path / "alice"))  # even when properly signed
     store = tmp_path / "store.db"
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={"scenario-json": json.dumps(spec), "store": f"sqlite:///{store}"})
+                      run_config={"run-request": request.to_json(), "store": f"sqlite:///{store}"})
     with pytest.raises(ScenarioError, match="reproducible_noise"):
         serverapp_main(None, context)  # type: ignore[arg-type]
     assert not store.exists()
@@ -97,7 +101,15 @@ def test_the_flwr_run_client_app_never_runs_seeded_noise(tmp_path: Path) -> None
     scenario.write_text("federation: {sites: 2}\nprivacy: {noise_multiplier: 1.0}\n")
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
                       run_config={"scenario": str(scenario), "ledger-dir": str(tmp_path / "l")})
-    config = task(rng="seeded").to_config()
-    reply = module_app(_incoming(RecordDict({P.TASK: ConfigRecord(dict(config))}), P.BUDGET_QUERY), context)
+    from privacy.requests import ephemeral_request
+    from veil.spec import parse_scenario
+
+    # a properly signed (ephemeral) request for seeded noise: the signature is fine, the noise is not
+    asked = parse_scenario({"federation": {"sites": 2}, "privacy": {
+        "noise_multiplier": 1.0, "reproducible_noise": True}}).model_dump(mode="json")
+    config = P.TrainTask.from_scenario(parse_scenario(asked)).for_run("r").to_config()
+    config[P.RUN_REQUEST] = ephemeral_request(asked).to_json()
+    assert config["rng"] == "seeded"
+    reply = module_app(incoming(RecordDict({P.TASK: ConfigRecord(dict(config))}), P.BUDGET_QUERY), context)
     status = P.BudgetStatus.from_config(reply.content[P.BUDGET])  # type: ignore[arg-type]
     assert status.refusal is not None and status.refusal.code == "seeded-noise"

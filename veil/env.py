@@ -13,6 +13,8 @@ COORDINATOR_KEY = "VEIL_COORDINATOR_KEY"
 """The coordinator's CKKS parameters file (``coordinator.ckks``; a secret key is refused)."""
 ARTIFACTS = "VEIL_ARTIFACTS"
 """Where the coordinator writes checkpoints (default ``veil-artifacts``)."""
+RESEARCHERS = "VEIL_RESEARCHERS"
+"""The directory of researcher public keys (NAME.pub) the coordinator admits runs from."""
 LOG_LEVEL = "VEIL_LOG_LEVEL"
 """Level of the ``veil`` logger (default INFO)."""
 
@@ -35,9 +37,10 @@ def artifacts_dir() -> Path:
     return Path(get(ARTIFACTS) or DEFAULT_ARTIFACTS)
 
 
-def coordinator_env(store: str, artifacts: Path, coordinator_key: Path | None) -> dict[str, str]:
+def coordinator_env(store: str, artifacts: Path, coordinator_key: Path | None, researchers: Path
+                    ) -> dict[str, str]:
     """What ``veil coordinator start`` hands the SuperLink, and through it every run's ServerApp."""
-    env = {STORE: store, ARTIFACTS: str(artifacts)}
+    env = {STORE: store, ARTIFACTS: str(artifacts), RESEARCHERS: str(researchers)}
     if coordinator_key is not None:
         env[COORDINATOR_KEY] = str(coordinator_key)
     return env

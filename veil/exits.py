@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     DEPLOY = 11
     ENTROPY = 12
     AUDIT_FLAGGED = 13
+    REQUEST_REFUSED = 14
     INTERRUPTED = 130
 
 
@@ -43,11 +44,13 @@ HELP: dict[ExitCode, str] = {
                      "a person must look at it (it is never reset automatically)",
     ExitCode.BUDGET_REFUSED: "the run was refused before training: a site cannot afford it under its policy",
     ExitCode.ENCRYPTION: "CKKS parameters, key files or ciphertexts are invalid, or a role holds the wrong key",
-    ExitCode.CERTIFICATE: "TLS certificates or node keys could not be made or read",
+    ExitCode.CERTIFICATE: "TLS certificates, node keys or researcher keys could not be made or read",
     ExitCode.DEPLOY: "a Flower process could not be started or a submission failed",
     ExitCode.ENTROPY: "the operating system's entropy source cannot be read, so DP noise cannot be drawn "
                       "privately",
     ExitCode.AUDIT_FLAGGED: "`veil audit` found an empirical lower bound on ε above the claimed ε",
+    ExitCode.REQUEST_REFUSED: "the run request was refused: unsigned, signed by a researcher not admitted or "
+                              "trusted, altered after signing, expired or replayed",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C); a run that was recording is marked failed",
 }
 

@@ -47,6 +47,7 @@ RunMode = Literal["simulation", "deployment"]
 RoundStatus = Literal["running", "completed", "insufficient"]
 Phase = Literal["preflight", "train", "evaluate", "aggregate"]
 ParticipationStatus = Literal["ok", "failed", "rejected", "refused", "no-reply"]
+RequestStatus = Literal["admitted", "refused"]
 
 __all__ = [
     "EPSILON",
@@ -60,6 +61,7 @@ __all__ = [
     "TRAIN_LOSS",
     "ParticipationStatus",
     "Phase",
+    "RequestStatus",
     "RoundStatus",
     "RunMode",
     "RunStatus",

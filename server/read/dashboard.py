@@ -304,7 +304,7 @@ def export_tables(store: RunStore, run_id: int, key: SecretKey | None = None) ->
         "error": summary.error, "spec_json": json.dumps(summary.spec, sort_keys=True),
         "encryption_json": json.dumps(summary.encryption) if summary.encryption else None,
         "decrypted_with": summary.decrypted_with, "noise_rng": summary.noise_rng,
-        "privacy_note": summary.privacy_note,
+        "privacy_note": summary.privacy_note, "researcher": summary.researcher,
     }
     return {
         "run": [run],

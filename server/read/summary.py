@@ -101,6 +101,7 @@ class RunSummary:
     code_version: str = ""
     # where the sites' DP noise came from: "os-entropy", "seeded" (any site), or None (no events)
     noise_rng: str | None = None
+    researcher: str | None = None  # who signed the request that started the run: "name (key id)"
 
     @property
     def not_private(self) -> bool:
@@ -228,7 +229,8 @@ def load_summary(store: RunStore, run_id: int, key: SecretKey | None = None) -> 
                       key.key_id if key is not None and encrypted else None,
                       spec=json.loads(run.spec_json), created_at=iso_utc(run.created_at), mode=run.mode,
                       planned_rounds=run.num_rounds, planned_sites=run.num_sites, seed=run.seed,
-                      spec_hash=run.spec_hash, code_version=run.code_version, noise_rng=noise_rng)
+                      spec_hash=run.spec_hash, code_version=run.code_version, noise_rng=noise_rng,
+                      researcher=f"{run.researcher} ({run.researcher_key_id})" if run.researcher else None)
 
 
 def iso_utc(when: datetime | None) -> str | None:

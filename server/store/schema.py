@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from veil.names import ParticipationStatus, Phase, RoundStatus, RunMode, RunStatus
+from veil.names import ParticipationStatus, Phase, RequestStatus, RoundStatus, RunMode, RunStatus
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -66,6 +66,9 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # CKKS: {"aggregation", "evaluation", "key_id", "params"}; the public description only
     encryption_json: Mapped[str | None] = mapped_column(Text)
+    # who asked for it: the researcher whose signed request the coordinator admitted
+    researcher: Mapped[str | None] = mapped_column(String(120))
+    researcher_key_id: Mapped[str | None] = mapped_column(String(16))
 
 
 class Site(Base):
@@ -184,6 +187,27 @@ class PrivacyEvent(Base):
     rng: Mapped[str | None] = mapped_column(String(16))
     ledger_id: Mapped[str | None] = mapped_column(String(32))
     ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the ledger entry this charge wrote
+
+
+class RunRequest(Base):
+    """Every signed run request the coordinator judged: admitted (with its run) or refused, and why.
+
+    The nonce is unique, so a replayed request is refused even by two coordinators sharing
+    one store; refused requests never get a run row.
+    """
+
+    __tablename__ = "run_requests"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    nonce: Mapped[str | None] = mapped_column(String(32), unique=True)
+    key_id: Mapped[str | None] = mapped_column(String(16))
+    researcher: Mapped[str | None] = mapped_column(String(120))
+    issued_at: Mapped[str | None] = mapped_column(String(40))
+    scenario_name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[RequestStatus] = mapped_column(String(16))
+    reason_code: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    run_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class LedgerHead(Base):

@@ -32,7 +32,7 @@ from veil.names import RunMode, RunStatus
 log = get_logger("store")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-SCHEMA_HEAD = "0005"  # the newest migration; a test checks it against Alembic's own head
+SCHEMA_HEAD = "0006"  # the newest migration; a test checks it against Alembic's own head
 
 
 def code_version() -> str:
@@ -160,14 +160,15 @@ class RunStore:
 
     # -- runs ----------------------------------------------------------------------------
     def create_run(self, *, name: str, spec: dict[str, Any], spec_hash: str, seed: int,
-                   num_sites: int, num_rounds: int, mode: RunMode = "simulation") -> int:
+                   num_sites: int, num_rounds: int, mode: RunMode = "simulation",
+                   researcher: str | None = None, researcher_key_id: str | None = None) -> int:
         """A new run row, ``running`` from now; returns its id."""
         with self.session() as s:
             run = S.Run(
                 name=name, status="running", spec_json=json.dumps(spec, sort_keys=True),
                 spec_hash=spec_hash, code_version=code_version(), seed=seed,
                 num_sites=num_sites, num_rounds=num_rounds, mode=mode,
-                started_at=datetime.now(UTC),
+                started_at=datetime.now(UTC), researcher=researcher, researcher_key_id=researcher_key_id,
             )
             s.add(run)
             s.flush()

@@ -1,24 +1,29 @@
 """The ServerApp that ``flwr run`` and ``veil run`` start on the coordinator.
 
-``veil run`` sends the whole scenario as ``scenario-json`` (the coordinator's machine need
-not have the researcher's file); ``flwr run .`` names a ``scenario`` file. The store is the
-coordinator's own (``VEIL_STORE``, set by ``veil coordinator start``), falling back to the
-run config's ``store``; likewise its CKKS parameters file (``VEIL_COORDINATOR_KEY``).
+On a deployed coordinator (``veil coordinator start`` sets ``VEIL_RESEARCHERS``) a run must
+come as ``run-request``: a researcher's signed request holding the whole scenario (``veil
+run`` signs and sends it). It is admitted (``server.admission``) before anything is recorded
+as a run or asked of a site. Without ``VEIL_RESEARCHERS`` this is ``flwr run .``'s local
+simulation of the ``scenario`` file, signed with an ephemeral key only simulated sites accept.
+The store is the coordinator's own (``VEIL_STORE``), falling back to the run config's
+``store``; likewise its CKKS parameters file (``VEIL_COORDINATOR_KEY``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from privacy.requests import SignedRequest, ephemeral_request
+from server.admission import admit, admitted_researchers, bind
 from server.coordinator import run_federation
 from server.lifecycle import record_run
 from server.store import RunStore
 from veil import env, logs
 from veil.errors import ScenarioError
+from veil.names import RunMode
 from veil.spec import REPRODUCIBLE_REFUSED, load_scenario, parse_scenario
 
 log = logs.get_logger("server")
@@ -27,19 +32,32 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Read the scenario, refuse reproducible noise, record the run and run it."""
+    """Admit the signed request (or sign a local simulation), record the run and run it."""
     logs.configure()  # the ServerApp's own process: its log is what `veil run` streams
-    deployed = bool(context.run_config.get("scenario-json"))
-    scenario = (parse_scenario(json.loads(str(context.run_config["scenario-json"])), "veil run")
-                if deployed else load_scenario(str(context.run_config["scenario"])))
-    if scenario.privacy.reproducible_noise:  # refused before anything is recorded, asked or trained
-        raise ScenarioError(REPRODUCIBLE_REFUSED)
+    deployed = env.get(env.RESEARCHERS) is not None or bool(context.run_config.get("run-request"))
+    if deployed:
+        # a reproducible-noise request is refused before anything is recorded, asked or trained
+        unverified = SignedRequest.from_json(context.run_config.get("run-request"))
+        if unverified.scenario.get("privacy", {}).get("reproducible_noise") is True:
+            raise ScenarioError(REPRODUCIBLE_REFUSED)
     store = RunStore(env.store_url(None, fallback=str(context.run_config.get("store", env.DEFAULT_STORE_URL))))
     key = env.get(env.COORDINATOR_KEY) or context.run_config.get("coordinator-key")
     try:
-        with record_run(store, scenario, mode="deployment" if deployed else "simulation") as run_id:
-            log.info("run %d (%s) recorded in %s", run_id, scenario.name, store.safe_url)
+        if deployed:
+            request, signer = admit(store, context.run_config.get("run-request"),
+                                    admitted_researchers(env.get(env.RESEARCHERS)))
+            scenario = parse_scenario(request.scenario, "veil run")
+        else:
+            scenario = load_scenario(str(context.run_config["scenario"]))
+            request = ephemeral_request(scenario.model_dump(mode="json"))
+            signer = request.verify({}, accept_ephemeral=True)
+        if scenario.privacy.reproducible_noise:
+            raise ScenarioError(REPRODUCIBLE_REFUSED)
+        mode: RunMode = "deployment" if deployed else "simulation"
+        with record_run(store, scenario, mode=mode, researcher=signer) as run_id:
+            bind(store, request, run_id)
+            log.info("run %d (%s) for %s recorded in %s", run_id, scenario.name, signer.label(), store.safe_url)
             run_federation(grid, scenario, store, run_id, env.artifacts_dir().resolve(),
-                           coordinator_key=Path(str(key)) if key else None)
+                           coordinator_key=Path(str(key)) if key else None, request=request)
     finally:
         store.close()

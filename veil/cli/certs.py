@@ -1,4 +1,4 @@
-"""``veil certs``: a private CA, the coordinator's TLS certificate, and site node keys."""
+"""``veil certs``: a private CA, the coordinator's TLS certificate, site node keys and researcher keys."""
 
 from __future__ import annotations
 
@@ -39,3 +39,20 @@ def certs_node_key(
         public = create_node_key(path)
     typer.echo(f"private key {path} (mode 600: stays at the site); public key {public}: send it to the "
                f"coordinator, who runs `veil coordinator register {public.name} ...`")
+
+
+@app.command("researcher-key")
+def certs_researcher_key(
+    path: Annotated[Path, typer.Argument(help="where the researcher's private key goes (NAME; NAME.pub is the "
+                                         "public key)")],
+) -> None:
+    """A researcher's signing key pair (Ed25519). Coordinators and sites are given NAME.pub; runs are
+    signed with NAME (`veil run --key NAME`)."""
+    from privacy.requests import create_researcher_key, load_researcher
+
+    with errors():
+        public = create_researcher_key(path)
+        who = load_researcher(public)
+    typer.echo(f"private key {path} (mode 600: stays with the researcher); public key {public} (key id "
+               f"{who.key_id}): give it to the coordinator (--researchers DIR) and to every site that trusts "
+               "you (site.yaml policy.trusted_researchers)")

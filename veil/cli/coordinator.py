@@ -11,6 +11,7 @@ import typer
 
 from veil import env as veil_env
 from veil.cli.common import StoreOpt, errors
+from veil.errors import VeilError
 
 app = typer.Typer(no_args_is_help=True, help="Run the coordinator (Flower SuperLink + run store).")
 
@@ -26,8 +27,11 @@ def coordinator_start(
     coordinator_key: Annotated[Path | None, typer.Option(
         help="a key set's coordinator.ckks for CKKS runs (a secret key is refused)")] = None,
     artifacts_dir: Annotated[Path, typer.Option(help="where checkpoints are written")] = Path("veil-artifacts"),
+    researchers: Annotated[Path | None, typer.Option(
+        help="directory of researcher public keys (NAME.pub): only runs they sign are admitted")] = None,
 ) -> None:
-    """A Flower SuperLink with TLS and SuperNode authentication; runs are recorded in --store."""
+    """A Flower SuperLink with TLS and SuperNode authentication; runs are recorded in --store and
+    admitted only when signed by a researcher in --researchers."""
     from server.store import RunStore
     from server.store.store import resolve_store_url
     from veil.cli.flower import superlink_command
@@ -43,11 +47,19 @@ def coordinator_start(
 
             ctx = CoordinatorContext.load(coordinator_key)
             typer.echo(f"CKKS: key set {ctx.key_id}, parameters only (no secret key)")
+        if researchers is None:
+            raise VeilError("--researchers DIR is required: the public keys (NAME.pub, from `veil certs "
+                            "researcher-key NAME`) of the researchers whose signed runs this coordinator admits")
+        from privacy.requests import load_researchers
+
+        admitted = load_researchers([researchers])
+        typer.echo("admits runs signed by " + ", ".join(r.label() for r in admitted.values()))
         state.parent.mkdir(parents=True, exist_ok=True)
         cmd = superlink_command(certs, host=host, port=port, state=state)
         env = {**os.environ, "PATH": bin_path(), "FLWR_HOME": str(state.parent.resolve() / "flwr"),
                **veil_env.coordinator_env(url, artifacts_dir.resolve(),
-                                          coordinator_key.resolve() if coordinator_key else None)}
+                                          coordinator_key.resolve() if coordinator_key else None,
+                                          researchers.resolve())}
         typer.echo(f"coordinator on {host}:{port} (TLS, SuperNode authentication), run store {safe}")
 
         def event(name: str, **kw: Any) -> None:

@@ -23,17 +23,19 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
+from server.admission import REFUSED_MARK
 from veil.errors import DeployError
+from veil.exits import ExitCode
 from veil.processes import bin_path, flower_exe
 
 CONNECTION = "veil"
+SERVERAPP_CRASHED = "An unhandled exception occurred in the ServerApp"  # Flower 1.41's words
 
 
 def project_root() -> Path:
     """The directory whose pyproject.toml declares Veil's Flower app (what `flwr run` packages)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file() or "[tool.flwr.app" not in pyproject.read_text():
         raise DeployError(f"{root} holds no Flower app (pyproject.toml with [tool.flwr.app]); install Veil "
@@ -88,15 +90,15 @@ def register_node(public_key: Path, address: str, ca: Path, name: str | None = N
     return int(answer["node-id"])
 
 
-def submit(scenario: dict[str, Any], address: str, ca: Path, on_line: Callable[[str], None],
+def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], None],
            timeout: float | None = None) -> int:
-    """Start the run on the coordinator and stream its log; the `flwr run` exit code."""
+    """Start the signed run request on the coordinator and stream its log; the `flwr run` exit code."""
     import tomli_w
 
     root = project_root()
     with flower_home(address, ca) as env, tempfile.TemporaryDirectory(prefix="veil-run-") as tmp:
         overrides = Path(tmp, "run-config.toml")
-        overrides.write_bytes(tomli_w.dumps({"scenario-json": json.dumps(scenario, sort_keys=True)}).encode())
+        overrides.write_bytes(tomli_w.dumps({"run-request": request_json}).encode())
         cmd = [flower_exe("flwr"), "run", str(root), CONNECTION, "--run-config", str(overrides), "--stream"]
         proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
@@ -111,9 +113,12 @@ def submit(scenario: dict[str, Any], address: str, ca: Path, on_line: Callable[[
         timer = threading.Timer(timeout, expire) if timeout is not None else None
         if timer is not None:
             timer.start()
+        refused = crashed = False
         try:
             for line in proc.stdout:
                 on_line(line.rstrip("\n"))
+                refused = refused or REFUSED_MARK in line
+                crashed = crashed or SERVERAPP_CRASHED in line
         finally:
             if timer is not None:
                 timer.cancel()
@@ -121,6 +126,10 @@ def submit(scenario: dict[str, Any], address: str, ca: Path, on_line: Callable[[
         if timed_out:
             raise DeployError(f"stopped following after {timeout:.0f}s; the run goes on at the coordinator "
                               "(see `veil runs`)")
+    if refused:  # `flwr run --stream` exits 0 even when the ServerApp fails: read what it said
+        return int(ExitCode.REQUEST_REFUSED)
+    if crashed and code == 0:
+        return int(ExitCode.ERROR)
     return code
 
 

@@ -116,6 +116,8 @@ def draw_summary(con: Console, summary: RunSummary) -> None:
         con.print(
             f"  {s.mode}, created {(s.created_at or '-')[:19].replace('T', ' ')} UTC, seed {s.seed}, "
             f"spec {s.spec_hash[:12]}, code {s.code_version}", markup=False)
+        con.print(f"  requested by {s.researcher or 'nobody recorded (a run from before signed requests)'}",
+                  markup=False)
         where = ("each site's own data" if s.mode == "deployment"
                  else f"{data.get('source', '?')} ({data.get('partitioner', '?')})")
         con.print(

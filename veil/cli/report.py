@@ -48,7 +48,8 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
     final = s.final
     blocks = [Block("h1", f"Privacy report: run {s.run_id} ({s.name})")]
     blocks.append(Block("p", f"Status **{s.status}**; {s.mode}; created {s.created_at} (UTC); seed {s.seed}; "
-                             f"spec sha256 `{s.spec_hash}`; Veil {s.code_version}."))
+                             f"spec sha256 `{s.spec_hash}`; Veil {s.code_version}; requested by "
+                             f"{s.researcher or 'nobody recorded'}."))
     if s.error:
         blocks.append(Block("p", f"Error recorded: {s.error}"))
 
