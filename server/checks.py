@@ -7,12 +7,17 @@ decides what happens next (``server.strategy``) or writes anything (``server.rou
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from privacy.accounting import ACCOUNTANTS, epsilon
 from privacy.ckks import CoordinatorContext, EncryptedVector
+from privacy.events import DpSgdEvent
 from privacy.randomness import RngMode
 from veil import protocol as P
 
@@ -56,10 +61,64 @@ class TrainReply:
     update_bytes: int
 
 
-def check_train_reply(content: RecordDict, *, encrypted: bool, expected: Layout, rng: RngMode) -> TrainReply:
-    """A site's training reply: its update matches the global model (or is encrypted when the run
-    is), it reports the mechanism it ran and its ledger's spend, and its noise source is the one
-    the run asked for (a seeded reply to a private run is refused)."""
+MAX_WEIGHT = 1e6  # no trained weight comes near this; a reply that does is poisoning the average
+
+
+def finite(arrays: ArrayRecord) -> bool:
+    """Every value of every array is a finite number."""
+    return all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+
+def _finite_arrays(arrays: ArrayRecord) -> None:
+    for name, array in arrays.items():
+        values = array.numpy()
+        if values.dtype.kind not in "fiu":
+            raise ValueError(f"array {name[:60]!r} is not numeric")
+        if values.size and not (np.isfinite(values).all() and np.abs(values).max() <= MAX_WEIGHT):
+            raise ValueError(f"array {name[:60]!r} holds NaN, ±inf or values beyond ±{MAX_WEIGHT:g}: "
+                             "not aggregated")
+
+
+def _same(a: float, b: float, rel: float = 1e-6) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def _check_mechanism(report: P.PrivacyReport, task: P.TrainTask | None, declared: P.BudgetStatus | None,
+                     history: Sequence[DpSgdEvent]) -> None:
+    """The mechanism is the one the task asked for and the site declared at the pre-flight, and the
+    reported ε is not below what the site's events in this run imply."""
+    ev = report.event
+    if task is not None:
+        if not _same(ev.max_grad_norm, task.max_grad_norm):
+            raise ValueError(f"clipping norm {ev.max_grad_norm:g} is not the task's {task.max_grad_norm:g}")
+        if task.noise_multiplier > 0 and ev.noise_multiplier < task.noise_multiplier * (1 - 1e-9):
+            raise ValueError(f"σ {ev.noise_multiplier:g} is below the task's {task.noise_multiplier:g}")
+    if declared is not None:
+        same = (_same(ev.noise_multiplier, declared.noise_multiplier)
+                and _same(ev.sample_rate, declared.sample_rate) and ev.steps == declared.steps_per_round)
+        if not same:
+            raise ValueError(f"ran σ={ev.noise_multiplier:g}, q={ev.sample_rate:g}, {ev.steps} steps, but "
+                             f"declared σ={declared.noise_multiplier:g}, q={declared.sample_rate:g}, "
+                             f"{declared.steps_per_round} steps at the pre-flight")
+    if report.accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant {report.accountant[:20]!r} is not one of {', '.join(ACCOUNTANTS)}")
+    implied = epsilon([*history, ev], report.delta, report.accountant)  # type: ignore[arg-type]
+    if report.epsilon < implied * (1 - 1e-6) - 1e-9:
+        raise ValueError(f"reports run ε {report.epsilon:.4g}, below the {implied:.4g} its events imply")
+    life = report.lifetime
+    if life is not None and life.cap is not None and life.epsilon > life.cap * (1 + 1e-9):
+        raise ValueError(f"reports lifetime ε {life.epsilon:.4g} above its own cap {life.cap:g}")
+
+
+def check_train_reply(content: RecordDict, *, encrypted: bool, expected: Layout, rng: RngMode,
+                      task: P.TrainTask | None = None, declared: P.BudgetStatus | None = None,
+                      history: Sequence[DpSgdEvent] = ()) -> TrainReply:
+    """A site's training reply: its update matches the global model and is finite (or is encrypted
+    when the run is), its example count is at most what it declared at the pre-flight, it reports
+    the mechanism it was asked for and declared, an ε no lower than its events imply, and its
+    ledger's spend; and its noise source is the one the run asked for (a seeded reply to a private
+    run is refused). ``task``, ``declared`` and ``history`` (the site's earlier events in this
+    run) sharpen the checks when the coordinator has them."""
     info = P.site_info(content)
     arrays = content.get(P.ARRAYS)
     if encrypted:
@@ -69,11 +128,17 @@ def check_train_reply(content: RecordDict, *, encrypted: bool, expected: Layout,
         raise ValueError("reply has no arrays record")
     elif layout(arrays) != expected:
         raise ValueError("arrays do not match the global model (keys, shapes or dtypes differ)")
+    else:
+        _finite_arrays(arrays)
     n = P.metric(content, P.NUM_EXAMPLES)
-    if n != int(n) or n < 1:
+    if not math.isfinite(n) or n != int(n) or n < 1:
         raise ValueError(f"num-examples must be a positive integer, got {n}")
+    if declared is not None and n > declared.num_examples:
+        raise ValueError(f"num-examples {int(n)} is more than the {declared.num_examples} the site declared")
     for key in (P.TRAIN_LOSS, P.EPSILON):
-        P.metric(content, key)
+        value = P.metric(content, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{key} must be a finite number >= 0, got {value}")
     privacy = content.get(P.PRIVACY)
     if not isinstance(privacy, ConfigRecord):
         raise ValueError("reply has no privacy record: a site must report the mechanism it ran")
@@ -86,6 +151,7 @@ def check_train_reply(content: RecordDict, *, encrypted: bool, expected: Layout,
     if report.rng != rng and report.rng == "seeded":
         raise ValueError("the site drew its DP noise from the seed (reproducible, not private), but this "
                          "run asked for noise from each site's own entropy: not aggregated")
+    _check_mechanism(report, task, declared, history)
     update = content[P.ENC_UPDATE if encrypted else P.ARRAYS]
     return TrainReply(info, report, life, life.head, int(n), array_bytes(update))  # type: ignore[arg-type]
 
@@ -117,12 +183,15 @@ class EvalReply:
 
 
 def check_evaluate_reply(content: RecordDict) -> EvalReply:
-    """A site's plaintext evaluation: a positive count and an accuracy in [0, 1]."""
+    """A site's plaintext evaluation: a whole positive count, an accuracy in [0, 1] and a finite,
+    non-negative loss."""
     info = P.site_info(content)
     n = P.metric(content, P.NUM_EXAMPLES)
     loss, acc = P.metric(content, P.EVAL_LOSS), P.metric(content, P.EVAL_ACC)
-    if n < 1 or not 0.0 <= acc <= 1.0:
+    if not (math.isfinite(n) and n == int(n) and n >= 1) or not 0.0 <= acc <= 1.0:
         raise ValueError(f"implausible evaluation (n={n}, accuracy={acc})")
+    if not (math.isfinite(loss) and loss >= 0):
+        raise ValueError(f"evaluation loss must be a finite number >= 0, got {loss}")
     return EvalReply(info, int(n), loss, acc)
 
 

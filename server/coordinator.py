@@ -119,7 +119,7 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
     strategy = RecordingStrategy(
         inner, writer, plan=plan, cipher=cipher, stream_values=count_parameters(model) + 1,
         encrypted_train=enc.aggregation == "ckks", encrypted_eval=enc.evaluation == "ckks",
-        weight_norm=float(public.get(P.ENC_WEIGHT_NORM, 0.0)), rng=task.rng,
+        weight_norm=float(public.get(P.ENC_WEIGHT_NORM, 0.0)), rng=task.rng, task=task,
     )
     writer.preflight(standings)
     answered = sum(1 for st in standings.values() if st.status is not None)

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from flwr.app import Message
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from privacy.ckks import EncryptedVector
+from privacy.events import DpSgdEvent
 from server.budget import SiteStanding
 from server.checks import EvalReply, TrainReply
 from server.ledger_heads import LedgerWitness
@@ -61,6 +63,16 @@ class RoundWriter:
         """The site id a node reported, or ``node-N`` before it has said who it is."""
         return self.node_sites.get(node, f"node-{node}")
 
+    def history(self, s: Session, before_round: int, site_id: str) -> list[DpSgdEvent]:
+        """The privacy events this run recorded for ``site_id`` before ``before_round``, in order."""
+        PE = S.PrivacyEvent
+        rows = s.execute(select(PE.noise_multiplier, PE.sample_rate, PE.steps, PE.max_grad_norm)
+                         .join(S.Site, S.Site.id == PE.site_id)
+                         .where(PE.run_id == self.run_id, S.Site.site_key == site_id,
+                                PE.round_number < before_round)
+                         .order_by(PE.round_number)).all()
+        return [DpSgdEvent(sigma, q, steps, c) for sigma, q, steps, c in rows]
+
     def open_round(self, server_round: int, sampled: list[int], bytes_down: int) -> None:
         """Start a round: who was sampled and what was sent to them."""
         self.round = RoundLog(server_round, sampled=sampled, bytes_down=bytes_down)
@@ -93,10 +105,10 @@ class RoundWriter:
         return [m for m in replies if not m.has_error()]
 
     def refused(self, s: Session, server_round: int, node: int, site_id: str, refusal: P.Refusal,
-                bytes_down: int) -> None:
-        """A site said no to training, with its machine-readable code."""
+                bytes_down: int, phase: Phase = "train") -> None:
+        """A site said no (to training or evaluating), with its machine-readable code."""
         self.node_sites[node] = site_id
-        self.participation(s, server_round, node, "train", "refused", reason=str(refusal),
+        self.participation(s, server_round, node, phase, "refused", reason=str(refusal),
                            bytes_down=bytes_down, code=refusal.code)
 
     def trained(self, s: Session, server_round: int, node: int, reply: TrainReply, bytes_down: int,

@@ -21,6 +21,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from sqlalchemy.orm import Session
 
 from privacy.ckks import CoordinatorContext
 from privacy.randomness import RngMode
@@ -30,6 +31,7 @@ from server.checks import Layout, Model, array_bytes, model_key
 from server.rounds import RoundWriter
 from veil import protocol as P
 from veil.logs import get_logger
+from veil.names import Phase
 
 log = get_logger("server")
 
@@ -49,11 +51,13 @@ class RecordingStrategy:
         encrypted_eval: bool = False,
         weight_norm: float = 0.0,
         rng: RngMode = "os-entropy",
+        task: P.TrainTask | None = None,
     ) -> None:
         """``encrypted_train``: replies carry encrypted updates of ``stream_values`` values,
         which are checked and added with ``cipher``, never decrypted; ``encrypted_eval``:
         evaluation replies carry encrypted sums, stored as one ciphertext per round; ``rng``:
-        the noise source the task asked for (a seeded reply to a private task is rejected)."""
+        the noise source the task asked for (a seeded reply to a private task is rejected);
+        ``task``: what every site was asked to run (its mechanism is checked against it)."""
         if cipher is None and (encrypted_train or encrypted_eval):
             raise ValueError("encrypted aggregation or evaluation needs the coordinator's CKKS context")
         self.inner = inner
@@ -65,6 +69,7 @@ class RecordingStrategy:
         self.encrypted_eval = encrypted_eval
         self.weight_norm = weight_norm
         self.rng = rng
+        self.task = task
         self._layout: Layout = {}
         self._eval_sampled: list[int] = []
         self._eval_bytes = 0
@@ -97,21 +102,18 @@ class RecordingStrategy:
         with w.store.session() as s:
             for msg in w.answered(s, server_round, "train", list(replies), w.round.sampled, per_site_bytes):
                 node = msg.metadata.src_node_id
-                if P.REFUSAL in msg.content:
-                    try:
-                        refusal, site_id = checks.check_refusal(msg.content)
-                    except ValueError as err:
-                        w.participation(s, server_round, node, "train", "rejected", reason=str(err),
-                                        bytes_down=per_site_bytes)
-                        continue
-                    w.refused(s, server_round, node, site_id, refusal, per_site_bytes)
-                    log.warning("round %d: %s refused: %s", server_round, site_id, refusal)
+                why = self._refused(s, server_round, node, msg.content, "train", per_site_bytes)
+                if why is not None:
                     if self.plan:
-                        self.plan.refused(node, str(refusal))
+                        self.plan.refused(node, why)
                     continue
                 try:
-                    reply = checks.check_train_reply(msg.content, encrypted=self.encrypted_train,
-                                                     expected=self._layout, rng=self.rng)
+                    site_id = P.site_info(msg.content).site_id
+                    standing = self.plan.standings.get(node) if self.plan else None
+                    declared = standing.status if standing else None
+                    reply = checks.check_train_reply(
+                        msg.content, encrypted=self.encrypted_train, expected=self._layout, rng=self.rng,
+                        task=self.task, declared=declared, history=w.history(s, server_round, site_id))
                     if self.cipher is not None and self.encrypted_train:
                         streams.append(checks.parse_update(msg.content, self.cipher, self.stream_values))
                 except ValueError as err:
@@ -138,6 +140,9 @@ class RecordingStrategy:
                      server_round, len(streams), array_bytes(arrays))
         else:  # in site order, not arrival order: float sums then do not depend on who answered first
             arrays, metrics = self.inner.aggregate_train(server_round, sorted(valid, key=self._site_order))
+            if isinstance(arrays, ArrayRecord) and not checks.finite(arrays):  # cannot happen after the checks
+                log.error("round %d: the aggregate is not finite; model kept", server_round)
+                return None, None
         if metrics is not None:
             w.round.train_loss = float(metrics[P.TRAIN_LOSS])  # type: ignore[arg-type]
             w.round.max_epsilon = float(metrics[P.EPSILON])  # type: ignore[arg-type]
@@ -167,6 +172,8 @@ class RecordingStrategy:
             for msg in w.answered(s, server_round, "evaluate", list(replies), self._eval_sampled,
                                   self._eval_bytes):
                 node = msg.metadata.src_node_id
+                if self._refused(s, server_round, node, msg.content, "evaluate", self._eval_bytes) is not None:
+                    continue
                 try:
                     reply = checks.check_evaluate_reply(msg.content)
                 except ValueError as err:
@@ -182,6 +189,21 @@ class RecordingStrategy:
                       float(metrics[P.EVAL_LOSS]) if metrics else None)  # type: ignore[arg-type]
         return metrics
 
+    def _refused(self, s: Session, server_round: int, node: int, content: RecordDict, phase: Phase,
+                 bytes_down: int) -> str | None:
+        """Record a site's refusal (or a malformed one); its reason, or None when the reply is not one."""
+        if P.REFUSAL not in content:
+            return None
+        try:
+            refusal, site_id = checks.check_refusal(content)
+        except ValueError as err:
+            self.writer.participation(s, server_round, node, phase, "rejected", reason=str(err),
+                                      bytes_down=bytes_down)
+            return str(err)
+        self.writer.refused(s, server_round, node, site_id, refusal, bytes_down, phase=phase)
+        log.warning("round %d %s: %s refused: %s", server_round, phase, site_id, refusal)
+        return str(refusal)
+
     def _aggregate_encrypted_evaluate(self, server_round: int, replies: list[Message]) -> None:
         """Sum the sites' encrypted evaluation sums; store the ciphertext; read nothing."""
         assert self.cipher is not None
@@ -190,6 +212,8 @@ class RecordingStrategy:
         with w.store.session() as s:
             for msg in w.answered(s, server_round, "evaluate", replies, self._eval_sampled, self._eval_bytes):
                 node = msg.metadata.src_node_id
+                if self._refused(s, server_round, node, msg.content, "evaluate", self._eval_bytes) is not None:
+                    continue
                 try:
                     info, enc, parsed = checks.check_encrypted_evaluate_reply(msg.content, self.cipher)
                 except ValueError as err:

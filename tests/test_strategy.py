@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from sqlalchemy import select
 
-from privacy import DpSgdEvent
+from privacy import DpSgdEvent, epsilon
 from server import checks
 from server.checks import aggregate_train_metrics
 from server.rounds import RoundWriter
@@ -19,6 +19,8 @@ from tests.flowerkit import LocalGrid, answers
 from veil import protocol as P
 
 GLOBAL = {"w": torch.zeros((2, 3), dtype=torch.float32)}
+EVENT = DpSgdEvent(1.0, 0.1, 10, 1.0)
+EPS = epsilon([EVENT], 1e-5, "pld")  # what a site honestly reports for that one event
 LIFE = P.LifetimeSpend("d" * 16, "e" * 32, 1.5, 1e-5, "pld", 4.0, P.LedgerHead("f" * 32, 7, "a" * 64))
 
 
@@ -26,7 +28,7 @@ def _reply(**overrides: object) -> RecordDict:
     content = {
         P.ARRAYS: ArrayRecord({k: torch.ones_like(v) for k, v in GLOBAL.items()}),
         P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, P.TRAIN_LOSS: 0.5, P.EPSILON: 1.0}),
-        P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0,
+        P.PRIVACY: P.PrivacyReport(EVENT, 1e-5, "pld", "x", EPS,
                                    lifetime=LIFE).to_config(),
         P.SITE: P.SiteInfo("site-0", "cpu", 0.1, 3).to_config(),
     }
@@ -78,13 +80,13 @@ def test_good_reply_passes() -> None:
         ({P.PRIVACY: ConfigRecord({"noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
                                    "max-grad-norm": float("inf"), "delta": 1e-5, "epsilon": 1.0,
                                    "sampling": "poisson"})}, "positive finite"),
-        ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0,
+        ({P.PRIVACY: P.PrivacyReport(EVENT, 1e-5, "pld", "x", EPS,
                                      sampling="shuffle", lifetime=LIFE).to_config()}, "must be 'poisson'"),
-        ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0).to_config()},
+        ({P.PRIVACY: P.PrivacyReport(EVENT, 1e-5, "pld", "x", EPS).to_config()},
          "must keep a privacy ledger"),
-        ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0, lifetime=LIFE,
+        ({P.PRIVACY: P.PrivacyReport(EVENT, 1e-5, "pld", "x", EPS, lifetime=LIFE,
                                      rng="seeded").to_config()}, "from the seed .* not aggregated"),
-        ({P.PRIVACY: P.PrivacyReport(DpSgdEvent(1.0, 0.1, 10, 1.0), 1e-5, "pld", "x", 1.0, lifetime=LIFE,
+        ({P.PRIVACY: P.PrivacyReport(EVENT, 1e-5, "pld", "x", EPS, lifetime=LIFE,
                                      rng="time").to_config()}, "rng must be one of"),
     ],
 )
@@ -237,3 +239,69 @@ def test_encrypted_evaluation_alone_keeps_plaintext_aggregation(tmp_path, ckks_k
                                  cipher=ckks_keys[1], stream_values=7, encrypted_train=False, encrypted_eval=True)
     arrays, _ = _train(strategy, [1], {1: _reply()})
     assert isinstance(arrays, ArrayRecord)  # plaintext FedAvg, as the scenario asked
+
+
+# -- the edge holds: poisoned, inflated or under-reported replies are rejected with a reason ------
+
+DECLARED = P.BudgetStatus("site-0", "d" * 16, 100, 1e-5, "pld", 4.0, 0.0, 1.0, 0.1, 10, 3.0, 3)
+
+
+def _privacy(**kw: object) -> ConfigRecord:
+    rec = P.PrivacyReport(EVENT, 1e-5, "pld", "x", EPS, lifetime=LIFE).to_config()
+    for key, value in kw.items():
+        rec[key] = value  # type: ignore[assignment]
+    return rec
+
+
+def _metrics(**kw: float) -> MetricRecord:
+    return MetricRecord({P.NUM_EXAMPLES: 10, P.TRAIN_LOSS: 0.5, P.EPSILON: 1.0, **kw})
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({P.ARRAYS: ArrayRecord({"w": torch.full((2, 3), float("nan"))})}, "NaN, ±inf"),
+    ({P.ARRAYS: ArrayRecord({"w": torch.full((2, 3), float("-inf"))})}, "NaN, ±inf"),
+    ({P.ARRAYS: ArrayRecord({"w": torch.full((2, 3), 1e38)})}, "beyond"),
+    ({P.METRICS: _metrics(**{P.NUM_EXAMPLES: float("inf")})}, "positive integer"),  # was an OverflowError
+    ({P.METRICS: _metrics(**{P.NUM_EXAMPLES: 1e18})}, "more than the 100 the site declared"),
+    ({P.METRICS: _metrics(**{P.TRAIN_LOSS: float("inf")})}, "finite number >= 0"),
+    ({P.METRICS: _metrics(**{P.TRAIN_LOSS: -1.0})}, "finite number >= 0"),
+    ({P.PRIVACY: _privacy(epsilon=EPS / 2)}, "below the .* its events imply"),
+    ({P.PRIVACY: _privacy(epsilon=0.0)}, "below the .* its events imply"),
+    ({P.PRIVACY: _privacy(accountant="gdp")}, "not one of"),
+    ({P.PRIVACY: _privacy(**{"noise-multiplier": 0.5})}, "below the task's"),
+    ({P.PRIVACY: _privacy(**{"max-grad-norm": 2.0})}, "not the task's"),
+    ({P.PRIVACY: _privacy(**{"sample-rate": 0.2})}, "declared σ=1, q=0.1, 10 steps"),
+    ({P.PRIVACY: _privacy(**{"lifetime-epsilon": 5.0})}, "above its own cap"),
+])
+def test_poisoned_inflated_or_understated_replies_are_rejected(overrides: dict, message: str) -> None:
+    task = P.TrainTask("mlp", 1, 30, 0.1, 0.0, 1.0, 1.0, 0.0, 1e-5, "pld", 3, 0)
+    with pytest.raises(ValueError, match=message):
+        checks.check_train_reply(_reply(**overrides), encrypted=False, expected=checks.layout(ArrayRecord(GLOBAL)),
+                                 rng="os-entropy", task=task, declared=DECLARED)
+    reply = checks.check_train_reply(_reply(), encrypted=False, expected=checks.layout(ArrayRecord(GLOBAL)),
+                                     rng="os-entropy", task=task, declared=DECLARED)  # the honest one passes
+    assert reply.num_examples == 10
+
+
+def test_a_second_round_must_report_the_epsilon_of_both_events() -> None:
+    """ε over the site's events in this run: reporting only the latest round's ε is an under-statement."""
+    kw = {"encrypted": False, "expected": checks.layout(ArrayRecord(GLOBAL)), "rng": "os-entropy"}
+    with pytest.raises(ValueError, match="its events imply"):
+        checks.check_train_reply(_reply(), history=[EVENT], **kw)  # type: ignore[arg-type]
+    both = epsilon([EVENT, EVENT], 1e-5, "pld")
+    assert checks.check_train_reply(_reply(**{P.PRIVACY: _privacy(epsilon=both)}), history=[EVENT],
+                                    **kw).report.epsilon == both  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("metrics", "message"), [
+    ({P.NUM_EXAMPLES: 2.5, P.EVAL_LOSS: 0.1, P.EVAL_ACC: 0.5}, "implausible"),
+    ({P.NUM_EXAMPLES: float("inf"), P.EVAL_LOSS: 0.1, P.EVAL_ACC: 0.5}, "implausible"),
+    ({P.NUM_EXAMPLES: 10, P.EVAL_LOSS: 0.1, P.EVAL_ACC: 1.5}, "implausible"),
+    ({P.NUM_EXAMPLES: 10, P.EVAL_LOSS: float("inf"), P.EVAL_ACC: 0.5}, "finite number >= 0"),
+    ({P.NUM_EXAMPLES: 10, P.EVAL_LOSS: -0.1, P.EVAL_ACC: 0.5}, "finite number >= 0"),
+])
+def test_implausible_evaluations_are_rejected(metrics: dict, message: str) -> None:
+    site = P.SiteInfo("site-0", "cpu", 0.1, 3).to_config()
+    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: site})
+    with pytest.raises(ValueError, match=message):
+        checks.check_evaluate_reply(content)
