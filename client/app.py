@@ -42,13 +42,13 @@ from privacy import DpSgdEvent, accountant_version, calibrate_noise_multiplier, 
 from privacy.ckks import SecretKey, flatten, unflatten
 from privacy.ledger import BudgetExceeded, SiteLedger, dataset_id
 from privacy.randomness import RoundRandomness, describe
-from privacy.requests import RequestRefused, SignedRequest
+from privacy.requests import SITE_MAX_AGE_S, RequestRefused, SignedRequest
 from veil import protocol as P
 from veil.errors import ScenarioError
 from veil.logs import get_logger
 from veil.models import build_model
 from veil.names import eval_sums
-from veil.spec import parse_scenario
+from veil.spec import Scenario, parse_scenario
 
 log = get_logger("client")
 _HISTORY = "veil.privacy-history"
@@ -124,15 +124,8 @@ def _request_check(site: Site, task: P.TrainTask, config: ConfigRecord
     if site.researchers is None:
         return None, None
     try:
-        request = SignedRequest.from_json(config.get(P.RUN_REQUEST))
-        if not site.researchers and not (request.ephemeral and site.accept_ephemeral):
-            raise RequestRefused("untrusted-researcher", "this site trusts no researcher keys yet; list their "
-                                 "public keys in site.yaml under policy.trusted_researchers")
-        request.verify({r.key_id: r for r in site.researchers}, accept_ephemeral=site.accept_ephemeral)
-        try:
-            signed = P.TrainTask.from_scenario(parse_scenario(request.scenario, "the signed request"))
-        except ScenarioError as err:
-            raise RequestRefused("task-mismatch", f"the signed scenario is not valid here: {err}") from None
+        request, scenario = _verified(site, config)
+        signed = P.TrainTask.from_scenario(scenario)
         differ = [f.name for f in fields(task) if f.name != "run_ref"
                   and getattr(task, f.name) != getattr(signed, f.name)]
         if differ:
@@ -141,6 +134,36 @@ def _request_check(site: Site, task: P.TrainTask, config: ConfigRecord
     except RequestRefused as err:
         return P.Refusal(err.code, err.detail), None
     return None, request
+
+
+def _verified(site: Site, config: ConfigRecord) -> tuple[SignedRequest, Scenario]:
+    """The task's signed request and its scenario, if a researcher this site trusts signed it."""
+    assert site.researchers is not None
+    request = SignedRequest.from_json(config.get(P.RUN_REQUEST))
+    if not site.researchers and not (request.ephemeral and site.accept_ephemeral):
+        raise RequestRefused("untrusted-researcher", "this site trusts no researcher keys yet; list their "
+                             "public keys in site.yaml under policy.trusted_researchers")
+    request.verify({r.key_id: r for r in site.researchers}, accept_ephemeral=site.accept_ephemeral)
+    try:
+        return request, parse_scenario(request.scenario, "the signed request")
+    except ScenarioError as err:
+        raise RequestRefused("task-mismatch", f"the signed scenario is not valid here: {err}") from None
+
+
+def _evaluation_refusal(site: Site, config: ConfigRecord) -> P.Refusal | None:
+    """An evaluation is answered only for a run a trusted researcher signed, on the signed model,
+    and encrypted when the researcher signed an encrypted evaluation."""
+    if site.researchers is None:
+        return None
+    try:
+        _, signed = _verified(site, config)
+    except RequestRefused as err:
+        return P.Refusal(err.code, err.detail)
+    if str(config.get("arch", "")) != signed.model.key:
+        return P.Refusal("task-mismatch", "the model to evaluate is not the one the researcher signed")
+    if bool(config.get(P.ENC_EVAL)) != (signed.encryption.evaluation == "ckks"):
+        return P.Refusal("task-mismatch", "the evaluation's encryption is not what the researcher signed")
+    return None
 
 
 def _ledger_ref(task: P.TrainTask, request: SignedRequest | None) -> str:
@@ -155,6 +178,11 @@ def _replay_refusal(ledger: SiteLedger, task: P.TrainTask, request: SignedReques
         return None
     mark = f"|req:{request.nonce}"
     spent = [e.run_ref for e in ledger.entries() if e.run_ref.endswith(mark)]
+    if not spent:  # its first charge here: a signature kept for days is not spent now
+        try:
+            request.check_fresh(max_age=SITE_MAX_AGE_S)
+        except RequestRefused as err:
+            return P.Refusal("replayed-request", err.detail)
     if any(ref != _ledger_ref(task, request) for ref in spent):
         return P.Refusal("replayed-request", "this signed request was already charged here under another run")
     if len(spent) >= task.planned_rounds:
@@ -204,14 +232,17 @@ def _noise_multiplier(task: P.TrainTask, context: Context, n: int, delta: float)
     """The task's σ, or σ calibrated once per run so ε over all planned rounds ≤ target."""
     if task.noise_multiplier > 0:
         return task.noise_multiplier
-    rec = context.state.get(_SIGMA)
-    if isinstance(rec, ConfigRecord) and "sigma" in rec:
-        return float(rec["sigma"])  # type: ignore[arg-type]
     q, steps = poisson_plan(n, task.batch_size, task.local_epochs)
+    # the calibration is remembered for exactly its inputs: a query for another target (even a
+    # refused one) can never set the σ a later task trains with
+    key = f"{task.target_epsilon!r}|{delta!r}|{q!r}|{steps * task.planned_rounds}|{task.accountant}"
+    rec = context.state.get(_SIGMA)
+    if isinstance(rec, ConfigRecord) and rec.get("key") == key and "sigma" in rec:
+        return float(rec["sigma"])  # type: ignore[arg-type]
     sigma = calibrate_noise_multiplier(
         task.target_epsilon, delta, q, steps * task.planned_rounds, task.accountant
     )
-    context.state[_SIGMA] = ConfigRecord({"sigma": sigma})
+    context.state[_SIGMA] = ConfigRecord({"sigma": sigma, "key": key})
     return sigma
 
 
@@ -302,14 +333,14 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         site: Site = resolve_site(context)
         config = _task_config(msg)
         task = P.TrainTask.from_config(config)
-        if task.encrypted or task.encrypted_eval:  # no key, or the wrong one: fail at the pre-flight
+        refusal, request = _request_check(site, task, config)  # whose run is it, before anything else
+        if refusal is None and (task.encrypted or task.encrypted_eval):  # no key or the wrong one: say so now
             site_key(site, config.get(P.ENC_KEY_ID))
         planned = _planned_event(task, context, site)
         policy = site.policy
         lifetime_delta = policy.delta_for(len(site.train))
         ledger = open_ledger(site)
         fp, acc, scope = site.fingerprint, policy.accountant, policy.cap_scope
-        refusal, request = _request_check(site, task, config)
         refusal = refusal or _replay_refusal(ledger, task, request) or _policy_refusal(site, task, planned)
         affordable = 0 if refusal else ledger.affordable_rounds(
             fp, planned, task.planned_rounds, cap=policy.epsilon_cap, delta=lifetime_delta,
@@ -418,6 +449,9 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         start = time.perf_counter()
         site = resolve_site(context)
         config = _task_config(msg)
+        refusal = _evaluation_refusal(site, config)
+        if refusal:  # nothing is charged for evaluation, but the test set is the site's to protect too
+            return _refuse(msg, site, refusal)
         model = _model_from(msg, str(config.get("arch", "")), site)
         out = evaluate(model, site.test, site.device)
         if config.get(P.ENC_EVAL):

@@ -228,11 +228,14 @@ def run_site(config_path: Path) -> int:
         log_event("refused-to-start", site=cfg.site_id,
                   reason=f"preflight failed: {', '.join(c.name for c in failed)}")
         return 3
-    from veil.processes import bin_path, supervise
+    import tempfile
+
+    from veil.processes import pinned_path, supervise
 
     cmd = supernode_command(cfg, config_path)
-    return supervise(cmd, {**os.environ, "PATH": bin_path()},
-                     lambda event, **kw: log_event(f"supernode-{event}", site=cfg.site_id, **kw))
+    with tempfile.TemporaryDirectory(prefix="veil-site-bin-") as runners:  # this site runs its own Veil only
+        return supervise(cmd, {**os.environ, "PATH": pinned_path(Path(runners))},
+                         lambda event, **kw: log_event(f"supernode-{event}", site=cfg.site_id, **kw))
 
 
 def site_from_config(path: Path) -> Any:

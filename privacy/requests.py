@@ -38,10 +38,12 @@ from veil.exits import ExitCode
 from veil.files import atomic_write
 
 MAX_AGE_S = 900.0  # a request older than this is refused by the coordinator (clock skew included)
+SITE_MAX_AGE_S = 86_400.0  # a site refuses to start charging a request signed longer ago than this
+PURPOSE = "veil.run-request.v1"  # signed with every request: a signature made for anything else never fits
 MAX_SKEW_S = 120.0  # a request dated further in the future than this is refused
 MAX_REQUEST_BYTES = 256_000
 REFUSAL_CODES = ("unsigned-run", "untrusted-researcher", "bad-signature", "expired-request",
-                 "replayed-request", "task-mismatch")
+                 "replayed-request", "task-mismatch", "invalid-scenario")
 
 
 class RequestError(VeilError):
@@ -84,13 +86,14 @@ class Researcher:
 def create_researcher_key(private_path: Path) -> Path:
     """``NAME`` (private key, PEM, mode 600) and ``NAME.pub`` (OpenSSH public key with the name);
     refuses to overwrite either. Returns the public key's path."""
-    public_path = private_path.with_name(private_path.name + ".pub")
+    name = Path(private_path).name
+    if name in ("", ".", "..") or name.endswith(".pub") or any(c.isspace() or not c.isprintable() for c in name):
+        raise RequestError(f"researcher key name {name!r}: give a file name such as keys/alice (printable, no "
+                           "spaces, not ending in .pub; NAME.pub is made beside it)")
+    public_path = private_path.with_name(name + ".pub")
     for p in (private_path, public_path):
         if p.exists():
             raise RequestError(f"{p} exists; refusing to overwrite a researcher key")
-    name = private_path.name
-    if not name or any(c.isspace() or not c.isprintable() for c in name):
-        raise RequestError(f"researcher key name {name!r} must be printable and without spaces")
     key = Ed25519PrivateKey.generate()
     atomic_write(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                  serialization.NoEncryption()), mode=0o600, exclusive=True)
@@ -164,8 +167,8 @@ class SignedRequest:
 
     def payload(self) -> bytes:
         """The bytes the signature covers: the scenario, the time, the nonce and the key."""
-        return canonical({"scenario": self.scenario, "issued_at": self.issued_at, "nonce": self.nonce,
-                          "key_id": self.key_id, "ephemeral": self.ephemeral}).encode()
+        return canonical({"purpose": PURPOSE, "scenario": self.scenario, "issued_at": self.issued_at,
+                          "nonce": self.nonce, "key_id": self.key_id, "ephemeral": self.ephemeral}).encode()
 
     def to_json(self) -> str:
         """The request as one JSON string (it travels in the run config and in every task)."""
@@ -189,6 +192,10 @@ class SignedRequest:
                                  ) from None
         if len(req.nonce) != 32 or any(c not in "0123456789abcdef" for c in req.nonce):
             raise RequestRefused("unsigned-run", "the run request's nonce is not 32 hex digits")
+        try:
+            req.to_json().encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestRefused("unsigned-run", "the run request holds text that is not valid Unicode") from None
         return req
 
     def issued(self) -> datetime:
@@ -220,13 +227,13 @@ class SignedRequest:
                                  ) from None
         return signer
 
-    def check_fresh(self, now: datetime | None = None) -> None:
-        """Refuse a request signed more than MAX_AGE_S ago, or dated in the future."""
+    def check_fresh(self, now: datetime | None = None, max_age: float = MAX_AGE_S) -> None:
+        """Refuse a request signed more than ``max_age`` seconds ago, or dated in the future."""
         now = now or datetime.now(UTC)
         age = (now - self.issued()).total_seconds()
-        if age > MAX_AGE_S:
+        if age > max_age:
             raise RequestRefused("expired-request", f"signed {age:.0f} s ago; requests older than "
-                                 f"{MAX_AGE_S:.0f} s are refused (sign and submit again)")
+                                 f"{max_age:.0f} s are refused (sign and submit again)")
         if age < -MAX_SKEW_S:
             raise RequestRefused("expired-request", f"dated {-age:.0f} s in the future (check the clocks)")
 

@@ -10,20 +10,23 @@ admission is necessary, not sufficient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
 from privacy.requests import RequestRefused, Researcher, SignedRequest, load_researchers
 from server.store import RunStore
 from server.store import schema as S
-from veil.errors import StoreError
+from veil.errors import ScenarioError, StoreError
 from veil.logs import get_logger
 from veil.names import RequestStatus
 
 log = get_logger("server")
-REFUSED_MARK = "run request refused"  # `veil run` looks for it in the streamed log
+REFUSED_MARK = "run request refused"
+REFUSED_LOG = f"ERROR veil.server: {REFUSED_MARK} ("  # what `veil run` looks for in the streamed log
 
 
 def admitted_researchers(directory: str | None) -> dict[str, Researcher]:
@@ -44,9 +47,11 @@ def _record(store: RunStore, request: SignedRequest | None, status: RequestStatu
 
 
 def admit(store: RunStore, request_json: object, researchers: dict[str, Researcher],
-          now: datetime | None = None) -> tuple[SignedRequest, Researcher]:
+          now: datetime | None = None, validate: Callable[[dict[str, Any]], None] | None = None
+          ) -> tuple[SignedRequest, Researcher]:
     """The signed request and its researcher, admitted and its nonce claimed; or ``RequestRefused``
-    after the refusal (who, why) is recorded."""
+    after the refusal is recorded. ``validate`` checks the signed scenario (ScenarioError: refused
+    as ``invalid-scenario``). A researcher is named only when the signature verified."""
     request: SignedRequest | None = None
     signer: Researcher | None = None
     try:
@@ -56,6 +61,11 @@ def admit(store: RunStore, request_json: object, researchers: dict[str, Research
                                  "with --researchers DIR holding their public keys (NAME.pub)")
         signer = request.verify(researchers)
         request.check_fresh(now or datetime.now(UTC))
+        if validate is not None:
+            try:
+                validate(request.scenario)
+            except ScenarioError as err:
+                raise RequestRefused("invalid-scenario", str(err)) from None
         try:
             _record(store, request, "admitted", researcher=signer.label(), claim_nonce=True)
         except StoreError as err:
@@ -64,10 +74,9 @@ def admit(store: RunStore, request_json: object, researchers: dict[str, Research
             raise RequestRefused("replayed-request", f"request {request.nonce} was already submitted once; "
                                  "sign and submit a new one") from None
     except RequestRefused as err:
-        known = signer or (researchers.get(request.key_id) if request is not None else None)
-        who = known.label() if known is not None else None
+        who = signer.label() if signer is not None else None  # a forged request names no one
         _record(store, request, "refused", researcher=who, code=err.code, reason=err.detail)
-        log.error("%s (%s): %s", REFUSED_MARK, who or "unknown researcher", err)
+        log.error("%s (%s): %s", REFUSED_MARK, who or "no verified researcher", err)
         raise
     log.info("run request %s admitted: signed by %s at %s", request.nonce, signer.label(), request.issued_at)
     return request, signer

@@ -150,7 +150,8 @@ def test_the_coordinator_admits_once_and_records_every_refusal(keys: Path, store
     assert [(r.status, r.reason_code) for r in rows] == [
         ("admitted", None), *(("refused", code) for code in refused), ("refused", "untrusted-researcher")]
     assert rows[0].nonce == good.nonce and rows[0].researcher == signer.label()
-    assert rows[2].researcher is None and rows[3].researcher == signer.label()  # bob unknown; alice's key
+    assert rows[2].researcher is None and rows[3].researcher is None  # bob unknown; a forgery names no one
+    assert rows[3].key_id == signer.key_id  # but the key id it claimed is kept
     assert runs == []  # a refused request is never a run
     store.close()
 
@@ -232,3 +233,31 @@ def test_a_site_that_trusts_no_one_refuses_everything_and_simulated_sites_take_e
     simulated = Driver(tmp_path / "b", researchers=(), accept_ephemeral=True)
     assert _refusal(simulated.train(throwaway, _task(throwaway))) is None
     assert nobody.entries() == [] and len(simulated.entries()) == 1
+
+
+def test_a_refused_query_cannot_set_the_noise_a_signed_task_trains_with(keys: Path, tmp_path: Path) -> None:
+    """σ is calibrated per task: an unsigned query for a huge ε, refused, must not leave its σ behind."""
+    from privacy import calibrate_noise_multiplier
+    from privacy.events import default_delta
+
+    driver = Driver(tmp_path, researchers=tuple(load_researchers([keys / "alice.pub"]).values()))
+    signed_scenario = parse_scenario({**SCENARIO, "privacy": {"noise_multiplier": None, "target_epsilon": 1.0}})
+    good = sign_request(signed_scenario.model_dump(mode="json"), load_private_key(keys / "alice"))
+    task = _task(good)
+    greedy = dataclasses.replace(task, target_epsilon=1000.0)
+    config = greedy.to_config()
+    reply = driver.app(incoming(RecordDict({P.TASK: ConfigRecord(dict(config))}), P.BUDGET_QUERY), driver.context)
+    assert P.BudgetStatus.from_config(reply.content[P.BUDGET]).refusal.code == "unsigned-run"  # type: ignore[arg-type,union-attr]
+    trained = driver.train(good, task)
+    event = P.PrivacyReport.from_config(trained[P.PRIVACY]).event  # type: ignore[arg-type]
+    n = len(driver.site.train)
+    honest = calibrate_noise_multiplier(1.0, default_delta(n), event.sample_rate,
+                                        event.steps * task.planned_rounds, "pld")
+    assert event.noise_multiplier == pytest.approx(honest) and event.noise_multiplier > 1.0
+
+
+def test_a_site_starts_charging_only_a_recent_signature(keys: Path, tmp_path: Path) -> None:
+    driver = Driver(tmp_path, researchers=tuple(load_researchers([keys / "alice.pub"]).values()))
+    stale = _signed(keys, now=datetime.now(UTC) - timedelta(days=2))
+    reply = driver.train(stale, _task(stale))
+    assert _refusal(reply) == "replayed-request" and driver.entries() == []

@@ -148,8 +148,7 @@ def test_a_stranger_and_an_altered_request_are_refused_by_the_coordinator(federa
         requests = [(r.status, r.reason_code, r.researcher) for r in s.scalars(select(S.RunRequest))]
         runs = s.scalars(select(S.Run)).all()
     assert ("refused", "untrusted-researcher", None) in requests
-    assert any(status == "refused" and code == "bad-signature" and (who or "").startswith("alice")
-               for status, code, who in requests)
+    assert ("refused", "bad-signature", None) in requests  # a forgery claiming alice's key names no one
     assert runs == []  # never a run: no site was asked anything
     assert all(fed.ledger_refs(site) == [] for site in SITES)
 
@@ -163,11 +162,13 @@ def test_a_run_trains_only_at_the_sites_that_trust_its_researcher(federation: Fe
         sites = {row.id: row.site_key for row in s.scalars(select(S.Site).where(S.Site.run_id == run.id))}
         trained = sorted(sites[e.site_id] for e in s.scalars(
             select(S.PrivacyEvent).where(S.PrivacyEvent.run_id == run.id)))
-        refused = [(sites[p.site_id], p.reason_code) for p in s.scalars(
+        refused = [(sites[p.site_id], p.phase, p.reason_code) for p in s.scalars(
             select(S.Participation).where(S.Participation.run_id == run.id, S.Participation.status == "refused"))]
     assert run.status == "completed" and run.researcher == "bob" and run.researcher_key_id
     assert trained == ["site-0", "site-1"]
-    assert refused == [("site-2", "untrusted-researcher")]
+    # site-2 says no at the pre-flight, and will not even evaluate bob's model on its test set
+    assert sorted(refused) == [("site-2", "evaluate", "untrusted-researcher"),
+                               ("site-2", "preflight", "untrusted-researcher")]
     assert fed.ledger_refs("site-2") == []  # nothing charged where bob is not trusted
     for site in ("site-0", "site-1"):
         (ref,) = fed.ledger_refs(site)
@@ -192,3 +193,64 @@ def test_a_run_signed_by_a_researcher_everyone_trusts_trains_everywhere(federati
     assert trained == list(SITES)
     for site in SITES:  # each site recorded the nonce the coordinator admitted with its charge
         assert any(ref.endswith(f"|req:{request.nonce}") for ref in fed.ledger_refs(site))
+
+
+ROGUE_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "rogue"
+version = "1.0.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "mallory"
+
+[tool.flwr.app.components]
+serverapp = "rogue:app"
+clientapp = "rogue:client"
+
+[tool.flwr.app.config]
+marker = "MARKER"
+"""
+ROGUE_APP = """from pathlib import Path
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+client = ClientApp()
+
+
+@app.main()
+def main(grid, context):
+    Path(str(context.run_config["marker"])).write_text("the submitter's own code ran at the coordinator")
+"""
+
+
+def test_an_app_bundle_with_its_own_code_never_runs_it(federation: Federation) -> None:
+    """Anyone with the CA can submit any app through Flower's Control API; the coordinator runs its
+    installed Veil instead (so the submission is just an unsigned request, refused and recorded)."""
+    from veil.cli.flower import CONNECTION, flower_home
+    from veil.processes import flower_exe
+
+    fed = federation
+    rogue = fed.base / "rogue"
+    rogue.mkdir()
+    marker = fed.base / "rogue-ran"
+    (rogue / "pyproject.toml").write_text(ROGUE_PYPROJECT.replace("MARKER", str(marker)))
+    (rogue / "rogue.py").write_text(ROGUE_APP)
+    with fed.store.session() as s:
+        before = len(s.scalars(select(S.RunRequest)).all())
+    with flower_home(f"127.0.0.1:{fed.port}", fed.base / "certs" / "ca.crt") as env:
+        done = subprocess.run([flower_exe("flwr"), "run", str(rogue), CONNECTION, "--stream"], env=env,
+                              cwd=fed.base, capture_output=True, text=True, timeout=300, check=False)
+    assert not marker.exists(), done.stdout[-2000:]
+    assert "unsigned-run" in done.stdout + done.stderr
+    with fed.store.session() as s:
+        rows = s.scalars(select(S.RunRequest).order_by(S.RunRequest.id)).all()
+    assert len(rows) == before + 1 and (rows[-1].status, rows[-1].reason_code) == ("refused", "unsigned-run")

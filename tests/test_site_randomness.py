@@ -14,7 +14,7 @@ from privacy.ledger import SiteLedger
 from tests.flowerkit import incoming
 from tests.sitekit import SiteDriver, make_site, task
 from veil import protocol as P
-from veil.errors import EntropyError, ScenarioError
+from veil.errors import EntropyError
 
 
 def _entries(path: Path) -> int:
@@ -68,7 +68,8 @@ def test_an_unreadable_entropy_source_trains_and_charges_nothing(tmp_path: Path,
     assert _entries(site.ledger) == 0
 
 
-def test_deployed_runs_refuse_reproducible_noise_before_anything_is_recorded(tmp_path: Path) -> None:
+def test_deployed_runs_refuse_reproducible_noise_before_anything_is_run(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
     from typer.testing import CliRunner
 
@@ -80,17 +81,32 @@ def test_deployed_runs_refuse_reproducible_noise_before_anything_is_recorded(tmp
     out = CliRunner().invoke(app, ["run", str(tmp_path / "s.yaml"), "--coordinator", "127.0.0.1:1",
                                    "--ca", str(tmp_path / "none.crt"), "--key", str(tmp_path / "no-key")])
     assert out.exit_code == 2 and "reproducible_noise" in out.output and "veil simulate" in out.output
-    # the ServerApp `flwr run` and `veil run` load refuses it too, before touching a store
-    from privacy.requests import create_researcher_key, load_private_key, sign_request
+    # the ServerApp `flwr run` and `veil run` load refuses it too, even properly signed: the
+    # refusal is recorded, and no run exists
+    from sqlalchemy import select
 
-    create_researcher_key(tmp_path / "alice")
-    request = sign_request(spec, load_private_key(tmp_path / "alice"))  # even when properly signed
-    store = tmp_path / "store.db"
+    from privacy.requests import RequestRefused, create_researcher_key, load_private_key, sign_request
+    from server.store import RunStore
+    from server.store import schema as S
+
+    (tmp_path / "admitted").mkdir()
+    create_researcher_key(tmp_path / "admitted" / "alice")
+    (tmp_path / "admitted" / "alice").rename(tmp_path / "alice")  # only the .pub stays admitted
+    monkeypatch.setenv("VEIL_RESEARCHERS", str(tmp_path / "admitted"))
+    request = sign_request(spec, load_private_key(tmp_path / "alice"))
+    url = f"sqlite:///{tmp_path / 'store.db'}"
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={"run-request": request.to_json(), "store": f"sqlite:///{store}"})
-    with pytest.raises(ScenarioError, match="reproducible_noise"):
+                      run_config={"run-request": request.to_json(), "store": url})
+    with pytest.raises(RequestRefused, match="reproducible_noise") as refused:
         serverapp_main(None, context)  # type: ignore[arg-type]
-    assert not store.exists()
+    assert refused.value.code == "invalid-scenario"
+    store = RunStore(url)
+    with store.session() as s:
+        row = s.scalars(select(S.RunRequest)).one()
+        assert s.scalars(select(S.Run)).all() == []
+    assert (row.status, row.reason_code) == ("refused", "invalid-scenario")
+    assert row.researcher is not None and row.researcher.startswith("alice (")
+    store.close()
 
 
 def test_the_flwr_run_client_app_never_runs_seeded_noise(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Starting and supervising Flower's own processes (SuperLink, SuperNode, ``flwr``).
+"""Starting and supervising Flower's own processes (SuperLink, SuperNode, ``flwr``), with the
+app runners pinned to the Veil installed here (``pinned_path``).
 
 Used by the site daemon and by the coordinator command alike: Flower starts its helpers by
 name, so this interpreter's scripts directory goes first on ``PATH``; a supervised process
@@ -24,6 +25,20 @@ from veil.errors import DeployError
 def bin_path() -> str:
     """This interpreter's scripts directory first: Flower starts its helpers by name."""
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def pinned_path(directory: Path) -> str:
+    """A ``PATH`` whose ``flwr-clientapp`` and ``flwr-serverapp`` run the Veil installed here
+    (``veil.apps.pinned``), never code from a run's app bundle; then this interpreter's scripts.
+
+    Flower starts those runners by name for every message; the scripts are written into
+    ``directory`` (the caller's own, e.g. a temporary directory that lives as long as it does)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, entry in (("flwr-clientapp", "clientapp"), ("flwr-serverapp", "serverapp")):
+        script = directory / name
+        script.write_text(f"#!{sys.executable}\nfrom veil.apps.pinned import {entry}\n\n{entry}()\n")
+        script.chmod(0o755)
+    return os.pathsep.join([str(directory), bin_path()])
 
 
 def flower_exe(name: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from privacy.requests import SignedRequest, ephemeral_request
+from privacy.requests import ephemeral_request
 from server.admission import admit, admitted_researchers, bind
 from server.coordinator import run_federation
 from server.lifecycle import record_run
@@ -30,22 +30,23 @@ log = logs.get_logger("server")
 app = ServerApp()
 
 
+def _deployable(raw: dict[str, object]) -> None:
+    """A deployed run's scenario: valid, and never reproducible (seeded) noise."""
+    if parse_scenario(raw, "veil run").privacy.reproducible_noise:
+        raise ScenarioError(REPRODUCIBLE_REFUSED)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Admit the signed request (or sign a local simulation), record the run and run it."""
     logs.configure()  # the ServerApp's own process: its log is what `veil run` streams
     deployed = env.get(env.RESEARCHERS) is not None or bool(context.run_config.get("run-request"))
-    if deployed:
-        # a reproducible-noise request is refused before anything is recorded, asked or trained
-        unverified = SignedRequest.from_json(context.run_config.get("run-request"))
-        if unverified.scenario.get("privacy", {}).get("reproducible_noise") is True:
-            raise ScenarioError(REPRODUCIBLE_REFUSED)
     store = RunStore(env.store_url(None, fallback=str(context.run_config.get("store", env.DEFAULT_STORE_URL))))
     key = env.get(env.COORDINATOR_KEY) or context.run_config.get("coordinator-key")
     try:
         if deployed:
             request, signer = admit(store, context.run_config.get("run-request"),
-                                    admitted_researchers(env.get(env.RESEARCHERS)))
+                                    admitted_researchers(env.get(env.RESEARCHERS)), validate=_deployable)
             scenario = parse_scenario(request.scenario, "veil run")
         else:
             scenario = load_scenario(str(context.run_config["scenario"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,9 +36,15 @@ def coordinator_start(
     from server.store import RunStore
     from server.store.store import resolve_store_url
     from veil.cli.flower import superlink_command
-    from veil.processes import bin_path, supervise
+    from veil.processes import pinned_path, supervise
 
     with errors():
+        if researchers is None:
+            raise VeilError("--researchers DIR is required: the public keys (NAME.pub, from `veil certs "
+                            "researcher-key NAME`) of the researchers whose signed runs this coordinator admits")
+        from privacy.requests import load_researchers
+
+        admitted = load_researchers([researchers])  # a bad key fails before the store is touched
         url = resolve_store_url(store)
         run_store = RunStore(url)  # creates or migrates it now: a bad URL fails before anything listens
         safe = run_store.safe_url
@@ -47,16 +54,12 @@ def coordinator_start(
 
             ctx = CoordinatorContext.load(coordinator_key)
             typer.echo(f"CKKS: key set {ctx.key_id}, parameters only (no secret key)")
-        if researchers is None:
-            raise VeilError("--researchers DIR is required: the public keys (NAME.pub, from `veil certs "
-                            "researcher-key NAME`) of the researchers whose signed runs this coordinator admits")
-        from privacy.requests import load_researchers
-
-        admitted = load_researchers([researchers])
         typer.echo("admits runs signed by " + ", ".join(r.label() for r in admitted.values()))
         state.parent.mkdir(parents=True, exist_ok=True)
         cmd = superlink_command(certs, host=host, port=port, state=state)
-        env = {**os.environ, "PATH": bin_path(), "FLWR_HOME": str(state.parent.resolve() / "flwr"),
+        runners = tempfile.TemporaryDirectory(prefix="veil-coordinator-bin-")  # runs its own Veil only
+        env = {**os.environ, "PATH": pinned_path(Path(runners.name)),
+               "FLWR_HOME": str(state.parent.resolve() / "flwr"),
                **veil_env.coordinator_env(url, artifacts_dir.resolve(),
                                           coordinator_key.resolve() if coordinator_key else None,
                                           researchers.resolve())}
@@ -65,7 +68,8 @@ def coordinator_start(
         def event(name: str, **kw: Any) -> None:
             typer.echo(json.dumps({"event": f"superlink-{name}", **kw}))
 
-        code = supervise(cmd, env, event)
+        with runners:
+            code = supervise(cmd, env, event)
     raise typer.Exit(code)
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from server.admission import REFUSED_MARK
+from server.admission import REFUSED_LOG
 from veil.errors import DeployError
 from veil.exits import ExitCode
 from veil.processes import bin_path, flower_exe
@@ -117,7 +117,7 @@ def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], N
         try:
             for line in proc.stdout:
                 on_line(line.rstrip("\n"))
-                refused = refused or REFUSED_MARK in line
+                refused = refused or REFUSED_LOG in line
                 crashed = crashed or SERVERAPP_CRASHED in line
         finally:
             if timer is not None:
