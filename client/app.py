@@ -40,7 +40,7 @@ from client.site import Site, SiteResolver
 from client.training import evaluate, poisson_plan, train_dp_sgd
 from privacy import DpSgdEvent, accountant_version, calibrate_noise_multiplier, default_delta, epsilon
 from privacy.ckks import SecretKey, flatten, unflatten
-from privacy.ledger import BudgetExceeded, SiteLedger, dataset_id
+from privacy.ledger import BudgetExceeded, SiteLedger, Spent, dataset_id
 from privacy.randomness import RoundRandomness, describe
 from privacy.requests import SITE_MAX_AGE_S, RequestRefused, SignedRequest
 from veil import protocol as P
@@ -391,7 +391,10 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             site.fingerprint, planned, delta=policy.delta_for(n), cap=policy.epsilon_cap,
             accountant=policy.accountant, scope=policy.cap_scope, run_ref=_ledger_ref(task, request),
             round_number=server_round, rng=randomness.mode,
+            claim=(f"|req:{request.nonce}", task.planned_rounds) if request else None,  # atomic with the charge
         )
+        if isinstance(charge, Spent):
+            return _refuse(msg, site, P.Refusal("replayed-request", charge.detail))
         if isinstance(charge, BudgetExceeded):
             return _refuse(msg, site, P.Refusal("budget-exhausted", charge.detail))
         # the spend is on disk: from here on, a crash can only over-count

@@ -185,6 +185,13 @@ class Charge:
 
 
 @dataclass(frozen=True)
+class Spent:
+    """A refused charge: the claim it carried (a signed request's nonce) is already used up here."""
+
+    detail: str
+
+
+@dataclass(frozen=True)
 class BudgetExceeded:
     """A refused charge: nothing was written."""
 
@@ -529,8 +536,14 @@ class SiteLedger:
     # -- writing -----------------------------------------------------------------------------
     def charge(self, fingerprint: str, ev: DpSgdEvent, *, delta: float, cap: float | None,
                accountant: AccountantName = "pld", scope: str = "ledger", run_ref: str = "",
-               round_number: int = 0, rng: RngMode = "os-entropy") -> Charge | BudgetExceeded:
-        """Commit ``ev`` durably, or refuse it (writing nothing) if it would pass ``cap``."""
+               round_number: int = 0, rng: RngMode = "os-entropy", claim: tuple[str, int] | None = None
+               ) -> Charge | BudgetExceeded | Spent:
+        """Commit ``ev`` durably, or refuse it (writing nothing) if it would pass ``cap``.
+
+        ``claim = (mark, limit)``: the charge spends a signed request whose entries' ``run_ref``
+        end with ``mark``; it is refused if that request was charged under another ``run_ref`` or
+        already ``limit`` times. Checked in the same transaction as the charge, so two processes
+        cannot both spend the last round of one signature."""
         if len(fingerprint) != 64:
             raise ValueError(f"fingerprint must be a sha256 hex digest, got {fingerprint!r}")
         if not 0.0 < delta < 1.0:
@@ -541,6 +554,13 @@ class SiteLedger:
                 raise LedgerError(f"ledger {self.path} was opened read-only; it cannot be charged")
             # restored from an older copy since it was opened? the witness says how far it got
             self._check_witness(read_witness(self.path), _head_of(self.ledger_id, rows, meta), conn)
+            if claim is not None:
+                mark, limit = claim
+                spent = [r["run_ref"] for r in rows if r["run_ref"].endswith(mark)]
+                if any(ref != run_ref[:200] for ref in spent):
+                    return Spent("this signed request was already charged here under another run")
+                if len(spent) >= limit:
+                    return Spent(f"this signed request has paid for all {limit} of its rounds here")
             events = [_entry(r).event for r in rows if scope == "ledger" or r["fingerprint"] == fingerprint]
             before = history_epsilon(group_events(events), delta, accountant)
             after = history_epsilon(group_events([*events, ev]), delta, accountant)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from privacy import DpSgdEvent, epsilon
-from privacy.ledger import BudgetExceeded, Charge, SiteLedger, fingerprint_arrays, ledger_report
+from privacy.ledger import BudgetExceeded, Charge, SiteLedger, Spent, fingerprint_arrays, ledger_report
 from veil.errors import LedgerError
 
 FP_A = fingerprint_arrays(np.arange(100))
@@ -19,8 +19,24 @@ FP_B = fingerprint_arrays(np.arange(101))
 EV = DpSgdEvent(1.0, 0.05, 40, 1.0)
 
 
-def _charge(ledger: SiteLedger, fp: str = FP_A, ev: DpSgdEvent = EV, **kw: object) -> Charge | BudgetExceeded:
+def _charge(ledger: SiteLedger, fp: str = FP_A, ev: DpSgdEvent = EV,
+            **kw: object) -> Charge | BudgetExceeded | Spent:
     return ledger.charge(fp, ev, delta=1e-5, cap=kw.pop("cap", None), **kw)  # type: ignore[arg-type]
+
+
+def test_a_claimed_request_pays_for_its_rounds_once_in_the_charge_itself(tmp_path: Path) -> None:
+    """The claim is checked inside the charge's transaction: nothing is written when it is spent."""
+    mark = "|req:" + "a" * 32
+    with SiteLedger(tmp_path / "l") as ledger:
+        for rnd in (1, 2):
+            assert isinstance(_charge(ledger, run_ref="run-1" + mark, round_number=rnd, claim=(mark, 2)), Charge)
+        third = _charge(ledger, run_ref="run-1" + mark, round_number=3, claim=(mark, 2))
+        other = _charge(ledger, run_ref="run-9" + mark, round_number=1, claim=(mark, 5))
+        fresh = _charge(ledger, run_ref="run-9|req:" + "b" * 32, round_number=1, claim=("|req:" + "b" * 32, 1))
+        assert isinstance(third, Spent) and "all 2 of its rounds" in third.detail
+        assert isinstance(other, Spent) and "under another run" in other.detail
+        assert isinstance(fresh, Charge)
+        assert [e.run_ref for e in ledger.entries()] == ["run-1" + mark] * 2 + ["run-9|req:" + "b" * 32]
 
 
 def test_lifetime_composes_across_runs_and_keeps_data_sets_apart(tmp_path: Path) -> None:
