@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from privacy.ckks import CoordinatorContext, SecretKey, create_keyset
+from privacy.ckks import CoordinatorContext, ReplyBinding, SecretKey, create_keyset
 
 
 def ckks_costs(params: int, sites: int, work: Path) -> dict[str, float]:
@@ -47,8 +47,11 @@ def ckks_costs(params: int, sites: int, work: Path) -> dict[str, float]:
     encrypt_s = time.perf_counter() - t
     streams = [first] + [secret.encrypt(np.append(u * n / norm, n / norm))
                          for u, n in zip(updates[1:], counts[1:], strict=True)]
-    t = time.perf_counter()
-    total = coord.add([coord.parse(s, params + 1) for s in streams])
+    bindings = [ReplyBinding("bench", 1, f"site-{i}", "update") for i in range(sites)]
+    tags = [secret.tag(s, b) for s, b in zip(streams, bindings, strict=True)]  # each site's reply tag
+    t = time.perf_counter()  # the coordinator: check each tag, parse, add
+    total = coord.add([coord.parse(s, params + 1, tag=g, binding=b)
+                       for s, g, b in zip(streams, tags, bindings, strict=True)])
     aggregate_s = time.perf_counter() - t
     t = time.perf_counter()
     mean, _ = secret.decrypt_mean(total)

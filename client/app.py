@@ -19,7 +19,9 @@ reproducible noise is refused (``seeded-noise``) unless the site is a simulated 
 
 With CKKS on, the site decrypts the coordinator's encrypted aggregate with its own secret
 key (``Site.keys``), and sends back its update pre-weighted by ``n / weight-norm``, flattened
-into one stream with the weight as its last value, encrypted; evaluation sums likewise.
+into one stream with the weight as its last value, encrypted; evaluation sums likewise. Each
+encrypted reply carries the key set's integrity tag for this run (``P.ENC_RUN``), round and
+site (``privacy.ckks.ReplyBinding``), which the coordinator checks before adding it.
 
 Run-level ε: the site also keeps the events of the current run in ``Context.state`` and
 reports ε over them with the task's accountant, so a fresh Opacus engine each round cannot
@@ -29,6 +31,7 @@ under-report.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import fields
 
 import numpy as np
@@ -39,18 +42,19 @@ from flwr.clientapp import ClientApp
 from client.site import Site, SiteResolver
 from client.training import evaluate, poisson_plan, train_dp_sgd
 from privacy import DpSgdEvent, accountant_version, calibrate_noise_multiplier, default_delta, epsilon
-from privacy.ckks import SecretKey, flatten, unflatten
+from privacy.ckks import ReplyBinding, ReplyKind, SecretKey, flatten, unflatten
 from privacy.ledger import BudgetExceeded, SiteLedger, Spent, dataset_id
 from privacy.randomness import RoundRandomness, describe
 from privacy.requests import SITE_MAX_AGE_S, RequestRefused, SignedRequest
 from veil import protocol as P
-from veil.errors import ScenarioError
+from veil.errors import ScenarioError, VeilError
 from veil.logs import get_logger
 from veil.models import build_model
 from veil.names import eval_sums
 from veil.spec import Scenario, parse_scenario
 
 log = get_logger("client")
+Handler = Callable[[Message, Context], Message]
 _HISTORY = "veil.privacy-history"
 _SIGMA = "veil.sigma-planned"
 _LEDGERS: dict[str, SiteLedger] = {}
@@ -69,7 +73,18 @@ def site_key(site: Site, key_id: object) -> SecretKey:
     if key_id != key.key_id:
         raise ValueError(f"{site.site_id}: the task is encrypted under key set {key_id!r}, "
                          f"this site holds {key.key_id!r}")
+    key.check_can_tag()  # a key set without a reply key cannot answer: say so at the pre-flight
     return key
+
+
+def _reply_binding(config: ConfigRecord, site: Site, server_round: int, kind: ReplyKind) -> ReplyBinding:
+    """What this encrypted reply's integrity tag is bound to: the coordinator's run reference, the
+    round, this site and the kind of stream."""
+    run = config.get(P.ENC_RUN)
+    if not isinstance(run, str) or not 0 < len(run) <= 200:
+        raise ValueError(f"{site.site_id}: encrypted task without a {P.ENC_RUN!r} run reference (a coordinator "
+                         "that predates reply integrity); nothing encrypted is sent")
+    return ReplyBinding(run, server_round, site.site_id, kind)
 
 
 def _weight(config: ConfigRecord, n: int) -> float:
@@ -80,10 +95,11 @@ def _weight(config: ConfigRecord, n: int) -> float:
     return n / float(norm)
 
 
-def _encrypted_update(model: torch.nn.Module, key: SecretKey, weight: float) -> ConfigRecord:
+def _encrypted_update(model: torch.nn.Module, key: SecretKey, weight: float,
+                      binding: ReplyBinding) -> ConfigRecord:
     arrays = [t.detach().cpu().numpy() for t in model.state_dict().values()]
-    stream = np.append(flatten(arrays) * weight, weight)
-    return P.encrypted_record(key.encrypt(stream))
+    enc = key.encrypt(np.append(flatten(arrays) * weight, weight))
+    return P.encrypted_record(enc, key.tag(enc, binding))
 
 
 def open_ledger(site: Site) -> SiteLedger:
@@ -283,6 +299,48 @@ def _task_config(msg: Message) -> ConfigRecord:
     return config
 
 
+class ModelMismatch(ValueError):
+    """The site's records do not fit the run's model."""
+
+
+def _sentence(err: BaseException) -> str:
+    """An exception as the one line a site sends back: no traceback, no control characters."""
+    text = str(err) if isinstance(err, ValueError | VeilError) else f"{type(err).__name__}: {err}"
+    line = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    return line[:500] or type(err).__name__
+
+
+def answers_with_a_sentence(handler: Handler, resolve_site: SiteResolver) -> Handler:
+    """A handler that never raises at the coordinator: whatever fails at the site (its ledger,
+    its data, a key, a bug) is logged here in full and answered as a refusal, ``site-error``
+    (or ``model-mismatch``) plus one line, instead of a framework traceback."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:  # the site's log keeps the traceback
+            code = "model-mismatch" if isinstance(err, ModelMismatch) else "site-error"
+            try:
+                label = resolve_site(context).site_id
+            except Exception:  # the site itself cannot be set up: say which node
+                label = _site_label(context)
+            log.error("%s: cannot answer the %s message: %s", label, msg.metadata.message_type,
+                      _sentence(err), exc_info=not isinstance(err, ValueError | VeilError))
+            content = RecordDict({P.REFUSAL: P.Refusal(code, _sentence(err)).to_config(),
+                                  P.SITE: P.SiteInfo(label, "?", 0.0, 0).to_config()})
+            return Message(content=content, reply_to=msg)
+
+    return wrapped
+
+
+def _site_label(context: Context) -> str:
+    site_id = context.node_config.get("site-id") or context.node_config.get("partition-id")
+    if isinstance(site_id, int):
+        return f"site-{site_id}"
+    return str(site_id)[:200] if site_id else f"node-{context.node_id}"
+
+
 def _check_fit(arch: str, site: Site) -> None:
     """The site's records must fit the run's model; otherwise say what to change, before any charge."""
     from veil.models import parse_arch
@@ -291,11 +349,11 @@ def _check_fit(arch: str, site: Site) -> None:
     x, y = site.train.tensors
     per_record = int(x[0].numel()) if len(x) else 0
     if per_record != n_in:
-        raise ValueError(f"{site.site_id}: its records have {per_record} features but the run's model {arch!r} "
+        raise ModelMismatch(f"{site.site_id}: its records have {per_record} features but the run's model {arch!r} "
                          f"takes {n_in}; set model.in_features: {per_record} (arch: mlp) in the scenario")
     top = int(y.max()) + 1 if len(y) else 0
     if top > n_out:
-        raise ValueError(f"{site.site_id}: its data has {top} classes but the run's model {arch!r} predicts "
+        raise ModelMismatch(f"{site.site_id}: its data has {top} classes but the run's model {arch!r} predicts "
                          f"{n_out}; set model.num_classes: {top} in the scenario")
 
 
@@ -328,6 +386,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
     app = ClientApp()
 
     @app.query("budget")
+    @functools.partial(answers_with_a_sentence, resolve_site=resolve_site)
     def budget(msg: Message, context: Context) -> Message:
         """Pre-flight: what this run would cost this site, and how much of it the site allows."""
         site: Site = resolve_site(context)
@@ -336,6 +395,11 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         refusal, request = _request_check(site, task, config)  # whose run is it, before anything else
         if refusal is None and (task.encrypted or task.encrypted_eval):  # no key or the wrong one: say so now
             site_key(site, config.get(P.ENC_KEY_ID))
+        if refusal is None:
+            try:  # records that do not fit the model: said now, not after the run has started
+                _check_fit(task.arch, site)
+            except ModelMismatch as err:
+                refusal = P.Refusal("model-mismatch", str(err))
         planned = _planned_event(task, context, site)
         policy = site.policy
         lifetime_delta = policy.delta_for(len(site.train))
@@ -363,6 +427,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         return Message(content=RecordDict({P.BUDGET: status.to_config()}), reply_to=msg)
 
     @app.train()
+    @functools.partial(answers_with_a_sentence, resolve_site=resolve_site)
     def train(msg: Message, context: Context) -> Message:
         site: Site = resolve_site(context)
         config = _task_config(msg)
@@ -379,6 +444,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             return _refuse(msg, site, refusal)
         key = site_key(site, config.get(P.ENC_KEY_ID)) if task.encrypted else None
         weight = _weight(config, n) if key else 0.0
+        binding = _reply_binding(config, site, server_round, "update") if key else None  # before any charge
         model = _model_from(msg, task.arch, site)  # a model that cannot be read costs no budget
         # the round's secret seeds, drawn before the charge: no entropy, no charge, no training
         randomness = RoundRandomness.for_round(task.rng, task.seed, site.site_id, server_round)
@@ -439,13 +505,14 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             }
         )
         model = model.cpu()
-        if key is not None:
-            content[P.ENC_UPDATE] = _encrypted_update(model, key, weight)
+        if key is not None and binding is not None:
+            content[P.ENC_UPDATE] = _encrypted_update(model, key, weight, binding)
         else:
             content[P.ARRAYS] = ArrayRecord(model.state_dict())
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
+    @functools.partial(answers_with_a_sentence, resolve_site=resolve_site)
     def evaluate_(msg: Message, context: Context) -> Message:
         import time
 
@@ -459,11 +526,13 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         out = evaluate(model, site.test, site.device)
         if config.get(P.ENC_EVAL):
             key = site_key(site, config.get(P.ENC_KEY_ID))
+            binding = _reply_binding(config, site, int(config.get("server-round", 0)), "eval-sums")  # type: ignore[arg-type]
             per_example = _weight(config, out.num_examples) / out.num_examples  # = 1 / norm
             sums = np.array(eval_sums(out.loss_sum, out.correct, out.num_examples), dtype=np.float64) * per_example
+            enc = key.encrypt(sums)
             seconds = time.perf_counter() - start
             return Message(content=RecordDict({
-                P.ENC_METRICS: P.encrypted_record(key.encrypt(sums)),
+                P.ENC_METRICS: P.encrypted_record(enc, key.tag(enc, binding)),
                 P.SITE: P.SiteInfo(site.site_id, site.device.type, seconds, 0).to_config(),
             }), reply_to=msg)
         content = RecordDict(

@@ -4,9 +4,24 @@ Who holds what:
 
 * **sites and researchers** hold the *secret* key set (``secret.ckks``): they encrypt their
   pre-weighted updates and metric sums, and decrypt aggregates;
-* **the coordinator** holds a *parameters-only* context (``coordinator.ckks``, ~100 bytes, no
-  key of any kind): enough to parse and add ciphertexts, never to read them.
-  ``CoordinatorContext.load`` refuses anything that holds a secret key.
+* **the coordinator** holds a *parameters-only* context and the key set's reply key
+  (``coordinator.ckks``, ~600 bytes, mode 600, no CKKS key of any kind): enough to check,
+  parse and add ciphertexts, never to read them. ``CoordinatorContext.load`` refuses anything
+  that holds a secret key.
+
+Reply integrity: CKKS is malleable, and a ciphertext made under *another* key set parses and
+adds just as well (the sum then decrypts to garbage). So each key set also holds a random
+32-byte *reply key*, in both files; it is not derived from, and reveals nothing about, the CKKS
+secret. A site tags every encrypted reply with HMAC-SHA256(reply key, domain | key id | run |
+round | site | kind | SHA-256 of the stream), and the coordinator checks the tag before it
+parses a byte of the stream (``CoordinatorContext.parse``). A valid tag proves "made by a holder
+of this key set, for this site, run, round and kind", nothing more: every site (and every
+researcher) holds the same reply key, so a key holder can tag anything for any site; per-site
+keys derived from it (HKDF) would add nothing. Which site a message came from is the transport's
+job (Flower's authenticated node, whose pre-flight site id the coordinator binds the tag to).
+Nor can the coordinator bound what a key holder encrypts: a well-formed, honestly tagged but
+poisoned update is added like any other. Key sets made before reply integrity have no reply key;
+sites and coordinators refuse them (``veil keys create`` makes a new one); they still decrypt.
 
 One update is one stream: every layer flattened in ``state_dict`` order, multiplied by the
 site's weight ``n / weight_norm``, with that weight appended as the last value. The stream is
@@ -42,7 +57,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -57,11 +72,56 @@ FORMAT = 1
 SECRET_FILE = "secret.ckks"
 COORDINATOR_FILE = "coordinator.ckks"
 INFO_FILE = "keyset.json"
+REPLY_KEY_FIELD = "reply_key"  # header field of secret.ckks and coordinator.ckks: the reply MAC key (hex)
+REPLY_DOMAIN = "veil-ckks-reply/1"
+REPLY_TAG_BYTES = 32
+ReplyKind = Literal["update", "eval-sums"]
 _CHUNK_SLACK = 4096  # serialization overhead allowed per ciphertext beyond its coefficient data
 
 
 class MalformedCiphertextError(ValueError):
     """A site sent bytes that are not a valid ciphertext of this key set (recorded, not fatal)."""
+
+
+class ReplyIntegrityError(MalformedCiphertextError):
+    """An encrypted reply's integrity tag is missing or wrong: another key set's ciphertext, or one
+    made for another site, run, round or kind, or altered on the way (recorded, never added)."""
+
+    code = "ckks-integrity"  # the reason code the coordinator records
+
+
+@dataclass(frozen=True)
+class ReplyBinding:
+    """What an encrypted reply is for: the coordinator's run reference (``P.ENC_RUN``), the round,
+    the site and the kind of stream. The reply's tag covers these and the ciphertext bytes."""
+
+    run: str
+    round: int
+    site_id: str
+    kind: ReplyKind
+
+    def message(self, enc: EncryptedVector) -> bytes:
+        """The bytes the tag authenticates: an unambiguous JSON list of the binding and the stream's digest."""
+        return json.dumps([REPLY_DOMAIN, enc.key_id, self.run, self.round, self.site_id, self.kind,
+                           enc.digest().hex()], separators=(",", ":")).encode()
+
+
+def _predates(key_id: str) -> str:
+    return f"key set {key_id} predates reply integrity; make a new one with veil keys create"
+
+
+def _reply_key(meta: dict[str, Any], path: Path) -> bytes | None:
+    """The key set's reply MAC key from a key file's header; None when the set predates it."""
+    raw = meta.get(REPLY_KEY_FIELD)
+    if raw is None:
+        return None
+    try:
+        key = bytes.fromhex(raw) if isinstance(raw, str) else b""
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise EncryptionError(f"{path}: damaged key file (its reply key is not 32 bytes of hex)")
+    return key
 
 
 @dataclass(frozen=True)
@@ -201,7 +261,8 @@ class KeySetInfo:
         """The public description as JSON: key id, parameters, creation time, scheme and TenSEAL version."""
         return {"key_id": self.key_id, "params": self.params.to_dict(), "created_at": self.created_at,
                 "scheme": "CKKS", "library": f"tenseal {_tenseal_version()}",
-                "encryption": "symmetric (secret key); coordinator holds parameters only"}
+                "encryption": "symmetric (secret key); coordinator holds parameters only",
+                "reply_integrity": "hmac-sha256 (a separate random key in both key files)"}
 
 
 def _tenseal_version() -> str:
@@ -275,8 +336,9 @@ class KeySetPaths:
 def create_keyset(directory: Path, params: CkksParams | None = None) -> KeySetPaths:
     """Make a fresh key set in ``directory`` (which must not already hold one).
 
-    ``secret.ckks`` (mode 600) is for sites and researchers; ``coordinator.ckks`` holds the
-    parameters only; ``keyset.json`` is the public description (key id, parameters)."""
+    ``secret.ckks`` (mode 600) is for sites and researchers; ``coordinator.ckks`` (mode 600)
+    holds the parameters and no CKKS key; both hold the key set's random reply key (the MAC
+    key of reply integrity, not a CKKS key); ``keyset.json`` is the public description."""
     params = (params or CkksParams()).validate()
     directory = Path(directory)
     for name in (SECRET_FILE, COORDINATOR_FILE, INFO_FILE):
@@ -286,13 +348,15 @@ def create_keyset(directory: Path, params: CkksParams | None = None) -> KeySetPa
     ctx = _context(params)
     info = KeySetInfo(secrets.token_hex(8), params)
     public = {**info.to_dict(), "format": FORMAT}
+    reply_key = secrets.token_bytes(32).hex()  # independent of the CKKS secret: the coordinator needs it
     secret_bytes = bytes(ctx.serialize(save_public_key=False, save_secret_key=True,
                                        save_galois_keys=False, save_relin_keys=False))
     _write_private(directory / SECRET_FILE,
-                   MAGIC + json.dumps({**public, "kind": "secret"}).encode() + b"\n" + secret_bytes)
+                   MAGIC + json.dumps({**public, "kind": "secret", REPLY_KEY_FIELD: reply_key}).encode()
+                   + b"\n" + secret_bytes)
     _write_private(directory / COORDINATOR_FILE,
-                   MAGIC + json.dumps({**public, "kind": "coordinator"}).encode() + b"\n" + _params_only(ctx),
-                   mode=0o644)
+                   MAGIC + json.dumps({**public, "kind": "coordinator", REPLY_KEY_FIELD: reply_key}).encode()
+                   + b"\n" + _params_only(ctx))
     _write_private(directory / INFO_FILE, (json.dumps(public, indent=2) + "\n").encode(), mode=0o644)
     return KeySetPaths(directory, directory / SECRET_FILE, directory / COORDINATOR_FILE, info)
 
@@ -351,11 +415,14 @@ class _Role:
 class SecretKey(_Role):
     """A site's or researcher's key: encrypts streams and releases decrypted aggregates."""
 
-    def __init__(self, ctx: Any, info: KeySetInfo) -> None:
+    def __init__(self, ctx: Any, info: KeySetInfo, reply_key: bytes | None = None) -> None:
+        """``reply_key``: the key set's reply MAC key; None for a key set that predates it (such a
+        key still decrypts, but cannot tag replies)."""
         if not ctx.is_private():
             raise EncryptionError("this context holds no secret key; sites need secret.ckks")
         self._ctx = ctx
         self.info = info
+        self._reply_key = reply_key
         secret = bytes(ctx.serialize(save_public_key=False, save_secret_key=True,
                                      save_galois_keys=False, save_relin_keys=False))
         self._flood_key = hashlib.sha256(b"veil-ckks-release\x00" + secret).digest()
@@ -374,11 +441,24 @@ class SecretKey(_Role):
         if mode & 0o077:
             raise EncryptionError(f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
         info = _info_from(meta, path)
+        reply_key = _reply_key(meta, path)
         try:
             ctx = _ts().context_from(body)
         except Exception as err:  # TenSEAL raises plain ValueError/RuntimeError on bad bytes
             raise EncryptionError(f"{path}: damaged key file ({err})") from None
-        return cls(ctx, info)
+        return cls(ctx, info, reply_key)
+
+    def check_can_tag(self) -> None:
+        """Raise ``EncryptionError`` (naming the fix) if this key set predates reply integrity."""
+        if self._reply_key is None:
+            raise EncryptionError(_predates(self.key_id))
+
+    def tag(self, enc: EncryptedVector, binding: ReplyBinding) -> bytes:
+        """The integrity tag a site sends with ``enc``: HMAC-SHA256 under the key set's reply key."""
+        key = self._reply_key
+        if key is None:
+            raise EncryptionError(_predates(self.key_id))
+        return hmac.new(key, binding.message(enc), hashlib.sha256).digest()
 
     def encrypt(self, stream: np.ndarray) -> EncryptedVector:
         """Encrypt a finite, non-empty 1-D stream; every |value| must stay within half the headroom."""
@@ -431,14 +511,20 @@ class SecretKey(_Role):
 
 
 class CoordinatorContext(_Role):
-    """What the coordinator holds: CKKS parameters and nothing secret. It parses, checks and adds."""
+    """What the coordinator holds: CKKS parameters and the key set's reply key, no CKKS key. It
+    checks tags, parses and adds; it can never decrypt."""
 
-    def __init__(self, ctx: Any, info: KeySetInfo) -> None:
+    def __init__(self, ctx: Any, info: KeySetInfo, reply_key: bytes | None) -> None:
+        """``reply_key``: the key set's reply MAC key (to check tags; it reads nothing). A context
+        with a secret key is refused first, then a key set without a reply key."""
         if ctx.is_private() or ctx.has_secret_key():
             raise EncryptionError("refusing a CKKS context that holds a secret key: the coordinator must "
                                   f"only ever get {COORDINATOR_FILE} from veil keys create")
+        if reply_key is None:
+            raise EncryptionError(_predates(info.key_id))
         self._ctx = ctx
         self.info = info
+        self._reply_key = reply_key
 
 
     def is_private(self) -> bool:
@@ -447,7 +533,8 @@ class CoordinatorContext(_Role):
 
     @classmethod
     def load(cls, path: Path) -> CoordinatorContext:
-        """Load a ``coordinator.ckks``; refuses any other kind of key file, above all a secret one."""
+        """Load a ``coordinator.ckks``; refuses any other kind of key file, above all a secret one, a
+        key set without a reply key, and a file readable by group or others (its reply key is secret)."""
         path = Path(path)
         meta, body = _read_container(path, None)
         if meta.get("kind") != "coordinator":
@@ -455,14 +542,35 @@ class CoordinatorContext(_Role):
                 f"refusing {path}: it is a {meta.get('kind')!r} key file. The coordinator never holds a "
                 f"secret key; give it {COORDINATOR_FILE} from the same key set")
         info = _info_from(meta, path)
+        reply_key = _reply_key(meta, path)
         try:
             ctx = _ts().context_from(body)
         except Exception as err:
             raise EncryptionError(f"{path}: damaged context ({err})") from None
-        return cls(ctx, info)
+        made = cls(ctx, info, reply_key)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise EncryptionError(f"{path} is readable by others (mode {mode:o}) and holds the key set's reply "
+                                  f"key; run: chmod 600 {path}")
+        return made
 
-    def parse(self, enc: EncryptedVector, values: int) -> list[Any]:
-        """Check a site's stream without trusting a byte of it; raise MalformedCiphertextError."""
+    def verify(self, enc: EncryptedVector, tag: bytes, binding: ReplyBinding) -> None:
+        """Raise ``ReplyIntegrityError`` unless ``tag`` is this key set's tag of ``enc`` for ``binding``."""
+        if not isinstance(tag, bytes) or len(tag) != REPLY_TAG_BYTES:
+            raise ReplyIntegrityError(f"{binding.kind} carries no {REPLY_TAG_BYTES}-byte integrity tag: not "
+                                      "added (every site of this key set tags its encrypted replies)")
+        want = hmac.new(self._reply_key, binding.message(enc), hashlib.sha256).digest()
+        if not hmac.compare_digest(want, tag):
+            raise ReplyIntegrityError(
+                f"{binding.kind}'s integrity tag does not match key set {self.key_id} for "
+                f"{binding.site_id[:60]!r}, round {binding.round} of this run: another key set's ciphertext, "
+                "one made for another site, run or round, or altered on the way; not added")
+
+    def parse(self, enc: EncryptedVector, values: int, *, tag: bytes, binding: ReplyBinding) -> list[Any]:
+        """Check a site's stream without trusting a byte of it: key id, counts and sizes (cheap, so
+        the tag is never computed over oversized input), then its integrity tag (before TenSEAL
+        reads a byte), then each ciphertext; raise MalformedCiphertextError (its
+        ReplyIntegrityError subclass for a missing or wrong tag)."""
         p = self.params
         if enc.key_id != self.key_id:
             raise MalformedCiphertextError(f"encrypted under key set {enc.key_id!r}, expected {self.key_id!r}")
@@ -472,10 +580,12 @@ class CoordinatorContext(_Role):
         if len(enc.chunks) != expected:
             raise MalformedCiphertextError(f"{len(enc.chunks)} ciphertexts, expected {expected}")
         limit = p.ciphertext_bytes + _CHUNK_SLACK
-        ts, out = _ts(), []
         for i, blob in enumerate(enc.chunks):
             if not isinstance(blob, bytes | bytearray) or len(blob) > limit:
                 raise MalformedCiphertextError(f"ciphertext {i} is {len(blob)} bytes, over the {limit}-byte limit")
+        self.verify(enc, tag, binding)
+        ts, out = _ts(), []
+        for i, blob in enumerate(enc.chunks):
             try:
                 vec = ts.ckks_vector_from(self._ctx, bytes(blob))
             except Exception as err:

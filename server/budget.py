@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from server.sentences import error_sentence, one_line
 from server.store import RunStore
 from veil import protocol as P
 from veil.logs import get_logger
@@ -46,11 +47,12 @@ class SiteStanding:
     remaining: int = 0  # rounds it may still be sampled for
     excluded: str | None = None  # why it is no longer sampled ("code: detail")
     rejection: P.Refusal | None = None  # the coordinator's own "no" (e.g. a ledger that went backwards)
+    reported_id: str | None = None  # the site id a reply without a budget answer gave
 
     @property
     def site_id(self) -> str:
         """The site's own id from its answer, or ``node-<id>`` if it gave none."""
-        return self.status.site_id if self.status else f"node-{self.node}"
+        return self.status.site_id if self.status else self.reported_id or f"node-{self.node}"
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -97,10 +99,17 @@ def ask_budgets(grid: Grid, nodes: Iterable[int], task: ConfigRecord, timeout: f
         if st is None:
             continue
         if reply.has_error():
-            st.failure = f"pre-flight failed at the site: {reply.error.reason or 'no reason given'}"
+            st.failure = f"pre-flight failed at the site: {error_sentence(reply.error.reason)}"
             continue
         rec = reply.content.get(P.BUDGET)
         try:
+            if rec is None and P.REFUSAL in reply.content:  # the site could not answer, and says why
+                refused = reply.content[P.REFUSAL]
+                if not isinstance(refused, ConfigRecord):
+                    raise ValueError("refusal is not a config record")
+                st.failure = f"pre-flight failed at the site: {one_line(str(P.Refusal.from_config(refused)))}"
+                st.reported_id = one_line(P.site_info(reply.content).site_id, 200)
+                continue
             if not isinstance(rec, ConfigRecord):
                 raise ValueError("reply has no budget record")
             st.status = P.BudgetStatus.from_config(rec)

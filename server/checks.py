@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from privacy.accounting import ACCOUNTANTS, epsilon
-from privacy.ckks import CoordinatorContext, EncryptedVector
+from privacy.ckks import CoordinatorContext, EncryptedVector, ReplyBinding, ReplyIntegrityError
 from privacy.events import DpSgdEvent
 from privacy.randomness import RngMode
 from veil import protocol as P
@@ -156,9 +156,20 @@ def check_train_reply(content: RecordDict, *, encrypted: bool, expected: Layout,
     return TrainReply(info, report, life, life.head, int(n), array_bytes(update))  # type: ignore[arg-type]
 
 
-def parse_update(content: RecordDict, cipher: CoordinatorContext, stream_values: int) -> list[Any]:
-    """An encrypted update's ciphertexts, checked to hold ``stream_values`` values under the run's key."""
-    return cipher.parse(P.encrypted_from(content, P.ENC_UPDATE), stream_values)
+def parse_update(content: RecordDict, cipher: CoordinatorContext, stream_values: int, *, run: str,
+                 server_round: int, site_id: str | None = None) -> list[Any]:
+    """An encrypted update's ciphertexts, checked to carry the key set's integrity tag for ``run``,
+    ``server_round`` and ``site_id`` (default: the site the reply names) and to hold
+    ``stream_values`` values under the run's key."""
+    site = site_id if site_id is not None else P.site_info(content).site_id
+    return cipher.parse(P.encrypted_from(content, P.ENC_UPDATE), stream_values,
+                        tag=P.reply_tag(content, P.ENC_UPDATE),
+                        binding=ReplyBinding(run, server_round, site, "update"))
+
+
+def rejection_code(err: ValueError) -> str | None:
+    """The machine-readable reason code a rejected reply is recorded with (None: see the sentence)."""
+    return ReplyIntegrityError.code if isinstance(err, ReplyIntegrityError) else None
 
 
 def check_refusal(content: RecordDict) -> tuple[P.Refusal, str]:
@@ -195,11 +206,16 @@ def check_evaluate_reply(content: RecordDict) -> EvalReply:
     return EvalReply(info, int(n), loss, acc)
 
 
-def check_encrypted_evaluate_reply(content: RecordDict, cipher: CoordinatorContext
+def check_encrypted_evaluate_reply(content: RecordDict, cipher: CoordinatorContext, *, run: str,
+                                   server_round: int, site_id: str | None = None
                                    ) -> tuple[P.SiteInfo, EncryptedVector, list[Any]]:
-    """A site's encrypted evaluation sums: no plaintext beside them, one ciphertext of the slot layout."""
+    """A site's encrypted evaluation sums: no plaintext beside them, the key set's integrity tag for
+    ``run``, ``server_round`` and ``site_id`` (default: the site the reply names), one ciphertext
+    of the slot layout."""
     info = P.site_info(content)
     if P.METRICS in content:
         raise ValueError("plaintext metrics in an encrypted evaluation: not used")
     enc = P.encrypted_from(content, P.ENC_METRICS)
-    return info, enc, cipher.parse(enc, len(P.EVAL_SUMS))
+    binding = ReplyBinding(run, server_round, site_id if site_id is not None else info.site_id, "eval-sums")
+    return info, enc, cipher.parse(enc, len(P.EVAL_SUMS), tag=P.reply_tag(content, P.ENC_METRICS),
+                                   binding=binding)

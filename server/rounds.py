@@ -23,6 +23,7 @@ from privacy.events import DpSgdEvent
 from server.budget import SiteStanding
 from server.checks import EvalReply, TrainReply
 from server.ledger_heads import LedgerWitness
+from server.sentences import error_sentence
 from server.store import RunStore
 from server.store import schema as S
 from veil import protocol as P
@@ -96,8 +97,8 @@ class RoundWriter:
         for msg in replies:
             if msg.has_error():
                 self.participation(s, server_round, msg.metadata.src_node_id, phase, "failed",
-                                   reason=msg.error.reason or "error reply without a reason",
-                                   bytes_down=bytes_down)
+                                   reason=error_sentence(msg.error.reason), bytes_down=bytes_down,
+                                   code="site-error")
         for node in sampled:
             if node not in answered:
                 self.participation(s, server_round, node, phase, "no-reply",
@@ -183,6 +184,8 @@ class RoundWriter:
         with self.store.session() as s:
             for node, st in standings.items():
                 if st.status is None:
+                    if st.reported_id:  # it could not answer, but said who it is
+                        self.node_sites[node] = st.reported_id
                     self.participation(s, 0, node, "preflight", "no-reply" if "timeout" in
                                        (st.failure or "") else "failed",
                                        reason=st.failure or "no answer", bytes_down=0)

@@ -15,19 +15,22 @@ reads like ``Strategy.start``; it just does not lie about the types.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from sqlalchemy.orm import Session
 
 from privacy.ckks import CoordinatorContext
 from privacy.randomness import RngMode
-from server import checks
+from server import checks, robust
 from server.budget import ParticipationPlan
 from server.checks import Layout, Model, array_bytes, model_key
+from server.robust import RobustRule
 from server.rounds import RoundWriter
 from veil import protocol as P
 from veil.logs import get_logger
@@ -52,14 +55,20 @@ class RecordingStrategy:
         weight_norm: float = 0.0,
         rng: RngMode = "os-entropy",
         task: P.TrainTask | None = None,
+        robust: RobustRule | None = None,
     ) -> None:
         """``encrypted_train``: replies carry encrypted updates of ``stream_values`` values,
         which are checked and added with ``cipher``, never decrypted; ``encrypted_eval``:
         evaluation replies carry encrypted sums, stored as one ciphertext per round; ``rng``:
         the noise source the task asked for (a seeded reply to a private task is rejected);
-        ``task``: what every site was asked to run (its mechanism is checked against it)."""
+        ``task``: what every site was asked to run (its mechanism is checked against it).
+        With CKKS on, every task carries ``P.ENC_RUN``, this run's id plus a fresh nonce: each
+        encrypted reply's integrity tag must be bound to it, the round and the node's site.
+        ``robust``: a robust aggregation rule for plaintext updates (``server.robust``)."""
         if cipher is None and (encrypted_train or encrypted_eval):
             raise ValueError("encrypted aggregation or evaluation needs the coordinator's CKKS context")
+        if robust is not None and robust.rule != "none" and encrypted_train:
+            raise ValueError("robust aggregation reads every update: it cannot run on encrypted updates")
         self.inner = inner
         self.writer = writer
         self.plan = plan
@@ -70,9 +79,19 @@ class RecordingStrategy:
         self.weight_norm = weight_norm
         self.rng = rng
         self.task = task
+        self.robust = robust if robust is not None and robust.rule != "none" else None
+        self.rounds_aggregated = 0  # rounds with enough usable replies to move the model
+        self._sent: ArrayRecord | None = None  # the model this round's sites were sent
         self._layout: Layout = {}
         self._eval_sampled: list[int] = []
         self._eval_bytes = 0
+        self.reply_run = f"run-{writer.run_id}:{secrets.token_hex(8)}"  # no reply of another run verifies
+
+    def _preflight_site(self, node: int) -> str | None:
+        """The site this node named at the pre-flight (its Flower node, authenticated when deployed):
+        the site an encrypted reply's tag must be bound to; None without a plan (then its own claim)."""
+        standing = self.plan.standings.get(node) if self.plan else None
+        return standing.status.site_id if standing is not None and standing.status is not None else None
 
     def _site_order(self, msg: Message) -> str:
         """Replies are aggregated in the order of their sites' ids (so a seeded run replays exactly)."""
@@ -84,10 +103,13 @@ class RecordingStrategy:
         """Train the nodes the participation plan picks (all nodes without a plan)."""
         nodes = self.plan.choose(server_round) if self.plan else sorted(grid.get_node_ids())
         config["server-round"] = server_round
+        if self.cipher is not None:
+            config[P.ENC_RUN] = self.reply_run
         record = RecordDict({model_key(arrays): arrays, P.TASK: config})
         messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
         if isinstance(arrays, ArrayRecord):
             self._layout = checks.layout(arrays)
+            self._sent = arrays
         self.writer.open_round(server_round, [m.metadata.dst_node_id for m in messages],
                                array_bytes(arrays) * len(messages))
         return messages
@@ -115,10 +137,12 @@ class RecordingStrategy:
                         msg.content, encrypted=self.encrypted_train, expected=self._layout, rng=self.rng,
                         task=self.task, declared=declared, history=w.history(s, server_round, site_id))
                     if self.cipher is not None and self.encrypted_train:
-                        streams.append(checks.parse_update(msg.content, self.cipher, self.stream_values))
+                        streams.append(checks.parse_update(
+                            msg.content, self.cipher, self.stream_values, run=self.reply_run,
+                            server_round=server_round, site_id=self._preflight_site(node)))
                 except ValueError as err:
                     w.participation(s, server_round, node, "train", "rejected", reason=str(err),
-                                    bytes_down=per_site_bytes)
+                                    bytes_down=per_site_bytes, code=checks.rejection_code(err))
                     log.warning("round %d: rejected reply from node %d: %s", server_round, node, err)
                     continue
                 w.trained(s, server_round, node, reply, per_site_bytes,
@@ -139,20 +163,55 @@ class RecordingStrategy:
             log.info("round %d: added %d encrypted updates (%d bytes); the sum stays encrypted",
                      server_round, len(streams), array_bytes(arrays))
         else:  # in site order, not arrival order: float sums then do not depend on who answered first
-            arrays, metrics = self.inner.aggregate_train(server_round, sorted(valid, key=self._site_order))
+            ordered = sorted(valid, key=self._site_order)
+            arrays, metrics = self.inner.aggregate_train(server_round, ordered)
+            if self.robust is not None and self._sent is not None:
+                arrays = self._robust_aggregate(server_round, ordered, self._sent, self.robust)
             if isinstance(arrays, ArrayRecord) and not checks.finite(arrays):  # cannot happen after the checks
                 log.error("round %d: the aggregate is not finite; model kept", server_round)
                 return None, None
+        self.rounds_aggregated += 1
         if metrics is not None:
             w.round.train_loss = float(metrics[P.TRAIN_LOSS])  # type: ignore[arg-type]
             w.round.max_epsilon = float(metrics[P.EPSILON])  # type: ignore[arg-type]
         return arrays, metrics
+
+    def _robust_aggregate(self, server_round: int, replies: list[Message], sent: ArrayRecord,
+                          rule: RobustRule) -> ArrayRecord:
+        """The round's model by ``rule`` instead of FedAvg's weighted mean (metrics stay FedAvg's)."""
+        keys = list(sent.keys())
+        reference = [sent[k].numpy() for k in keys]
+        updates = []
+        for msg in replies:
+            record = msg.content[P.ARRAYS]
+            assert isinstance(record, ArrayRecord)
+            updates.append([record[k].numpy() for k in keys])
+        if rule.rule == "trimmed-mean":
+            merged = robust.trimmed_mean(updates, rule.trim_fraction)
+            log.info("round %d: trimmed mean of %d updates (%d dropped at each end of every coordinate)",
+                     server_round, len(updates), robust.trimmed_count(len(updates), rule.trim_fraction))
+        else:
+            assert rule.max_update_norm is not None
+            weights = [float(P.metric(m.content, P.NUM_EXAMPLES)) for m in replies]
+            total = sum(weights)
+            merged = [np.zeros_like(r, dtype=np.float64) for r in reference]
+            for msg, update, weight in zip(replies, updates, weights, strict=True):
+                bounded, norm = robust.bound_norm(update, reference, rule.max_update_norm)
+                if norm > rule.max_update_norm:
+                    log.info("round %d: %s's update norm %.4g bounded to %.4g", server_round,
+                             P.site_info(msg.content).site_id, norm, rule.max_update_norm)
+                for acc, layer in zip(merged, bounded, strict=True):
+                    acc += (weight / total) * layer
+            merged = [m.astype(r.dtype) for m, r in zip(merged, reference, strict=True)]
+        return ArrayRecord(array_dict={k: Array(v) for k, v in zip(keys, merged, strict=True)})
 
     # -- evaluate ------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: Model, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Every node evaluates the current global model (plaintext or encrypted)."""
         config["server-round"] = server_round
+        if self.cipher is not None:
+            config[P.ENC_RUN] = self.reply_run
         messages = [Message(content=RecordDict({model_key(arrays): arrays, P.TASK: config}),
                             message_type=MessageType.EVALUATE, dst_node_id=n)
                     for n in sorted(grid.get_node_ids())]
@@ -215,10 +274,12 @@ class RecordingStrategy:
                 if self._refused(s, server_round, node, msg.content, "evaluate", self._eval_bytes) is not None:
                     continue
                 try:
-                    info, enc, parsed = checks.check_encrypted_evaluate_reply(msg.content, self.cipher)
+                    info, enc, parsed = checks.check_encrypted_evaluate_reply(
+                        msg.content, self.cipher, run=self.reply_run, server_round=server_round,
+                        site_id=self._preflight_site(node))
                 except ValueError as err:
                     w.participation(s, server_round, node, "evaluate", "rejected", reason=str(err),
-                                    bytes_down=self._eval_bytes)
+                                    bytes_down=self._eval_bytes, code=checks.rejection_code(err))
                     log.warning("round %d: rejected evaluation from node %d: %s", server_round, node, err)
                     continue
                 streams.append(parsed)

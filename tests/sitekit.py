@@ -79,3 +79,10 @@ class SiteDriver:
         config["server-round"] = server_round
         arrays = ArrayRecord(build_model(t.arch, seed=0).state_dict())
         return self.send(RecordDict({P.ARRAYS: arrays, P.TASK: ConfigRecord(dict(config))}), "train")
+
+
+def refusal(reply: RecordDict) -> P.Refusal:
+    """The refusal a site answered with (the test fails if it answered anything else)."""
+    assert P.REFUSAL in reply, f"expected a refusal, got {sorted(reply.keys())}"
+    assert P.ARRAYS not in reply and P.ENC_UPDATE not in reply  # a refusal releases nothing
+    return P.Refusal.from_config(reply[P.REFUSAL])  # type: ignore[arg-type]

@@ -18,6 +18,8 @@ from privacy.ckks import (
     EncryptedVector,
     KeySetPaths,
     MalformedCiphertextError,
+    ReplyBinding,
+    ReplyIntegrityError,
     SecretKey,
     create_keyset,
     flatten,
@@ -45,6 +47,15 @@ def _site_stream(layers: list[np.ndarray], weight: float) -> np.ndarray:
     return np.append(flatten(layers) * weight, weight)
 
 
+BIND = ReplyBinding("run-1:0011223344556677", 1, "site-0", "update")
+
+
+def _parse(coord: CoordinatorContext, key: SecretKey, enc: EncryptedVector, values: int,
+           binding: ReplyBinding = BIND) -> list:
+    """What the coordinator does with a reply a key holder tagged (honestly or not) for ``binding``."""
+    return coord.parse(enc, values, tag=key.tag(enc, binding), binding=binding)
+
+
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), sites=st.integers(1, 6))
 def test_encrypted_aggregate_equals_plaintext_weighted_average(
@@ -57,7 +68,7 @@ def test_encrypted_aggregate_equals_plaintext_weighted_average(
     norm = float(counts.sum())
     encrypted = [secret.encrypt(_site_stream(m, n / norm)) for m, n in zip(models, counts, strict=True)]
     values = sum(int(np.prod(s)) for s in shapes) + 1
-    total = coord.add([coord.parse(e, values) for e in encrypted])
+    total = coord.add([_parse(coord, secret, e, values) for e in encrypted])
     mean, weight = secret.decrypt_mean(total)
     expected = sum(flatten(m) * n for m, n in zip(models, counts, strict=True)) / counts.sum()
     assert np.max(np.abs(mean - expected)) <= 1e-6
@@ -71,7 +82,7 @@ def test_a_site_that_drops_out_is_simply_not_in_the_sum(secret: SecretKey, coord
     ups = [rng.normal(size=3000) for _ in range(4)]
     counts = [100.0, 300.0, 50.0, 550.0]  # the norm covers all four; only three report
     encs = [secret.encrypt(np.append(u * n / 1000, n / 1000)) for u, n in zip(ups, counts, strict=True)]
-    mean, weight = secret.decrypt_mean(coord.add([coord.parse(e, 3001) for e in encs[:3]]))
+    mean, weight = secret.decrypt_mean(coord.add([_parse(coord, secret, e, 3001) for e in encs[:3]]))
     expected = sum(u * n for u, n in zip(ups[:3], counts[:3], strict=True)) / 450
     assert np.max(np.abs(mean - expected)) <= 1e-6 and weight == pytest.approx(0.45, abs=1e-7)
 
@@ -190,7 +201,9 @@ def _swap(enc: EncryptedVector, i: int, blob: bytes) -> EncryptedVector:
 
 
 def test_garbage_wrong_context_wrong_length_and_oversized_are_rejected(
-        coord: CoordinatorContext, good: EncryptedVector, other_sets: dict[str, SecretKey]) -> None:
+        coord: CoordinatorContext, secret: SecretKey, good: EncryptedVector,
+        other_sets: dict[str, SecretKey]) -> None:
+    """Tagged by a key holder (so past the integrity check): the shape checks still hold."""
     limit = coord.params.ciphertext_bytes + 4096
     ring = other_sets["ring"].encrypt(np.full(3000, 0.25))
     scale = other_sets["scale"].encrypt(np.full(3000, 0.25))
@@ -208,13 +221,15 @@ def test_garbage_wrong_context_wrong_length_and_oversized_are_rejected(
     }
     for name, (enc, message) in cases.items():
         with pytest.raises(MalformedCiphertextError, match=message):
-            coord.parse(enc, 3000)
+            _parse(coord, secret, enc, 3000)
         assert name  # every case raised the recorded-reason error, nothing else
-    assert len(coord.parse(good, 3000)) == 2
+    assert len(_parse(coord, secret, good, 3000)) == 2
 
 
-def test_mutated_bytes_never_crash_the_coordinator(coord: CoordinatorContext, good: EncryptedVector) -> None:
-    """Random flips, cuts and splices: each parses as some ciphertext or is rejected, nothing else."""
+def test_mutated_bytes_never_crash_the_coordinator(
+        coord: CoordinatorContext, secret: SecretKey, good: EncryptedVector) -> None:
+    """Random flips, cuts and splices, tagged by a key holder: each parses as some ciphertext or is
+    rejected, nothing else. (Without a key holder's tag, none would get past the integrity check.)"""
     rnd = random.Random(7)
     base = good.chunks[0]
     outcomes = {"parsed": 0, "rejected": 0}
@@ -232,7 +247,7 @@ def test_mutated_bytes_never_crash_the_coordinator(coord: CoordinatorContext, go
         else:
             blob[: rnd.randint(1, 64)] = os.urandom(rnd.randint(1, 64))
         try:
-            coord.parse(_swap(good, 0, bytes(blob)), 3000)
+            _parse(coord, secret, _swap(good, 0, bytes(blob)), 3000)
             outcomes["parsed"] += 1
         except MalformedCiphertextError:
             outcomes["rejected"] += 1
@@ -264,3 +279,93 @@ def test_keys_create_cli_writes_a_key_set_and_explains_bad_parameters(tmp_path: 
     assert bad.exit_code == 9 and "109 bits" in bad.output and not (tmp_path / "ks2" / "secret.ckks").exists()
     again = CliRunner().invoke(app, ["keys", "create", str(tmp_path / "ks")])
     assert again.exit_code == 9 and "already exists" in again.output
+
+
+# -- reply integrity: a tag binds the stream to its key set, run, round, site and kind ------------
+
+def test_a_reply_tag_binds_key_set_run_round_site_kind_and_every_byte(
+        coord: CoordinatorContext, secret: SecretKey, good: EncryptedVector,
+        other_sets: dict[str, SecretKey]) -> None:
+    tag = secret.tag(good, BIND)
+    coord.verify(good, tag, BIND)  # the honest reply
+    assert len(coord.parse(good, 3000, tag=tag, binding=BIND)) == 2
+    flipped = bytearray(good.chunks[1])
+    flipped[len(flipped) // 2] ^= 0x01
+    other = other_sets["same"].encrypt(np.full(3000, 0.25))  # another key set of the same parameters
+    spoofed = EncryptedVector(good.key_id, other.values, other.chunks)  # ... claiming the victim's key id
+    wrong = {
+        "another site": (good, tag, ReplyBinding(BIND.run, 1, "site-1", "update")),
+        "another round": (good, tag, ReplyBinding(BIND.run, 2, "site-0", "update")),
+        "another run": (good, tag, ReplyBinding("run-2:8899aabbccddeeff", 1, "site-0", "update")),
+        "another kind": (good, tag, ReplyBinding(BIND.run, 1, "site-0", "eval-sums")),
+        "a flipped byte": (_swap(good, 1, bytes(flipped)), tag, BIND),
+        "another key set, the victim's tag": (spoofed, tag, BIND),
+        "another key set, its own tag": (spoofed, other_sets["same"].tag(spoofed, BIND), BIND),
+        "another key set, no tag": (spoofed, b"", BIND),
+        "a short tag": (good, tag[:16], BIND),
+    }
+    for name, (enc, bad_tag, binding) in wrong.items():
+        with pytest.raises(ReplyIntegrityError, match="integrity tag") as caught:
+            coord.parse(enc, 3000, tag=bad_tag, binding=binding)
+        assert caught.value.code == "ckks-integrity", name
+    with pytest.raises(ReplyIntegrityError):  # the value count is under the tag too
+        coord.verify(EncryptedVector(good.key_id, 2999, good.chunks), tag, BIND)
+    with pytest.raises(ReplyIntegrityError):  # checked before TenSEAL reads a byte: garbage fails the tag
+        coord.parse(_swap(good, 0, os.urandom(64)), 3000, tag=tag, binding=BIND)
+
+
+def test_the_spoof_the_tag_stops_would_parse_and_add_garbage_without_it(
+        coord: CoordinatorContext, secret: SecretKey, good: EncryptedVector,
+        other_sets: dict[str, SecretKey]) -> None:
+    """Why a tag and not more parsing: another key set's ciphertext under the victim's key id is a
+    well-formed ciphertext, and its sum decrypts to garbage."""
+    other = other_sets["same"].encrypt(np.full(3000, 0.25))
+    spoofed = EncryptedVector(good.key_id, other.values, other.chunks)
+    vouched = coord.parse(spoofed, 3000, tag=secret.tag(spoofed, BIND), binding=BIND)  # a key holder vouches
+    total = coord.add([_parse(coord, secret, good, 3000), vouched])
+    assert np.max(np.abs(secret.decrypt(total) - 0.5)) > 1.0
+
+
+def test_key_files_hold_one_random_reply_key_the_coordinators_copy_is_private(
+        keyset: KeySetPaths, tmp_path: Path) -> None:
+    import json
+
+    def header(path: Path) -> dict:
+        return json.loads(path.read_bytes().split(b"\n", 2)[1])
+
+    secret_h, coord_h = header(keyset.secret), header(keyset.coordinator)
+    assert len(bytes.fromhex(secret_h["reply_key"])) == 32 and secret_h["reply_key"] == coord_h["reply_key"]
+    assert "reply_key" not in (keyset.directory / "keyset.json").read_text()  # the public description
+    another = create_keyset(tmp_path / "another")
+    assert header(another.coordinator)["reply_key"] != coord_h["reply_key"]
+    assert stat.S_IMODE(keyset.coordinator.stat().st_mode) == 0o600
+    shared = tmp_path / "shared.ckks"
+    shared.write_bytes(keyset.coordinator.read_bytes())
+    os.chmod(shared, 0o644)
+    with pytest.raises(EncryptionError, match="holds the key set's reply key; run: chmod 600"):
+        CoordinatorContext.load(shared)
+
+
+def test_a_key_set_that_predates_reply_integrity_is_refused_for_replies_but_still_decrypts(
+        keyset: KeySetPaths, secret: SecretKey, tmp_path: Path) -> None:
+    import json
+
+    def legacy(path: Path) -> Path:
+        magic, head, body = path.read_bytes().split(b"\n", 2)
+        meta = json.loads(head)
+        del meta["reply_key"]
+        out = tmp_path / path.name
+        out.write_bytes(magic + b"\n" + json.dumps(meta).encode() + b"\n" + body)
+        os.chmod(out, 0o600)
+        return out
+
+    message = f"^key set {keyset.info.key_id} predates reply integrity; make a new one with veil keys create$"
+    with pytest.raises(EncryptionError, match=message):
+        CoordinatorContext.load(legacy(keyset.coordinator))
+    old = SecretKey.load(legacy(keyset.secret))  # a researcher can still read old results
+    enc = secret.encrypt(np.linspace(-1, 1, 10))
+    assert np.max(np.abs(old.decrypt(enc) - np.linspace(-1, 1, 10))) < 1e-6
+    with pytest.raises(EncryptionError, match=message):
+        old.tag(enc, BIND)
+    with pytest.raises(EncryptionError, match=message):
+        old.check_can_tag()

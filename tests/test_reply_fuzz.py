@@ -1,7 +1,8 @@
-"""Fuzzing the coordinator's edge: generated training and evaluation replies, most of them
-almost right, go through the real checks. Whatever comes in: the only failure is a ValueError
-with a reason (never another exception, which would abort a run), everything accepted is
-within bounds, and the average of what was accepted is finite."""
+"""Fuzzing the coordinator's edge: generated training and evaluation replies, plaintext and
+CKKS-encrypted, most of them almost right, go through the real checks. Whatever comes in: the
+only failure is a ValueError with a reason (never another exception, which would abort a run),
+everything accepted is within bounds, the average of what was accepted is finite, and no
+ciphertext is added without the run's key set's tag for its site, run, round and kind."""
 
 from __future__ import annotations
 
@@ -120,3 +121,121 @@ def test_no_evaluation_reply_escapes_the_checks(content: RecordDict) -> None:
         return
     assert reply.num_examples >= 1 and 0.0 <= reply.accuracy <= 1.0
     assert math.isfinite(reply.loss) and reply.loss >= 0
+
+
+# -- encrypted replies (CKKS): tags, key ids and bytes from a hostile site or network --------------
+
+RUN = "run-1:0011223344556677"
+TAG_CHOICES = ["honest", "missing", "random", "short", "not-bytes", "other-round", "other-site", "other-run",
+               "other-kind", "intruder"]
+
+
+@pytest.fixture(scope="module")
+def ckks(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The run's key set (secret, coordinator context), another key set's secret, and a pool of streams."""
+    from privacy.ckks import CoordinatorContext, SecretKey, create_keyset
+
+    base = tmp_path_factory.mktemp("fuzz-keys")
+    run_set, other = create_keyset(base / "run"), create_keyset(base / "other")
+    secret, intruder = SecretKey.load(run_set.secret), SecretKey.load(other.secret)
+    pool = {kind: [secret.encrypt(np.linspace(-1, 1, n)), intruder.encrypt(np.full(n, 3.0)),
+                   secret.encrypt(np.linspace(-1, 1, n + 1))]
+            for kind, n in (("update", 7), ("eval-sums", len(P.EVAL_SUMS)))}
+    return secret, CoordinatorContext.load(run_set.coordinator), intruder, pool
+
+
+@st.composite
+def encrypted_replies(draw: st.DrawFn, pool: dict, secret, intruder):  # type: ignore[no-untyped-def]
+    """(content, kind, vouched): ``vouched`` when a key holder of the run's set tagged exactly these
+    bytes for this run, round 1, this kind and the site the reply names (the only replies that may pass)."""
+    from privacy.ckks import EncryptedVector, ReplyBinding
+
+    kind = draw(st.sampled_from(["update", "eval-sums"]))
+    base = draw(st.sampled_from(pool[kind]))
+    chunks = [bytearray(c) for c in base.chunks]
+    for _ in range(draw(st.integers(0, 2))):  # byte-level damage
+        i = draw(st.integers(0, len(chunks) - 1))
+        how = draw(st.sampled_from(["flip", "cut", "splice", "replace", "drop", "double"]))
+        blob = chunks[i]
+        at = draw(st.integers(0, max(len(blob) - 1, 0)))
+        if how == "flip" and blob:
+            blob[at] ^= 1 << draw(st.integers(0, 7))
+        elif how == "cut":
+            del blob[at:]
+        elif how == "splice":
+            blob[at:at] = draw(st.binary(min_size=1, max_size=32))
+        elif how == "replace":
+            chunks[i] = bytearray(draw(st.binary(max_size=64)))
+        elif how == "drop" and len(chunks) > 1:
+            del chunks[i]
+        elif how == "double":
+            chunks.append(bytearray(blob))
+    key_id = draw(st.sampled_from([secret.key_id, secret.key_id, intruder.key_id, "0" * 16]))
+    enc = EncryptedVector(key_id, draw(st.sampled_from([base.values, base.values, 1, 2**31])),
+                          tuple(bytes(c) for c in chunks))
+    right = ReplyBinding(RUN, 1, "site-0", kind)
+    choice = draw(st.sampled_from(TAG_CHOICES))
+    tag: object = {
+        "honest": lambda: secret.tag(enc, right),
+        "missing": lambda: None,
+        "random": lambda: draw(st.binary(min_size=32, max_size=32)),
+        "short": lambda: secret.tag(enc, right)[:31],
+        "not-bytes": lambda: draw(JUNK.filter(lambda v: v is not None and not isinstance(v, bytes))),
+        "other-round": lambda: secret.tag(enc, ReplyBinding(RUN, 2, "site-0", kind)),
+        "other-site": lambda: secret.tag(enc, ReplyBinding(RUN, 1, "site-1", kind)),
+        "other-run": lambda: secret.tag(enc, ReplyBinding("run-2:8899aabbccddeeff", 1, "site-0", kind)),
+        "other-kind": lambda: secret.tag(enc, ReplyBinding(RUN, 1, "site-0",
+                                                           "update" if kind == "eval-sums" else "eval-sums")),
+        "intruder": lambda: intruder.tag(enc, right),
+    }[choice]()
+    record = P.encrypted_record(enc)
+    if tag is not None:
+        record["tag"] = tag  # type: ignore[assignment]
+    intact = True
+    if draw(st.integers(0, 5)) == 0:  # a field of the record itself is junk
+        record[draw(st.sampled_from(["key-id", "values", "chunks"]))] = draw(JUNK.filter(lambda v: v is not None))  # type: ignore[assignment]
+        intact = False
+    site_id = draw(st.sampled_from(["site-0", "site-0", "site-1"]))
+    content = {P.ENC_UPDATE if kind == "update" else P.ENC_METRICS: record,
+               P.SITE: P.SiteInfo(site_id, "cpu", 0.1, 0).to_config()}
+    expected = secret.tag(enc, ReplyBinding(RUN, 1, site_id, kind))  # for the site the reply names
+    vouched = intact and key_id == secret.key_id and tag == expected
+    return RecordDict(content), kind, vouched  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_no_encrypted_reply_crashes_the_coordinator_or_gets_added_without_a_valid_tag(ckks) -> None:  # type: ignore[no-untyped-def]
+    from privacy.ckks import ReplyBinding, ReplyIntegrityError
+
+    secret, cipher, intruder, pool = ckks
+    honest = {}
+    for kind, streams in pool.items():
+        binding = ReplyBinding(RUN, 1, "site-0", kind)
+        honest[kind] = cipher.parse(streams[0], streams[0].values, tag=secret.tag(streams[0], binding),
+                                    binding=binding)
+    seen = {"accepted": 0, "integrity": 0, "malformed": 0}
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(encrypted_replies(pool, secret, intruder))
+    def one(drawn) -> None:  # type: ignore[no-untyped-def]
+        content, kind, vouched = drawn
+        values = pool[kind][0].values
+        try:
+            if kind == "update":
+                parsed = checks.parse_update(content, cipher, values, run=RUN, server_round=1)
+            else:
+                _, _, parsed = checks.check_encrypted_evaluate_reply(content, cipher, run=RUN, server_round=1)
+        except ValueError as err:
+            assert str(err)  # a reason, recorded for the site
+            integrity = isinstance(err, ReplyIntegrityError)
+            assert checks.rejection_code(err) == ("ckks-integrity" if integrity else None)
+            assert not (integrity and vouched)  # a key holder's tag on exactly these bytes is never refused
+            seen["integrity" if integrity else "malformed"] += 1
+            return
+        assert vouched  # nothing without the run's key set's tag for its site, run, round 1 and kind is added
+        seen["accepted"] += 1
+        total = cipher.add([parsed, honest[kind]])  # and adding it does not crash either (consumes ``parsed``)
+        assert total.values == values
+
+    one()
+    assert all(seen.values()), seen

@@ -12,7 +12,7 @@ import pytest
 from privacy import epsilon
 from privacy.ledger import SiteLedger
 from privacy.policy import SitePolicy
-from tests.sitekit import SiteDriver, make_site, task
+from tests.sitekit import SiteDriver, make_site, refusal, task
 from veil import protocol as P
 
 
@@ -96,7 +96,7 @@ def test_encrypted_site_decrypts_before_charging_and_sends_only_ciphertext(tmp_p
     import numpy as np
     from flwr.app import ConfigRecord, RecordDict
 
-    from privacy.ckks import SecretKey, create_keyset, flatten
+    from privacy.ckks import CoordinatorContext, ReplyBinding, SecretKey, create_keyset, flatten
     from privacy.ledger import SiteLedger
     from veil import protocol as P
     from veil.models import build_model
@@ -107,19 +107,34 @@ def test_encrypted_site_decrypts_before_charging_and_sends_only_ciphertext(tmp_p
     t = task(encrypted=True)
     init = flatten([v.numpy() for v in build_model("mlp", seed=0).state_dict().values()])
 
-    def message(key: SecretKey) -> RecordDict:
+    def message(key: SecretKey, run: str | None = "run-7:0123456789abcdef") -> RecordDict:
         config = t.to_config()
         config.update({"server-round": 1, P.ENC_KEY_ID: made.info.key_id, P.ENC_WEIGHT_NORM: 1000.0})
+        if run is not None:
+            config[P.ENC_RUN] = run
         enc = key.encrypt(np.append(init * 0.5, 0.5))  # an aggregate of weight 0.5
         return RecordDict({P.ENC_MODEL: P.encrypted_record(enc), P.TASK: ConfigRecord(dict(config))})
 
-    with pytest.raises(ValueError, match="encrypted under key set"):
-        driver.send(message(SecretKey.load(other.secret)), "train")
+    said = refusal(driver.send(message(SecretKey.load(other.secret)), "train"))
+    assert said.code == "site-error" and "encrypted under key set" in said.detail
     assert not site.ledger.exists() or SiteLedger(site.ledger).entries() == []  # nothing charged
 
     key = SecretKey.load(made.secret)
+    answer, why = None, ""  # nothing to bind its reply to: the site says so (raised, or a one-line refusal)
+    try:
+        answer = driver.send(message(key, run=None), "train")
+    except ValueError as err:
+        why = str(err)
+    else:
+        refused = _refusal(answer)
+        why = refused.detail if refused is not None else ""
+    assert "without a 'enc-run' run reference" in why and (answer is None or P.ENC_UPDATE not in answer)
+    assert not site.ledger.exists() or SiteLedger(site.ledger).entries() == []  # nothing charged
     reply = driver.send(message(key), "train")
     assert P.ARRAYS not in reply and len(SiteLedger(site.ledger).entries()) == 1
-    update = key.decrypt(P.encrypted_from(reply, P.ENC_UPDATE))
+    enc = P.encrypted_from(reply, P.ENC_UPDATE)  # tagged for this run, round and site: the coordinator checks it
+    CoordinatorContext.load(made.coordinator).verify(
+        enc, P.reply_tag(reply, P.ENC_UPDATE), ReplyBinding("run-7:0123456789abcdef", 1, site.site_id, "update"))
+    update = key.decrypt(enc)
     assert update[-1] == pytest.approx(len(site.train) / 1000.0, abs=1e-7)  # pre-weighted by n / norm
     assert update.size == init.size + 1 and not np.allclose(update[:-1] / update[-1], init, atol=1e-4)

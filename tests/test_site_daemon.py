@@ -4,6 +4,7 @@ through the real ClientApp with a model shaped for it."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def test_certificates_name_the_hosts_and_keep_keys_private(tmp_path: Path) -> No
 
 
 def test_a_csv_site_trains_a_model_shaped_for_it_and_refuses_one_that_is_not(tmp_path: Path) -> None:
-    from tests.sitekit import SiteDriver, signed_task, task
+    from tests.sitekit import SiteDriver, refusal, signed_task, task
     from veil import protocol as P
     from veil.spec import parse_scenario
 
@@ -136,5 +137,6 @@ def test_a_csv_site_trains_a_model_shaped_for_it_and_refuses_one_that_is_not(tmp
     assert P.ARRAYS in reply and P.REFUSAL not in reply
     fix = r"4 features but the run's model 'mlp' takes 784; set model\.in_features: 4"
     t, request = signed_task({**tabular, "model": {"arch": "mlp"}}, tmp_path / "alice")
-    with pytest.raises(ValueError, match=fix):
-        driver.train(t, server_round=2, request=request)
+    said = refusal(driver.train(t, server_round=2, request=request))
+    assert said.code == "model-mismatch" and re.search(fix, said.detail)
+    assert driver.query(t, request=request).refusal == said  # the pre-flight says so first

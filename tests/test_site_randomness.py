@@ -12,9 +12,8 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from privacy.ledger import SiteLedger
 from tests.flowerkit import incoming
-from tests.sitekit import SiteDriver, make_site, task
+from tests.sitekit import SiteDriver, make_site, refusal, task
 from veil import protocol as P
-from veil.errors import EntropyError
 
 
 def _entries(path: Path) -> int:
@@ -62,8 +61,8 @@ def test_an_unreadable_entropy_source_trains_and_charges_nothing(tmp_path: Path,
         raise OSError("[Errno 38] getrandom is not implemented")
 
     monkeypatch.setattr(os, "urandom", broken)
-    with pytest.raises(EntropyError, match="cannot read the operating system's entropy source"):
-        driver.train(task())
+    said = refusal(driver.train(task()))
+    assert said.code == "site-error" and "cannot read the operating system's entropy source" in said.detail
     monkeypatch.undo()
     assert _entries(site.ledger) == 0
 

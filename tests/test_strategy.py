@@ -161,14 +161,15 @@ def test_malformed_ciphertexts_are_rejected_with_a_reason_and_the_round_goes_on(
         tmp_path, ckks_keys) -> None:  # type: ignore[no-untyped-def]
     import numpy as np
 
-    from privacy.ckks import EncryptedVector
+    from privacy.ckks import EncryptedVector, ReplyBinding
 
     secret, _ = ckks_keys
     strategy = _encrypted_strategy(f"sqlite:///{tmp_path / 'e.db'}", ckks_keys, values=7)
     update = np.array([0.5, -1.0, 2.0, 0.0, 3.0, 1.0, 0.25])  # 6 weighted values + weight 0.25
 
-    def encrypted(enc: EncryptedVector) -> RecordDict:
-        return _reply(**{P.ARRAYS: None, P.ENC_UPDATE: P.encrypted_record(enc)})
+    def encrypted(enc: EncryptedVector) -> RecordDict:  # tagged by a key holder: the shape checks still hold
+        tag = secret.tag(enc, ReplyBinding(strategy.reply_run, 1, "site-0", "update"))
+        return _reply(**{P.ARRAYS: None, P.ENC_UPDATE: P.encrypted_record(enc, tag)})
 
     good = secret.encrypt(update)
     model, metrics = _train(strategy, [1, 2, 3, 4, 5], {
@@ -195,20 +196,13 @@ def test_malformed_ciphertexts_are_rejected_with_a_reason_and_the_round_goes_on(
 def test_encrypted_evaluation_is_stored_as_one_ciphertext_only_a_key_holder_reads(
         store_url, ckks_keys) -> None:  # type: ignore[no-untyped-def]
     """On SQLite and PostgreSQL: the ciphertext round-trips through the store's binary column."""
-    import numpy as np
-
     from server.read.summary import load_summary
 
     secret, _ = ckks_keys
     strategy = _encrypted_strategy(store_url, ckks_keys, values=9, encrypted_eval=True, weight_norm=1000.0)
     site_sums = [(40.0, 80, 100), (90.0, 150, 200)]  # (loss sum, correct, examples) per site
-    content = {
-        i + 1: RecordDict({
-            P.ENC_METRICS: P.encrypted_record(secret.encrypt(np.array(sums, dtype=float) / 1000.0)),
-            P.SITE: P.SiteInfo(f"site-{i}", "cpu", 0.1, 0).to_config(),
-        })
-        for i, sums in enumerate(site_sums)
-    }
+    content = {i + 1: _encrypted_eval(secret, strategy.reply_run, 1, f"site-{i}", sums)
+               for i, sums in enumerate(site_sums)}
     content[3] = RecordDict({  # plaintext metrics are not accepted in an encrypted evaluation
         P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, P.EVAL_LOSS: 0.1, P.EVAL_ACC: 1.0}),
         P.SITE: P.SiteInfo("site-2", "cpu", 0.1, 10).to_config()})
@@ -239,6 +233,110 @@ def test_encrypted_evaluation_alone_keeps_plaintext_aggregation(tmp_path, ckks_k
                                  cipher=ckks_keys[1], stream_values=7, encrypted_train=False, encrypted_eval=True)
     arrays, _ = _train(strategy, [1], {1: _reply()})
     assert isinstance(arrays, ArrayRecord)  # plaintext FedAvg, as the scenario asked
+
+
+def _encrypted_eval(key, run: str, server_round: int, site: str, sums) -> RecordDict:  # type: ignore[no-untyped-def]
+    """A site's encrypted evaluation reply, its sums divided by the weight norm 1,000, tagged by ``key``."""
+    import numpy as np
+
+    from privacy.ckks import ReplyBinding
+
+    enc = key.encrypt(np.array(sums, dtype=float) / 1000.0)
+    return RecordDict({
+        P.ENC_METRICS: P.encrypted_record(enc, key.tag(enc, ReplyBinding(run, server_round, site, "eval-sums"))),
+        P.SITE: P.SiteInfo(site, "cpu", 0.1, 0).to_config(),
+    })
+
+
+# -- reply integrity: a spoofed, replayed or re-addressed ciphertext is never added ---------------
+
+@pytest.fixture(scope="module")
+def intruder(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Another key set with the same parameters: its ciphertexts parse under the run's context."""
+    from privacy.ckks import SecretKey, create_keyset
+
+    return SecretKey.load(create_keyset(tmp_path_factory.mktemp("k") / "intruder").secret)
+
+
+def test_spoofed_or_re_addressed_encrypted_updates_are_rejected_and_the_honest_mean_survives(
+        tmp_path, ckks_keys, intruder) -> None:  # type: ignore[no-untyped-def]
+    """The hostile-input campaign's spoof, through the coordinator's real checks and strategy."""
+    import numpy as np
+
+    from privacy.ckks import EncryptedVector, ReplyBinding
+    from server.budget import ParticipationPlan, SiteStanding
+
+    secret, coord = ckks_keys
+    sites = {n: f"site-{n - 1}" for n in range(1, 7)}
+    status = {n: P.BudgetStatus(site, "d" * 16, 100, 1e-5, "pld", 4.0, 1.0, 1.0, 0.1, 10, 3.0, 3)
+              for n, site in sites.items()}
+    strategy = _encrypted_strategy(f"sqlite:///{tmp_path / 'i.db'}", ckks_keys, values=7)
+    strategy.plan = ParticipationPlan({n: SiteStanding(n, st) for n, st in status.items()},
+                                      rounds=3, per_round=6, min_sites=1, mode="drop", seed=0)
+    run = strategy.reply_run
+    rng = np.random.default_rng(5)
+    honest = {1: (rng.normal(size=6), 0.3), 2: (rng.normal(size=6), 0.5)}
+
+    def reply(node: int, enc: EncryptedVector, tag: bytes | None) -> RecordDict:
+        return _reply(**{P.ARRAYS: None, P.ENC_UPDATE: P.encrypted_record(enc, tag),
+                         P.SITE: P.SiteInfo(sites[node], "cpu", 0.1, 3).to_config()})
+
+    def bind(node: int, run: str = run) -> ReplyBinding:
+        return ReplyBinding(run, 1, sites[node], "update")
+
+    content: dict[int, RecordDict] = {}
+    for node, (u, w) in honest.items():
+        enc = secret.encrypt(np.append(u * w, w))
+        content[node] = reply(node, enc, secret.tag(enc, bind(node)))
+    theirs = intruder.encrypt(np.append(np.full(6, 50.0), 1.0))
+    spoof = EncryptedVector(coord.key_id, theirs.values, theirs.chunks)  # the run's key id on their ciphertext
+    content[3] = reply(3, spoof, None)  # no tag
+    content[4] = reply(4, spoof, intruder.tag(spoof, bind(4)))  # tagged with their own key set's reply key
+    content[5] = RecordDict(dict(content[1]))  # site-0's reply, forwarded by node 5 (site-4 at the pre-flight)
+    old = secret.encrypt(np.append(np.zeros(6), 0.2))
+    content[6] = reply(6, old, secret.tag(old, bind(6, run="run-0:0000000000000000")))  # another run's reply
+
+    model, metrics = _train(strategy, list(sites), content)
+    assert isinstance(model, ConfigRecord) and metrics is not None  # the round goes on with the honest sites
+    mean, weight = secret.decrypt_mean(P.encrypted_from(RecordDict({P.ENC_MODEL: model}), P.ENC_MODEL))
+    expected = sum(u * w for u, w in honest.values()) / 0.8
+    assert weight == pytest.approx(0.8, abs=1e-7) and np.max(np.abs(mean - expected)) < 1e-6
+    with strategy.writer.store.session() as s:
+        rows = [(p.status, p.reason_code, p.reason) for p in s.scalars(select(S.Participation))]
+    rejected = [(code, reason) for status, code, reason in rows if status == "rejected"]
+    assert [status for status, _, _ in rows].count("ok") == 2 and len(rejected) == 4
+    assert all(code == "ckks-integrity" for code, _ in rejected)
+    assert sum("carries no 32-byte integrity tag" in r for _, r in rejected) == 1
+    assert any("does not match key set" in r and "'site-4'" in r for _, r in rejected)  # bound to its own site
+
+
+def test_spoofed_or_replayed_encrypted_evaluations_are_rejected_and_not_summed(
+        tmp_path, ckks_keys, intruder) -> None:  # type: ignore[no-untyped-def]
+    from privacy.ckks import EncryptedVector
+
+    secret, coord = ckks_keys
+    strategy = _encrypted_strategy(f"sqlite:///{tmp_path / 'v.db'}", ckks_keys, values=9, encrypted_eval=True,
+                                   weight_norm=1000.0)
+    run = strategy.reply_run
+    first = _encrypted_eval(secret, run, 1, "site-0", (40.0, 80, 100))
+    theirs = _encrypted_eval(intruder, run, 1, "site-1", (0.0, 900, 900))
+    enc = P.encrypted_from(theirs, P.ENC_METRICS)
+    theirs[P.ENC_METRICS] = P.encrypted_record(EncryptedVector(coord.key_id, enc.values, enc.chunks),
+                                               P.reply_tag(theirs, P.ENC_METRICS))
+    rounds = {1: {1: first, 2: theirs},
+              2: {1: _encrypted_eval(secret, run, 2, "site-0", (30.0, 90, 100)), 2: first}}  # round 1's, replayed
+    for server_round, content in rounds.items():
+        strategy.writer.open_round(server_round, [], 0)
+        sent = strategy.configure_evaluate(server_round, ArrayRecord(GLOBAL), ConfigRecord(), LocalGrid([1, 2]))
+        assert all(m.content[P.TASK][P.ENC_RUN] == run for m in sent)  # type: ignore[index]
+        strategy.aggregate_evaluate(server_round, answers(sent, content))
+    with strategy.writer.store.session() as s:
+        stored = s.scalars(select(S.EncryptedMetric).order_by(S.EncryptedMetric.round_number)).all()
+        codes = s.scalars(select(S.Participation.reason_code).where(S.Participation.status == "rejected")).all()
+    assert [m.sites for m in stored] == [1, 1] and codes == ["ckks-integrity", "ckks-integrity"]
+    sums = [secret.decrypt(EncryptedVector(coord.key_id, 3, (m.ciphertext,))) * 1000 for m in stored]
+    assert sums[0] == pytest.approx([40.0, 80, 100], abs=1e-3)
+    assert sums[1] == pytest.approx([30.0, 90, 100], abs=1e-3)
 
 
 # -- the edge holds: poisoned, inflated or under-reported replies are rejected with a reason ------
@@ -305,3 +403,48 @@ def test_implausible_evaluations_are_rejected(metrics: dict, message: str) -> No
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: site})
     with pytest.raises(ValueError, match=message):
         checks.check_evaluate_reply(content)
+
+
+@pytest.mark.parametrize("rule", ["none", "norm-bound", "trimmed-mean"])
+def test_a_poisoning_site_moves_the_model_only_as_far_as_the_rule_lets_it(tmp_path, rule: str) -> None:  # type: ignore[no-untyped-def]
+    """Four honest sites send GLOBAL + 1 (update norm sqrt(6)); one sends GLOBAL + 1e5, finite
+    and within the value bound, so every check passes it. The rule decides what it can do."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.robust import RobustRule
+
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    run_id = store.create_run(name="t", spec={}, spec_hash="0" * 64, seed=0, num_sites=5, num_rounds=1)
+    strategy = RecordingStrategy(FedAvg(), RoundWriter(store, run_id, num_rounds=1, min_sites=1),
+                                 robust=RobustRule(rule, max_update_norm=3.0, trim_fraction=0.2))  # type: ignore[arg-type]
+
+    def site(i: int, value: float) -> RecordDict:
+        return _reply(**{P.ARRAYS: ArrayRecord({"w": torch.full((2, 3), value)}),
+                         P.SITE: P.SiteInfo(f"site-{i}", "cpu", 0.1, 3).to_config()})
+
+    replies = {i: site(i, 1.0) for i in range(1, 5)} | {5: site(5, 1e5)}
+    arrays, _ = _train(strategy, [1, 2, 3, 4, 5], replies)
+    assert arrays is not None
+    got = arrays.to_torch_state_dict()["w"]
+    expected = {
+        "none": (4 * 1.0 + 1e5) / 5,  # FedAvg, equal weights: the poisoner owns the model
+        # each honest delta has norm sqrt(6) < 3 and stays; the poisoner's is scaled to norm 3,
+        # i.e. 3 / sqrt(6) per coordinate, then the equal-weight mean
+        "norm-bound": (4 * 1.0 + 3.0 / 6 ** 0.5) / 5,
+        "trimmed-mean": 1.0,  # 20% of 5 = 1 dropped at each end: the honest value
+    }[rule]
+    assert torch.allclose(got, torch.full((2, 3), expected), rtol=1e-6)
+    assert got.dtype == torch.float32
+
+
+def test_robust_aggregation_refuses_encrypted_updates(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.robust import RobustRule
+
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    run_id = store.create_run(name="t", spec={}, spec_hash="0" * 64, seed=0, num_sites=1, num_rounds=1)
+    with pytest.raises(ValueError, match="cannot run on encrypted updates"):
+        RecordingStrategy(FedAvg(), RoundWriter(store, run_id, num_rounds=1, min_sites=1),
+                          cipher=object(), encrypted_train=True,  # type: ignore[arg-type]
+                          robust=RobustRule("trimmed-mean"))

@@ -41,6 +41,7 @@ ENC_KEY_ID = "enc-key-id"
 ENC_WEIGHT_NORM = "enc-weight-norm"  # sites weight by n / norm, so every sum stays within ±1 x |value|
 RUN_REQUEST = "run-request"  # task-config key: the researcher's signed request (privacy.requests)
 ENC_EVAL = "enc-eval"  # evaluation replies must be encrypted
+ENC_RUN = "enc-run"  # the run reference every encrypted reply's integrity tag is bound to (with round, site)
 
 NUM_EXAMPLES = "num-examples"
 
@@ -261,6 +262,10 @@ REFUSAL_CODES = (
     # who asked (privacy.requests): the run is not signed by a researcher the site trusts, or the
     # task is not what the researcher signed, or the signed request was already spent
     "unsigned-run", "untrusted-researcher", "bad-signature", "task-mismatch", "replayed-request",
+    # the site's records do not fit the run's model (features, classes): said at the pre-flight
+    "model-mismatch",
+    # the site could not do what was asked (its ledger, data, keys...): its one-line reason
+    "site-error",
 )
 
 
@@ -416,9 +421,21 @@ def metric(content: RecordDict, key: str) -> float:
 Phase = Literal["train", "evaluate"]
 
 
-def encrypted_record(enc: EncryptedVector) -> ConfigRecord:
-    """Ciphertext bytes as they travel: TenSEAL protobuf bytes in a ConfigRecord, never pickle."""
-    return ConfigRecord({"key-id": enc.key_id, "values": enc.values, "chunks": list(enc.chunks)})
+def encrypted_record(enc: EncryptedVector, tag: bytes | None = None) -> ConfigRecord:
+    """Ciphertext bytes as they travel: TenSEAL protobuf bytes in a ConfigRecord, never pickle;
+    a site's reply adds its integrity ``tag`` (``privacy.ckks.SecretKey.tag``)."""
+    rec = ConfigRecord({"key-id": enc.key_id, "values": enc.values, "chunks": list(enc.chunks)})
+    if tag is not None:
+        rec["tag"] = tag
+    return rec
+
+
+def reply_tag(content: RecordDict, key: str) -> bytes:
+    """The integrity tag of the encrypted record ``key`` in a reply; empty if it has none (then the
+    coordinator's check rejects it)."""
+    rec = content.get(key)
+    tag = rec.get("tag") if isinstance(rec, ConfigRecord) else None
+    return tag if isinstance(tag, bytes) else b""
 
 
 def encrypted_from(content: RecordDict, key: str) -> EncryptedVector:

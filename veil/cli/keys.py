@@ -21,7 +21,7 @@ def keys_create(
     release_bits: Annotated[int, typer.Option(help="decrypted sums are noise-flooded and rounded to "
                                               "2^-release_bits")] = 28,
 ) -> None:
-    """Make a CKKS key set: secret.ckks (sites, researchers; mode 600), coordinator.ckks (no key)."""
+    """Make a CKKS key set: secret.ckks (sites, researchers), coordinator.ckks (no CKKS key); both mode 600."""
     from privacy.ckks import CkksParams, create_keyset
 
     try:
@@ -37,7 +37,8 @@ def keys_create(
                f"{p.ciphertext_bytes / p.slots:.0f} bytes per value")
     typer.echo(f"  {made.secret}  (secret key, mode 600): copy to every site and to researchers who may "
                "read results; never to the coordinator")
-    typer.echo(f"  {made.coordinator}  (parameters only, no key): for the coordinator")
+    typer.echo(f"  {made.coordinator}  (parameters and the reply-integrity key, no CKKS key; mode 600): "
+               "for the coordinator")
 
 
 @app.command("decrypt")
