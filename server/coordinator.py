@@ -23,7 +23,7 @@ from privacy.requests import SignedRequest
 from server.budget import ParticipationPlan, ask_budgets, check_ledgers, wait_for_nodes
 from server.checkpoints import save_checkpoint, save_encrypted_checkpoint
 from server.checks import Model, aggregate_train_metrics
-from server.lifecycle import end_run
+from server.lifecycle import end_run, first_failure
 from server.rounds import ProgressFn, RoundWriter
 from server.store import RunStore
 from server.strategy import RecordingStrategy
@@ -148,6 +148,10 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
 
     arrays = train_rounds(grid, strategy, ArrayRecord(model.state_dict()), task_config,
                           ConfigRecord({"arch": scenario.model.key, **public}), fed.rounds, fed.round_timeout_s)
+    if strategy.rounds_aggregated == 0:  # nothing trained: a failure, whatever the loop did; no checkpoint
+        end_run(store, run_id, "failed", "no round had enough usable site replies; first reason recorded: "
+                + first_failure(store, run_id))
+        return None
     if isinstance(arrays, ConfigRecord):
         save_encrypted_checkpoint(store, run_id, fed.rounds, arrays, scenario.model.key,
                                   artifacts_dir / f"run-{run_id}")

@@ -15,16 +15,16 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sqlalchemy import select
+import numpy as np
 
 from client.app import build_client_app
+from client.data import load_builtin
 from privacy.requests import ephemeral_request
 from server.coordinator import build_server_app
-from server.lifecycle import record_run
+from server.lifecycle import first_failure, record_run
 from server.store import RunStore
-from server.store import schema as S
 from simulations.federation import SimulatedSites
-from veil.errors import BudgetRefusedError, EncryptionError
+from veil.errors import BudgetRefusedError, EncryptionError, RunFailedError, ScenarioError
 from veil.logs import get_logger
 from veil.spec import Scenario
 
@@ -38,17 +38,6 @@ class SimulationResult:
     run_id: int
     wall_seconds: float
     rounds: list[dict[str, float | int | None]] = field(default_factory=list)
-
-
-def first_failure(store: RunStore, run_id: int) -> str:
-    """The first recorded reason a site did not take part (for a run where no round trained)."""
-    with store.session() as s:
-        reason = s.scalar(
-            select(S.Participation.reason)
-            .where(S.Participation.run_id == run_id, S.Participation.status != "ok")
-            .order_by(S.Participation.id).limit(1)
-        )
-    return reason or "none"
 
 
 def format_progress(info: dict[str, float | int | None]) -> str:
@@ -110,15 +99,40 @@ def prepare_keys(scenario: Scenario, fresh_dir: Path) -> KeyPaths | None:
     return KeyPaths(fresh_dir / "secret.ckks", fresh_dir / "coordinator.ckks")
 
 
+def check_model_fits(scenario: Scenario) -> None:
+    """The data's records fit the scenario's model (features per record, label classes), or a
+    ScenarioError naming the setting to change."""
+    model, data = scenario.model, load_builtin(scenario.data.source)
+    features = int(np.prod(data.features.shape[1:]))
+    if features != model.in_features:
+        raise ScenarioError(f"model.in_features is {model.in_features} but {scenario.data.source} records "
+                            f"have {features} features; set model.in_features: {features}")
+    classes = int(data.labels.max()) + 1
+    if classes > model.num_classes:
+        raise ScenarioError(f"model.num_classes is {model.num_classes} but {scenario.data.source} has "
+                            f"{classes} classes; set model.num_classes: {classes}")
+
+
+def check_runnable(scenario: Scenario, ledger_dir: Path | str, artifacts_dir: Path | str) -> SimulatedSites:
+    """Everything a simulation needs that can be checked before it is recorded: the data splits
+    into the scenario's sites, its records fit the model, a named key set exists. Raises a
+    VeilError with one line; writes nothing (no store, no ledger)."""
+    sites = SimulatedSites(scenario, str(Path(ledger_dir).expanduser().resolve()), allow_seeded_noise=True)
+    parts = sites.partitions()
+    log.info("partitioned %s into %d sites (%s): train sizes %s", scenario.data.source,
+             len(parts), scenario.data.partitioner, [len(p.train) for p in parts])
+    check_model_fits(scenario)
+    if scenario.encryption.enabled and scenario.encryption.keys is not None:
+        prepare_keys(scenario, Path(artifacts_dir))  # only checks that the named key set exists
+    return sites
+
+
 def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
              progress: bool = True, ledger_dir: Path | str = "veil-ledgers") -> SimulationResult:
     """Run ``scenario`` end to end and return its run id; everything lands in ``store``."""
     from flwr.simulation import run_simulation
 
-    sites = SimulatedSites(scenario, str(Path(ledger_dir).expanduser().resolve()), allow_seeded_noise=True)
-    parts = sites.partitions()  # fails here, before any record, if the data cannot be split
-    log.info("partitioned %s into %d sites (%s): train sizes %s", scenario.data.source,
-             len(parts), scenario.data.partitioner, [len(p.train) for p in parts])
+    sites = check_runnable(scenario, ledger_dir, artifacts_dir)
 
     rounds: list[dict[str, float | int | None]] = []
 
@@ -145,14 +159,12 @@ def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
         if run.status == "refused":
             raise BudgetRefusedError(f"run {run_id} {run.error}", run_id=run_id)
         if run.status == "failed":
-            raise RuntimeError(f"run {run_id} failed: {run.error}")
+            raise RunFailedError(f"run {run_id} failed: {run.error}", run_id=run_id)
         if len(rounds) != scenario.federation.rounds and run.status != "stopped":
-            raise RuntimeError(
-                f"the simulation ended after {len(rounds)} of {scenario.federation.rounds} rounds"
-            )
+            raise RunFailedError(
+                f"run {run_id} ended after {len(rounds)} of {scenario.federation.rounds} rounds", run_id=run_id)
         if not any(int(r["sites_ok"] or 0) >= scenario.federation.min_sites for r in rounds):
-            raise RuntimeError(
-                "no round had enough usable site replies; first reason recorded: "
-                f"{first_failure(store, run_id)}"
-            )
+            raise RunFailedError(
+                f"run {run_id} failed: no round had enough usable site replies; first reason recorded: "
+                f"{first_failure(store, run_id)}", run_id=run_id)
     return SimulationResult(run_id, time.perf_counter() - start, rounds)

@@ -8,7 +8,7 @@ goes through the helpers below. Replies are made with Flower's public ``Message(
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 
@@ -56,3 +56,24 @@ class LocalGrid:
     def get_node_ids(self) -> list[int]:
         """The connected nodes."""
         return self.nodes
+
+
+class AppGrid(LocalGrid):
+    """A Grid that delivers each message to an in-process ClientApp handler per node and
+    returns its reply: the coordinator's whole round loop, without Flower's engine."""
+
+    def __init__(self, handlers: dict[int, Callable[[Message], Message]]) -> None:
+        super().__init__(handlers)
+        self.handlers = handlers
+        self._sent = 0
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Every message answered by its node's handler, in order."""
+        replies = []
+        for msg in messages:
+            self._sent += 1
+            node = msg.metadata.dst_node_id
+            delivered = _delivered(Message(msg.content, dst_node_id=node, message_type=msg.metadata.message_type),
+                                   f"{self._sent:064d}")
+            replies.append(self.handlers[node](delivered))
+        return replies

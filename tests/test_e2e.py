@@ -18,6 +18,7 @@ from server.store import RunStore
 from server.store import schema as S
 from simulations.simulate import simulate
 from tests.scenarios import merged, small_scenario
+from veil.errors import RunFailedError
 from veil.spec import parse_scenario
 
 SMALL = small_scenario(name="e2e", seed=3, federation={"min_sites": 2}, privacy={"max_grad_norm": 1.0})
@@ -71,17 +72,24 @@ def test_two_sites_two_rounds_are_recorded(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_failing_sites_mark_the_run_failed_with_reason(tmp_path: Path) -> None:
-    # δ = 0.5 is not below 1/n for any site: every site refuses to train
-    bad = merged(SMALL, {"privacy": {"delta": 0.5}})
+def test_failing_sites_mark_the_run_failed_with_their_sentence(tmp_path: Path) -> None:
+    # every site's ledger is damaged: each site says so in one line, and the run fails with it
+    ledgers = tmp_path / "l"
+    ledgers.mkdir()
+    for i in range(2):
+        (ledgers / f"site-{i}.ledger").write_bytes(bytes(range(256)) * 20)
     store = RunStore(f"sqlite:///{tmp_path / 'veil.db'}")
-    with pytest.raises(RuntimeError, match="pre-flight: only 0 of 2 sites answered"):
-        simulate(parse_scenario(bad), store, tmp_path / "a", progress=False, ledger_dir=tmp_path / "l")
+    with pytest.raises(RunFailedError, match="pre-flight: only 0 of 2 sites answered"):
+        simulate(parse_scenario(SMALL), store, tmp_path / "a", progress=False, ledger_dir=ledgers)
     with store.session() as s:
         run = s.scalars(select(S.Run)).one()
-        reasons = s.scalars(select(S.Participation.reason).where(S.Participation.status == "failed")).all()
-    assert run.status == "failed" and "is not below 1/n" in (run.error or "")
-    assert reasons and all("is not below 1/n" in r for r in reasons)
+        failed = s.execute(select(S.Site.site_key, S.Participation.reason).join(S.Site)
+                           .where(S.Participation.status == "failed")).all()
+    assert run.status == "failed" and "is damaged or not a Veil ledger" in (run.error or "")
+    assert sorted(site for site, _ in failed) == ["site-0", "site-1"]  # named, not node-<id>
+    for text in [run.error or "", *(reason for _, reason in failed)]:
+        assert "is damaged or not a Veil ledger" in text and "site-error" in text
+        assert not any(bad in text for bad in ("\x1b", "Traceback", "ray::", "RayTaskError", "\n"))
 
 
 def test_cli_invalid_scenario_writes_nothing(tmp_path: Path) -> None:

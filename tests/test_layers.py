@@ -2,7 +2,8 @@
 under TYPE_CHECKING included), and no import cycles. README "How the code is laid out" says why.
 
 Floors, bottom to top:
-  core (bottom)  veil.{errors, exits, env, files, config, logs, names, processes}: no Flower, no project code above
+  core (bottom)  veil.{errors, exits, env, files, config, logs, names, processes, reaper}:
+                 no Flower, no project code above
   privacy/       the core's bottom only; never Flower
   core (top)     veil.{spec, protocol, models}: may use privacy/
   client/ server/  the core and privacy/; never each other, simulations/ or the shell
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("veil", "privacy", "server", "client", "simulations")
 BOTTOM = {"veil", "veil.errors", "veil.exits", "veil.env", "veil.files", "veil.config", "veil.logs",
-          "veil.names", "veil.processes"}
+          "veil.names", "veil.processes", "veil.reaper"}
 CORE_TOP = {"veil.spec", "veil.protocol", "veil.models"}
 
 

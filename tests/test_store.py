@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from sqlalchemy import func, inspect, select, text
 
@@ -150,3 +155,31 @@ def test_schema_head_constant_is_alembics_head() -> None:
     from server.store.store import MIGRATIONS, SCHEMA_HEAD
 
     assert ScriptDirectory(str(MIGRATIONS)).get_current_head() == SCHEMA_HEAD
+
+
+def test_first_runs_at_once_migrate_an_empty_store_once(store_url: str) -> None:
+    """Four processes open the same empty store together: all succeed, one migrates it."""
+    code = "import sys; from server.store import RunStore; RunStore(sys.argv[1]).close(); print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", code, store_url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-400:] for _, err in results]
+    store = RunStore(store_url, migrate=False)
+    with store.session() as s:
+        assert s.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+    store.close()
+
+
+def test_a_ledger_or_another_file_is_not_a_store(tmp_path: Path) -> None:
+    from privacy.ledger import SiteLedger
+
+    ledger = tmp_path / "site.ledger"
+    SiteLedger(ledger, create=True, site_id="site-a").close()
+    other = tmp_path / "data.csv"
+    other.write_text("a,b\n1,2\n" * 200)
+    for path, why in ((ledger, "not a Veil run store.*site's privacy ledger"),
+                      (other, "not an SQLite database")):
+        before = hashlib.sha256(path.read_bytes()).hexdigest()
+        with pytest.raises(StoreError, match=why):
+            RunStore(f"sqlite:///{path}")
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # untouched

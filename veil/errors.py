@@ -60,6 +60,16 @@ class BudgetRefusedError(VeilError):
         self.run_id = run_id
 
 
+class RunFailedError(VeilError):
+    """A recorded run that failed: the message gives the first recorded reason."""
+
+    exit_code = ExitCode.RUN_FAILED
+
+    def __init__(self, message: str, run_id: int | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
 class EntropyError(VeilError):
     """The operating system's entropy source cannot be read: DP noise cannot be drawn privately."""
 

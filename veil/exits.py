@@ -28,6 +28,7 @@ class ExitCode(IntEnum):
     ENTROPY = 12
     AUDIT_FLAGGED = 13
     REQUEST_REFUSED = 14
+    RUN_FAILED = 15
     INTERRUPTED = 130
 
 
@@ -51,6 +52,8 @@ HELP: dict[ExitCode, str] = {
     ExitCode.AUDIT_FLAGGED: "`veil audit` found an empirical lower bound on ε above the claimed ε",
     ExitCode.REQUEST_REFUSED: "the run request was refused: unsigned, signed by a researcher not admitted or "
                               "trusted, altered after signing, expired or replayed",
+    ExitCode.RUN_FAILED: "the run was recorded but failed (e.g. no round had enough usable site replies); the "
+                         "message gives the first recorded reason, and `veil runs show RUN` the rest",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C); a run that was recording is marked failed",
 }
 

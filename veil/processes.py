@@ -74,3 +74,91 @@ def supervise(cmd: list[str], env: dict[str, str], on_event: Callable[..., None]
             signal.signal(s, h)
     on_event("exited", code=code, requested=bool(stopping))
     return 0 if stopping else code
+
+
+# -- who owns a run, and is it still alive -----------------------------------------------------
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:36]
+    except OSError:
+        return "noboot"
+
+
+def _linux_stat(pid: int) -> tuple[int, str] | None:
+    """(ppid, start time in clock ticks) of ``pid`` from /proc, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()  # the name may hold spaces and parentheses
+    return int(fields[1]), fields[19]
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """Every process on this machine as ``pid -> (ppid, start token)``."""
+    table: dict[int, tuple[int, str]] = {}
+    if Path("/proc/self/stat").exists():
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and (stat := _linux_stat(int(entry.name))) is not None:
+                table[int(entry.name)] = stat
+        return table
+    out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid=", "-o", "lstart="],
+                         capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        pid, ppid, *start = line.split()
+        table[int(pid)] = (int(ppid), "-".join(start))
+    return table
+
+
+def process_token(pid: int) -> str | None:
+    """What tells process ``pid`` apart from a later one that reuses its number (boot id and
+    start time), or None when there is no such process."""
+    if Path("/proc/self/stat").exists():
+        stat = _linux_stat(pid)
+        return None if stat is None else f"{_boot_id()}:{stat[1]}"
+    entry = process_table().get(pid)
+    return None if entry is None else entry[1]
+
+
+def this_process() -> tuple[str, int, str | None]:
+    """(host name, pid, start token) of this process: what a run records as its owner."""
+    import socket
+
+    return socket.gethostname()[:255], os.getpid(), process_token(os.getpid())
+
+
+def owner_alive(host: str | None, pid: int | None, token: str | None) -> bool | None:
+    """Whether the recorded owner process still runs: True/False when it was on this host,
+    None when it cannot be told from here (another host, or nothing recorded)."""
+    import socket
+
+    if host is None or pid is None or host != socket.gethostname()[:255]:
+        return None
+    current = process_token(pid)
+    return current is not None and (token is None or current == token)
+
+
+def descendants(root: int, table: dict[int, tuple[int, str]]) -> set[int]:
+    """Every process below ``root`` in ``table`` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def start_reaper() -> subprocess.Popen[bytes] | None:
+    """A watchdog (``veil.reaper``) that stops every process this one started, Ray's included,
+    once this process is gone, however it ends (SIGKILL too). None where it cannot start."""
+    try:
+        return subprocess.Popen([sys.executable, "-m", "veil.reaper", str(os.getpid())],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, close_fds=True)
+    except OSError:
+        return None

@@ -69,6 +69,14 @@ class Run(Base):
     # who asked for it: the researcher whose signed request the coordinator admitted
     researcher: Mapped[str | None] = mapped_column(String(120))
     researcher_key_id: Mapped[str | None] = mapped_column(String(16))
+    # the process running it (host, pid, a token that tells a reused pid apart) and its heartbeat:
+    # a ``running`` run whose owner is gone is closed as ``failed`` (server.lifecycle.close_orphans)
+    owner_host: Mapped[str | None] = mapped_column(String(255))
+    owner_pid: Mapped[int | None] = mapped_column(Integer)
+    owner_token: Mapped[str | None] = mapped_column(String(80))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Flower's own run id (deployments: what `flwr ls` shows); None for simulations
+    flower_run_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class Site(Base):

@@ -32,7 +32,8 @@ from veil.names import RunMode, RunStatus
 log = get_logger("store")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-SCHEMA_HEAD = "0006"  # the newest migration; a test checks it against Alembic's own head
+SCHEMA_HEAD = "0007"  # the newest migration; a test checks it against Alembic's own head
+MIGRATION_LOCK = 0x7665696C  # "veil": the PostgreSQL advisory lock key held while migrating
 
 
 def code_version() -> str:
@@ -103,31 +104,78 @@ class RunStore:
         safe = make_url(self.url).render_as_string(hide_password=True)
         try:
             with self.engine.begin() as conn:
-                if _stamped_revision(conn) == SCHEMA_HEAD:  # the common case, without importing Alembic
-                    return
-                from alembic import command
-                from alembic.runtime.migration import MigrationContext
-
-                head = _head_revision()
-                current = MigrationContext.configure(conn).get_current_revision()
-                if current == head:
-                    return
-                known = _known_revisions()
-                if current is not None and current not in known:
-                    raise StoreError(
-                        f"store {safe} has schema revision {current}, newer than this Veil "
-                        f"(head {head}); upgrade Veil to use it"
-                    )
-                if not migrate:
-                    raise StoreError(
-                        f"store {safe} is at schema {current or 'empty'}, expected {head}; "
-                        f"run: veil db upgrade --store '{safe}'"
-                    )
-                command.upgrade(_alembic_config(conn), "head")
+                current = _stamped_revision(conn)  # the common case, without importing Alembic
+            if current != SCHEMA_HEAD:
+                engine = self._migration_engine()
+                try:
+                    with engine.begin() as conn:
+                        self._migrate(conn, safe, migrate)
+                finally:
+                    if engine is not self.engine:
+                        engine.dispose()
+            if self.engine.dialect.name == "sqlite":  # only now that it is known to be a run store
+                with self.engine.connect() as conn:
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         except DBAPIError as err:
             why = " ".join(str(err.orig).split())  # drivers' messages span lines: keep one
+            if "file is not a database" in why:
+                raise StoreError(f"store {safe} is not an SQLite database; point --store (or VEIL_STORE) "
+                                 "at a Veil run store, or at a new file to create one") from None
             raise StoreError(f"cannot reach store {safe}: {why}; check that the database server is up "
                              "and the URL (--store or VEIL_STORE) is right") from None
+
+    def _migration_engine(self) -> Engine:
+        """An engine whose transactions hold the database's write lock from their first statement:
+        SQLite begins IMMEDIATE (a second process waits for the busy timeout); PostgreSQL takes a
+        transaction-scoped advisory lock in ``_migrate``. So two first runs on an empty store
+        migrate it once, and the second finds it at head."""
+        if self.engine.dialect.name != "sqlite":
+            return self.engine
+        engine = create_engine(self.engine.url, connect_args={"timeout": 60})
+
+        def autocommit(dbapi_conn: Any, _record: Any) -> None:
+            _sqlite_pragmas(dbapi_conn, _record)
+            dbapi_conn.isolation_level = None  # the driver's implicit BEGIN is replaced below
+
+        def begin_immediate(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        event.listen(engine, "connect", autocommit)
+        event.listen(engine, "begin", begin_immediate)
+        return engine
+
+    def _migrate(self, conn: Any, safe: str, migrate: bool) -> None:
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+        from sqlalchemy import inspect, text
+
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        head = _head_revision()
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current == head:
+            return
+        if current is None:
+            tables = set(inspect(conn).get_table_names())
+            foreign = tables if conn.dialect.name == "sqlite" else tables & set(S.Base.metadata.tables)
+            if foreign:
+                shown = ", ".join(sorted(foreign)[:6])
+                ledger = {"ledger_meta", "ledger_entries"} <= tables
+                hint = " (it looks like a site's privacy ledger)" if ledger else ""
+                raise StoreError(f"store {safe} is not a Veil run store: it holds other tables ({shown})"
+                                 f"{hint}; point --store (or VEIL_STORE) at a run store, or at a new file")
+        known = _known_revisions()
+        if current is not None and current not in known:
+            raise StoreError(
+                f"store {safe} has schema revision {current}, newer than this Veil "
+                f"(head {head}); upgrade Veil to use it"
+            )
+        if not migrate:
+            raise StoreError(
+                f"store {safe} is at schema {current or 'empty'}, expected {head}; "
+                f"run: veil db upgrade --store '{safe}'"
+            )
+        command.upgrade(_alembic_config(conn), "head")
 
     @property
     def safe_url(self) -> str:
@@ -247,8 +295,7 @@ def _known_revisions() -> set[str]:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    cur = dbapi_conn.cursor()  # journal_mode=WAL is set once the file is known to be a run store
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()

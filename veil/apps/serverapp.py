@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from privacy.requests import ephemeral_request
 from server.admission import admit, admitted_researchers, bind
 from server.coordinator import run_federation
-from server.lifecycle import record_run
+from server.lifecycle import note_flower_run, record_run
 from server.store import RunStore
 from veil import env, logs
 from veil.errors import ScenarioError
@@ -54,9 +54,10 @@ def main(grid: Grid, context: Context) -> None:
             signer = request.verify({}, accept_ephemeral=True)
         if scenario.privacy.reproducible_noise:
             raise ScenarioError(REPRODUCIBLE_REFUSED)
-        mode: RunMode = "deployment" if deployed else "simulation"
+        mode: RunMode = "deployment"  # only `veil simulate` records "simulation" (its own ServerApp)
         with record_run(store, scenario, mode=mode, researcher=signer) as run_id:
             bind(store, request, run_id)
+            note_flower_run(store, run_id, context.run_id)
             log.info("run %d (%s) for %s recorded in %s", run_id, scenario.name, signer.label(), store.safe_url)
             run_federation(grid, scenario, store, run_id, env.artifacts_dir().resolve(),
                            coordinator_key=Path(str(key)) if key else None, request=request)

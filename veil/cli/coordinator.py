@@ -48,6 +48,10 @@ def coordinator_start(
         url = resolve_store_url(store)
         run_store = RunStore(url)  # creates or migrates it now: a bad URL fails before anything listens
         safe = run_store.safe_url
+        from server.lifecycle import close_orphans
+
+        for run_id in close_orphans(run_store):  # an earlier coordinator's runs whose process is gone
+            typer.echo(f"run {run_id} was left running by a process that has ended: recorded as failed")
         run_store.close()
         if coordinator_key is not None:
             from privacy.ckks import CoordinatorContext

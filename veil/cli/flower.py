@@ -25,7 +25,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from server.admission import REFUSED_LOG
-from veil.errors import DeployError
+from server.lifecycle import RUN_END_MARK
+from veil.errors import BudgetRefusedError, DeployError, RunFailedError
 from veil.exits import ExitCode
 from veil.processes import bin_path, flower_exe
 
@@ -114,11 +115,14 @@ def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], N
         if timer is not None:
             timer.start()
         refused = crashed = False
+        ended: str | None = None
         try:
             for line in proc.stdout:
                 on_line(line.rstrip("\n"))
                 refused = refused or REFUSED_LOG in line
                 crashed = crashed or SERVERAPP_CRASHED in line
+                if RUN_END_MARK in line:
+                    ended = line.split(RUN_END_MARK, 1)[1].strip()
         finally:
             if timer is not None:
                 timer.cancel()
@@ -128,6 +132,10 @@ def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], N
                               "(see `veil runs`)")
     if refused:  # `flwr run --stream` exits 0 even when the ServerApp fails: read what it said
         return int(ExitCode.REQUEST_REFUSED)
+    if ended is not None:  # "run 7 failed: <first reason>"
+        status = ended.split()[2].rstrip(":") if len(ended.split()) > 2 else ""
+        if status in ("failed", "refused"):
+            raise (RunFailedError if status == "failed" else BudgetRefusedError)(ended)
     if crashed and code == 0:
         return int(ExitCode.ERROR)
     return code

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from veil.cli.common import StoreOpt, echo_summary, errors, quiet_third_parties
-from veil.errors import BudgetRefusedError
+from veil.errors import BudgetRefusedError, RunFailedError
 
 
 def simulate(
@@ -30,6 +30,9 @@ def simulate(
 ) -> None:
     """Run a simulated private federation and record it in the run store."""
     from veil import logs
+    from veil.processes import start_reaper
+
+    start_reaper()  # first: whatever ends this process, Ray's processes end with it
     from veil.spec import load_scenario
 
     logs.configure()
@@ -43,13 +46,15 @@ def simulate(
             spec = spec.with_overrides(**{"federation.min_sites": spec.federation.sites})
         from server.read.summary import load_summary
         from server.store import RunStore
+        from simulations.simulate import check_runnable
         from simulations.simulate import simulate as run_sim
 
+        check_runnable(spec, ledger_dir, artifacts_dir)  # a scenario that cannot run writes nothing
         run_store = RunStore(store)
         try:
             result = run_sim(spec, run_store, artifacts_dir, progress=output == "text",
                              ledger_dir=ledger_dir)
-        except BudgetRefusedError as err:  # show what the sites said, then fail
+        except (BudgetRefusedError, RunFailedError) as err:  # show what the sites said, then fail
             if err.run_id is not None:
                 echo_summary(load_summary(run_store, err.run_id), output, run_store.safe_url)
             raise
