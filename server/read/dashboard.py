@@ -3,21 +3,43 @@
 Every function answers from a few indexed, set-based queries (never one query per round or
 per site), so a store with 100 runs x 100 rounds x 100 sites answers in about a second
 (``benchmarks/dashboard.py``). Encrypted evaluation metrics stay ``None`` with
-``encrypted=True`` unless a key is given.
+``encrypted=True`` unless a key is given. Stored values are checked as ``server.read.summary``
+checks them (``server.read.stored``): a bad one is ``None`` with its reason in ``problems``.
+Exports keep the stored values exactly, as valid JSON, CSV or Parquet.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Integer, and_, case, cast, func, not_, or_, select
 from sqlalchemy.engine import make_url
 
-from server.read.summary import RunSummary, iso_utc, load_summary, natural_key
+from privacy.accounting import ACCOUNTANTS
+from server.read.stored import (
+    SIGMA_MAX,
+    SIGMA_MIN,
+    STEPS_MAX,
+    Checker,
+    accuracy,
+    check_event,
+    json_safe,
+    nonneg,
+    text,
+)
+from server.read.summary import (
+    RUN_MODES,
+    RunSummary,
+    SiteMechanism,
+    iso_utc,
+    load_summary,
+    natural_key,
+    site_epsilons,
+)
 from server.store import RunStore
 from server.store import schema as S
 from server.store.store import resolve_store_url
@@ -59,30 +81,38 @@ RUN_STATUSES = ("running", "completed", "failed", "refused", "stopped")
 def accountant_versions(store: RunStore, run_id: int) -> dict[str, str]:
     """{accountant: the library version the sites ran} for a run's privacy events."""
     with store.session() as s:
-        return {acc: ver for acc, ver in s.execute(
+        return {text(acc): text(ver) for acc, ver in s.execute(
             select(S.PrivacyEvent.accountant, S.PrivacyEvent.accountant_version)
             .where(S.PrivacyEvent.run_id == run_id).distinct())}
 
 
-@dataclass(frozen=True)
-class SiteMechanism:
-    """A site's DP-SGD mechanism over one run: the worst case of each knob, and total steps."""
-
-    max_sample_rate: float
-    min_noise_multiplier: float
-    steps: int
-    max_grad_norm: float
-
-
 def site_mechanisms(store: RunStore, run_id: int) -> dict[str, SiteMechanism]:
-    """{site: its mechanism} over the run's privacy events."""
-    with store.session() as s:
-        return {key: SiteMechanism(q, sigma, int(steps), c) for key, q, sigma, steps, c in s.execute(
-            select(S.Site.site_key, func.max(S.PrivacyEvent.sample_rate),
-                   func.min(S.PrivacyEvent.noise_multiplier),
-                   func.sum(S.PrivacyEvent.steps), func.max(S.PrivacyEvent.max_grad_norm))
-            .join(S.Site, S.Site.id == S.PrivacyEvent.site_id)
-            .where(S.PrivacyEvent.run_id == run_id).group_by(S.Site.site_key))}
+    """{site: its mechanism} over the run's privacy events (sites whose events pass their checks)."""
+    return {e.site: e.mechanism for e in site_epsilons(store, run_id) if e.mechanism is not None}
+
+
+FLOAT_MAX = 1.7e308  # a stored float above this is +inf (SQLite) or NaN (PostgreSQL sorts NaN last)
+
+
+def _outside(column: Any, low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Any:
+    """SQL: ``column`` is NULL, not a number in [low, high] (text in SQLite sorts above numbers), or NaN;
+    ``open_low``/``open_high`` leave that end out of the range."""
+    above_low = column > low if open_low else column >= low
+    below_high = column < high if open_high else column <= high
+    return or_(column.is_(None), not_(and_(above_low, below_high)))
+
+
+def bad_events() -> Any:
+    """SQL: a privacy event that fails ``server.read.stored.check_event`` or has a bad reported ε."""
+    PE = S.PrivacyEvent
+    return or_(
+        _outside(PE.noise_multiplier, SIGMA_MIN, SIGMA_MAX), _outside(PE.sample_rate, 0.0, 1.0, open_low=True),
+        _outside(PE.steps, 0, STEPS_MAX), PE.steps != cast(PE.steps, Integer),
+        _outside(PE.max_grad_norm, 0.0, FLOAT_MAX, open_low=True),
+        _outside(PE.delta, 0.0, 1.0, open_low=True, open_high=True),
+        PE.accountant.is_(None), PE.accountant.not_in(ACCOUNTANTS),
+        _outside(PE.reported_epsilon, 0.0, FLOAT_MAX),
+    )
 
 
 # -- veil runs --------------------------------------------------------------------------------
@@ -105,6 +135,7 @@ class RunListRow:
     wall_seconds: float | None
     bytes_moved: int
     noise_seeded: bool = False  # some site's DP noise was reproducible from the seed: not private
+    problems: dict[str, str] = field(default_factory=dict)
 
 
 def parse_when(text: str, *, end: bool = False) -> datetime:
@@ -139,7 +170,7 @@ def list_runs(store: RunStore, *, status: str | None = None, name: str | None = 
         ids = [r.id for r in runs]
         if not ids:
             return []
-        rounds = {rid: (done, moved or 0) for rid, done, moved in s.execute(
+        rounds: dict[int, tuple[object, object]] = {rid: (done, moved or 0) for rid, done, moved in s.execute(
             select(S.Round.run_id, func.count().filter(S.Round.status == "completed"),
                    func.sum(S.Round.bytes_down + S.Round.bytes_up))
             .where(S.Round.run_id.in_(ids)).group_by(S.Round.run_id))}
@@ -149,7 +180,7 @@ def list_runs(store: RunStore, *, status: str | None = None, name: str | None = 
         aggregate = (S.Metric.run_id.in_(ids), S.Metric.site_id.is_(None))
         last = (select(S.Metric.run_id, func.max(S.Metric.round_number).label("rn"))
                 .where(*aggregate, S.Metric.name == P.EVAL_ACC).group_by(S.Metric.run_id).subquery())
-        accuracy = dict(s.execute(
+        accuracy_ = dict(s.execute(
             select(S.Metric.run_id, S.Metric.value).join(
                 last, (last.c.run_id == S.Metric.run_id) & (last.c.rn == S.Metric.round_number))
             .where(*aggregate, S.Metric.name == P.EVAL_ACC)).all())
@@ -158,15 +189,33 @@ def list_runs(store: RunStore, *, status: str | None = None, name: str | None = 
             .where(*aggregate, S.Metric.name == P.EPSILON).group_by(S.Metric.run_id)).all())
         encrypted = set(s.scalars(select(S.EncryptedMetric.run_id).where(
             S.EncryptedMetric.run_id.in_(ids)).distinct()))
-        seeded = set(s.scalars(select(S.PrivacyEvent.run_id).where(
-            S.PrivacyEvent.run_id.in_(ids), S.PrivacyEvent.rng == "seeded").distinct()))
-    return [
-        RunListRow(r.id, r.name, r.status, r.mode, iso_utc(r.created_at), rounds.get(r.id, (0, 0))[0],
-                   r.num_rounds, int(trained.get(r.id, 0)), r.num_sites, accuracy.get(r.id),
-                   r.id in encrypted and r.id not in accuracy, max_eps.get(r.id), r.wall_seconds,
-                   int(rounds.get(r.id, (0, 0))[1]), r.id in seeded)
-        for r in runs
-    ]
+        PE = S.PrivacyEvent
+        flags = {rid: (bool(seeded), bool(bad)) for rid, seeded, bad in s.execute(
+            select(PE.run_id, func.max(case((PE.rng == "seeded", 1), else_=0)),
+                   func.max(case((bad_events(), 1), else_=0)))
+            .where(PE.run_id.in_(ids)).group_by(PE.run_id))}
+    return [_list_row(r, rounds.get(r.id, (0, 0)), trained.get(r.id, 0), accuracy_.get(r.id),
+                      r.id in encrypted and r.id not in accuracy_, max_eps.get(r.id),
+                      *flags.get(r.id, (False, False)))
+            for r in runs]
+
+
+def _list_row(r: S.Run, rounds: tuple[object, object], trained: object, acc: object, encrypted: bool,
+              max_eps: object, seeded: bool, bad: bool) -> RunListRow:
+    check = Checker()
+    max_epsilon = nonneg(check, "max_epsilon", max_eps)
+    if bad:
+        max_epsilon = None
+        check.problems["max_epsilon"] = (f"some stored privacy events fail the read-side checks: `veil runs show "
+                                         f"{r.id}` names them")
+    return RunListRow(
+        r.id, text(r.name), check.status("status", r.status, RUN_STATUSES),
+        check.status("mode", r.mode, RUN_MODES),
+        iso_utc(r.created_at), check.count("rounds_completed", rounds[0]),
+        check.count("rounds_planned", r.num_rounds), check.count("sites_trained", trained),
+        check.count("sites_planned", r.num_sites), accuracy(check, "accuracy", acc), encrypted, max_epsilon,
+        nonneg(check, "wall_seconds", r.wall_seconds), check.count("bytes_moved", rounds[1]), seeded,
+        problems=check.problems)
 
 
 # -- veil compare -----------------------------------------------------------------------------
@@ -192,6 +241,7 @@ class CompareRow:
     wall_seconds: float | None
     bytes_moved: int
     examples: int
+    problems: dict[str, str] = field(default_factory=dict)  # measures whose stored inputs failed a check
 
 
 def compare_row(summary: RunSummary) -> CompareRow:
@@ -202,16 +252,27 @@ def compare_row(summary: RunSummary) -> CompareRow:
     accountants = {site.accountant for site in trained if site.accountant}
     sigmas = [site.noise_multiplier for site in trained if site.noise_multiplier]
     enc = summary.encryption
+    problems = {name: why for name, why in summary.problems.items() if name in ("status", "wall_seconds")}
+    for name in ("accuracy", "loss"):
+        if final and name in final.problems:
+            problems[f"final_{name}"] = f"round {final.number}: {final.problems[name]}"
+    for site in trained:
+        for name, target in (("epsilon", "max_epsilon"), ("noise_multiplier", "mean_noise"),
+                             ("accountant", "accountant"), ("delta", "delta")):
+            if name in site.problems:
+                problems.setdefault(target, f"site {site.site}: {site.problems[name]}")
+    if summary.epsilon_invalid:
+        problems.setdefault("max_epsilon", "some site's stored privacy events fail their checks")
     return CompareRow(
         summary.run_id, summary.name, summary.status,
         sum(1 for r in summary.rounds if r.status == "completed"), summary.planned_rounds,
         len(trained), summary.planned_sites,
         final.accuracy if final else None, final.loss if final else None,
-        bool(final and final.encrypted and final.accuracy is None), summary.max_epsilon,
-        max(deltas) if deltas else None, ",".join(sorted(accountants)) or None,
-        sum(sigmas) / len(sigmas) if sigmas else None,
+        bool(final and final.encrypted and final.accuracy is None and "accuracy" not in final.problems),
+        summary.max_epsilon, max(deltas) if deltas else None, ",".join(sorted(accountants)) or None,
+        None if "mean_noise" in problems else sum(sigmas) / len(sigmas) if sigmas else None,
         (f"ckks {'+'.join(k for k in ('aggregation', 'evaluation') if enc.get(k) == 'ckks')}" if enc else None),
-        summary.wall_seconds, summary.bytes_moved, summary.examples,
+        summary.wall_seconds, summary.bytes_moved, summary.examples, problems,
     )
 
 
@@ -231,6 +292,12 @@ class MetricSeries:
     # each site's run ε after each round, as the site's own accountant reported it (None: did not train)
     epsilon_by_site: dict[str, list[float | None]]
     epsilon_cap: float | None = None
+    # {"<what>, round <n>": why}, what being accuracy, loss, train-loss, max ε or "ε <site>"
+    problems: dict[str, str] = field(default_factory=dict)
+
+    def problem(self, what: str, round_number: int) -> str | None:
+        """Why the stored value of ``what`` in that round was not used, or None."""
+        return self.problems.get(f"{what}, round {round_number}")
 
     def values(self, metric: str) -> list[float | None]:
         """The per-round values of one of ``SHOWN_METRICS`` (ε: the worst site's)."""
@@ -247,22 +314,39 @@ def metric_series(store: RunStore, run_id: int, key: SecretKey | None = None,
     summary = summary or load_summary(store, run_id, key)
     rounds = [r.number for r in summary.rounds]
     index = {rn: i for i, rn in enumerate(rounds)}
+    problems = {f"{label}, round {r.number}": r.problems[name] for r in summary.rounds
+                for name, label in (("accuracy", "accuracy"), ("loss", "loss"), ("train_loss", "train-loss"))
+                if name in r.problems}
     with store.session() as s:
-        max_eps = dict(s.execute(
-            select(S.Metric.round_number, S.Metric.value).where(
-                S.Metric.run_id == run_id, S.Metric.site_id.is_(None), S.Metric.name == P.EPSILON)).all())
+        max_eps: dict[object, float | None] = {}
+        for rn, value in s.execute(
+                select(S.Metric.round_number, S.Metric.value).where(
+                    S.Metric.run_id == run_id, S.Metric.site_id.is_(None), S.Metric.name == P.EPSILON)):
+            check = Checker()
+            max_eps[rn] = nonneg(check, "max ε", value)
+            if check.problems:
+                problems[f"max ε, round {rn}"] = check.problems["max ε"]
         by_site: dict[str, list[float | None]] = {}
-        for key_, rn, value in s.execute(
-                select(S.Site.site_key, S.PrivacyEvent.round_number, S.PrivacyEvent.reported_epsilon)
-                .join(S.Site, S.Site.id == S.PrivacyEvent.site_id).where(S.PrivacyEvent.run_id == run_id)):
-            if rn in index:
-                by_site.setdefault(key_, [None] * len(rounds))[index[rn]] = value
+        PE = S.PrivacyEvent
+        for key_, rn, value, *mechanism in s.execute(
+                select(S.Site.site_key, PE.round_number, PE.reported_epsilon, PE.noise_multiplier,
+                       PE.sample_rate, PE.steps, PE.max_grad_norm, PE.delta, PE.accountant)
+                .join(S.Site, S.Site.id == PE.site_id).where(PE.run_id == run_id)):
+            site = text(key_)
+            if rn in index:  # an ε reported for a mechanism that fails its checks is not shown either
+                event = check_event(rn, *mechanism)
+                check = Checker()
+                reported = nonneg(check, "ε", value) if not isinstance(event, str) else None
+                by_site.setdefault(site, [None] * len(rounds))[index[rn]] = reported
+                why = event.removeprefix(f"round {rn}: ") if isinstance(event, str) else check.problems.get("ε")
+                if why:
+                    problems[f"ε {site}, round {rn}"] = why
     caps = {site.epsilon_cap for site in summary.sites if site.epsilon_cap is not None}
     return MetricSeries(
         run_id, summary.name, rounds, [r.accuracy for r in summary.rounds], [r.loss for r in summary.rounds],
         [r.train_loss for r in summary.rounds], [r.encrypted for r in summary.rounds],
         [max_eps.get(rn) for rn in rounds], dict(sorted(by_site.items(), key=lambda kv: natural_key(kv[0]))),
-        min(caps) if caps else None,
+        min(caps) if caps else None, problems,
     )
 
 
@@ -271,8 +355,13 @@ EXPORT_TABLES = ("run", "rounds", "sites", "participation", "privacy_events", "m
 
 
 def export_tables(store: RunStore, run_id: int, key: SecretKey | None = None) -> dict[str, list[dict[str, Any]]]:
-    """The run as flat tables (no ciphertexts, no keys): what `veil export` writes."""
+    """The run as flat tables (no ciphertexts, no keys): what `veil export` writes.
+
+    The run, participation, privacy-event and metric tables hold the stored values exactly; the
+    rounds and sites tables are the checked summary, each row's failed checks in ``problems``.
+    """
     summary = load_summary(store, run_id, key)
+    stored = store.get_run(run_id)
     with store.session() as s:
         keys = dict(s.execute(select(S.Site.id, S.Site.site_key).where(S.Site.run_id == run_id)).all())
         participation = [
@@ -297,30 +386,36 @@ def export_tables(store: RunStore, run_id: int, key: SecretKey | None = None) ->
             for m in s.scalars(select(S.Metric).where(S.Metric.run_id == run_id)
                                .order_by(S.Metric.round_number, S.Metric.id))]
     run = {
-        "run_id": summary.run_id, "name": summary.name, "status": summary.status, "mode": summary.mode,
-        "created_at": summary.created_at, "wall_seconds": summary.wall_seconds, "seed": summary.seed,
-        "spec_hash": summary.spec_hash, "code_version": summary.code_version,
-        "rounds_planned": summary.planned_rounds, "sites_planned": summary.planned_sites,
-        "error": summary.error, "spec_json": json.dumps(summary.spec, sort_keys=True),
-        "encryption_json": json.dumps(summary.encryption) if summary.encryption else None,
+        "run_id": summary.run_id, "name": stored.name, "status": stored.status, "mode": stored.mode,
+        "created_at": summary.created_at, "wall_seconds": stored.wall_seconds, "seed": stored.seed,
+        "spec_hash": stored.spec_hash, "code_version": stored.code_version,
+        "rounds_planned": stored.num_rounds, "sites_planned": stored.num_sites,
+        "error": stored.error, "spec_json": stored.spec_json, "encryption_json": stored.encryption_json,
         "decrypted_with": summary.decrypted_with, "noise_rng": summary.noise_rng,
         "privacy_note": summary.privacy_note, "researcher": summary.researcher,
+        "problems": _problems(summary.problems),
     }
     return {
         "run": [run],
-        "rounds": [asdict(r) for r in summary.rounds],
-        "sites": [asdict(site) | {"remaining": site.remaining} for site in summary.sites],
+        "rounds": [asdict(r) | {"problems": _problems(r.problems)} for r in summary.rounds],
+        "sites": [{k: v for k, v in asdict(site).items() if k != "mechanism"}
+                  | {"remaining": site.remaining, "problems": _problems(site.problems)} for site in summary.sites],
         "participation": participation,
         "privacy_events": events,
         "metrics": metrics,
     }
 
 
+def _problems(problems: dict[str, str]) -> str | None:
+    """A row's failed checks as one cell: ``field: why; ...`` (None when there are none)."""
+    return "; ".join(f"{name}: {why}" for name, why in problems.items()) or None
+
+
 def write_export(tables: dict[str, list[dict[str, Any]]], fmt: str, out: Path) -> list[Path]:
     """json: one file; csv and parquet: one file per table in the directory ``out``."""
     if fmt == "json":
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, json.dumps(tables, indent=2, default=str).encode(), mode=0o644)
+        atomic_write(out, export_json(tables).encode(), mode=0o644)
         return [out]
     if out.exists() and not out.is_dir():
         raise VeilError(f"{out} is a file; --out for {fmt} is a directory (one file per table)")
@@ -336,6 +431,11 @@ def write_export(tables: dict[str, list[dict[str, Any]]], fmt: str, out: Path) -
     return written
 
 
+def export_json(tables: dict[str, list[dict[str, Any]]]) -> str:
+    """The tables as valid JSON: NaN and ±inf as the strings "NaN", "Infinity", "-Infinity"."""
+    return json.dumps(json_safe(tables), indent=2, default=str, allow_nan=False)
+
+
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     cols: dict[str, None] = {}
     for row in rows:
@@ -348,7 +448,8 @@ def _csv(rows: list[dict[str, Any]]) -> bytes:
     import io
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\n")
+    # RFC 4180 line ends: a stored value holding \r or \n is then quoted, and stays one field
+    writer = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue().encode()
@@ -361,7 +462,18 @@ def _parquet(rows: list[dict[str, Any]]) -> bytes:
     import pyarrow.parquet as pq
 
     cols = _columns(rows)
-    table = pa.table({c: [r.get(c) for r in rows] for c in cols}) if rows else pa.table({})
+    table = pa.table({c: _arrow_column([r.get(c) for r in rows]) for c in cols}) if rows else pa.table({})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
+
+
+def _arrow_column(values: list[Any]) -> Any:
+    """One Parquet column; a column whose stored values mix types (SQLite allows text in a number
+    column) is written as text, each value as ``str`` and None kept."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())

@@ -21,7 +21,7 @@ def budget(
     output: FormatOpt = "text",
 ) -> None:
     """Per-site privacy spend: lifetime ε spent, cap and remaining at δ, with the accountant."""
-    from veil.cli.render import console, draw_budget, table
+    from veil.cli.render import clean, console, draw_budget, table
 
     with errors():
         if ledger:
@@ -34,11 +34,13 @@ def budget(
                 return
             con = console()
             for path, rep in reports.items():
-                con.print(f"ledger {path} (verified): id {rep.ledger_id}, site {rep.site_id or 'unbound'}, "
-                          f"created {(rep.created_at or '-')[:19]}, {rep.head.seq} entries", markup=False)
+                con.print(f"ledger {clean(path, 300)} (verified): id {clean(rep.ledger_id, 40)}, "
+                          f"site {clean(rep.site_id or 'unbound', 80)}, "
+                          f"created {clean((rep.created_at or '-')[:19])}, {rep.head.seq} entries", markup=False)
                 if rep.predecessor:
-                    con.print(f"  started by its administrator on {(rep.replaced_at or '-')[:19]} to replace lost "
-                              f"ledger {rep.predecessor}: {rep.head.replaced_reason or 'no reason given'}; the "
+                    con.print(f"  started by its administrator on {clean((rep.replaced_at or '-')[:19])} to "
+                              f"replace lost ledger {clean(rep.predecessor, 40)}: "
+                              f"{clean(rep.head.replaced_reason or 'no reason given', 500)}; the "
                               "spend recorded in that ledger is not included below", markup=False)
                 spends = [*rep.datasets, *([rep.whole] if rep.whole and len(rep.datasets) > 1 else [])]
                 con.print(table(

@@ -69,8 +69,11 @@ def summary_json(summary: RunSummary) -> dict[str, Any]:
 
 
 def echo_json(value: Any) -> None:
-    """Print ``value`` as indented JSON (dates and paths as strings)."""
-    typer.echo(json.dumps(value, indent=2, default=str))
+    """Print ``value`` as indented, valid JSON (dates and paths as strings, NaN and ±inf as "NaN",
+    "Infinity", "-Infinity"; control characters in strings escaped by JSON itself)."""
+    from server.read.stored import json_safe
+
+    typer.echo(json.dumps(json_safe(value), indent=2, default=str, allow_nan=False))
 
 
 @contextmanager

@@ -1,10 +1,15 @@
-"""Plots of a run: in the terminal (plotext) and as a PNG (matplotlib, no display needed)."""
+"""Plots of a run: in the terminal (plotext) and as a PNG (matplotlib, no display needed).
+
+Stored names (the run's, each site's) are labels here: they pass through ``clean`` first, and
+for matplotlib every ``$`` is escaped so a name is never parsed as mathtext.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from veil.cli.render import clean
 from veil.names import METRIC_LABELS
 
 if TYPE_CHECKING:
@@ -12,6 +17,13 @@ if TYPE_CHECKING:
 
 LABELS = METRIC_LABELS
 MAX_SITE_LINES = 12  # more sites than this: plot the largest and smallest ε, and the max
+LABEL = 40  # characters of a stored name in a legend
+
+
+def png_label(name: str, limit: int = LABEL) -> str:
+    """A stored name as matplotlib text: cleaned, ``$`` escaped (no mathtext), no leading ``_`` (hidden)."""
+    text = clean(name, limit).replace("$", "\\$")
+    return " " + text if text.startswith("_") else text
 
 
 def _points(rounds: list[int], values: list[float | None]) -> tuple[list[int], list[float]]:
@@ -43,7 +55,7 @@ def terminal_plot(series: MetricSeries, metric: str, *, width: int, height: int,
         for site, values in site_lines(series).items():
             xs, ys = _points(series.rounds, values)
             if xs:
-                plt.plot(xs, ys, label=site, marker="dot")
+                plt.plot(xs, ys, label=clean(site, LABEL), marker="dot")
                 drawn += 1
         if series.epsilon_cap is not None and drawn:
             plt.horizontal_line(series.epsilon_cap)
@@ -54,9 +66,13 @@ def terminal_plot(series: MetricSeries, metric: str, *, width: int, height: int,
             drawn = 1
     if not drawn:
         hidden = metric in ("accuracy", "loss") and any(series.encrypted)
-        raise ValueError(f"run {series.run_id} has no {LABELS[metric]} to plot"
-                         + ("; it is encrypted: pass --key KEYSET/secret.ckks" if hidden else ""))
-    plt.title(f"run {series.run_id} ({series.name}): {LABELS[metric]}")
+        what = "ε" if metric == "epsilon" else metric
+        invalid = any(key.startswith(what) for key in series.problems)
+        raise ValueError(f"run {series.run_id} has no {'valid ' if invalid else ''}{LABELS[metric]} to plot"
+                         + ("; it is encrypted: pass --key KEYSET/secret.ckks" if hidden else "")
+                         + (f"; its stored values fail their checks: veil metrics {series.run_id} names them"
+                            if invalid else ""))
+    plt.title(f"run {series.run_id} ({clean(series.name, 80)}): {LABELS[metric]}")
     plt.xlabel("round")
     plt.xticks(series.rounds if len(series.rounds) <= 20 else None)
     return str(plt.build())
@@ -92,7 +108,7 @@ def png(series: MetricSeries, path: Path) -> list[str]:
     for site, values in lines.items():
         xs, ys = _points(series.rounds, values)
         if xs:
-            ax.plot(xs, ys, marker=".", linewidth=1, label=site)
+            ax.plot(xs, ys, marker=".", linewidth=1, label=png_label(site))
     if series.epsilon_cap is not None:
         ax.axhline(series.epsilon_cap, color="tab:red", linestyle="--", linewidth=1,
                    label="lifetime ε cap (ledger)")
@@ -105,7 +121,7 @@ def png(series: MetricSeries, path: Path) -> list[str]:
         ax.grid(alpha=0.3)
         if series.rounds and len(series.rounds) <= 20:
             ax.set_xticks(series.rounds)
-    fig.suptitle(f"run {series.run_id} ({series.name})")
+    fig.suptitle(f"run {series.run_id} ({png_label(series.name, 80)})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -4,22 +4,44 @@ Everything in it is read from the run store; ε is recomputed there from the sto
 Labels are exact: the guarantee is sample-level (ε, δ)-DP per site from DP-SGD; evaluation
 metrics, example counts and train loss are *not* differentially private, and the report
 says so.
+
+Stored strings are made safe twice: ``clean`` (no control characters, bounded length) and then
+escaped for the format: Markdown punctuation in paragraphs and table cells, HTML entities in the
+page. A stored value that failed its check is written as "invalid" and listed with its reason.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from privacy.accounting import DESCRIPTIONS
-from veil.cli.render import eps, fmt, mb
+from privacy.accounting import ACCOUNTANTS, DESCRIPTIONS
+from veil.cli.render import CELL, INVALID, LINE, checked, clean, eps, exp, fmt, mb
 
 if TYPE_CHECKING:
-    from server.read.dashboard import MetricSeries, SiteMechanism
-    from server.read.summary import RunSummary, SiteRow
+    from server.read.dashboard import MetricSeries
+    from server.read.summary import RunSummary, SiteMechanism, SiteRow
+
+# what can start emphasis, code, a link, raw HTML, a table cell or an entity mid-line (values
+# never start a line, so block markers like "#", "-" and "1." need no escape)
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&$])")
+TABLE_CELL = 200
+_CODE_SAFE = re.compile(r"[A-Za-z0-9._:/+@=-]{1,80}")
+
+
+def md(value: object, limit: int = CELL) -> str:
+    """A stored value for Markdown text: cleaned, then every Markdown punctuation mark escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", clean(value, limit))
+
+
+def code(value: object) -> str:
+    """A stored identifier as inline code when it is plainly one, else as escaped text."""
+    shown = str(value)
+    return f"`{shown}`" if _CODE_SAFE.fullmatch(shown) else md(value)
 
 @dataclass
 class Block:
@@ -32,52 +54,73 @@ class Block:
     rows: list[list[str]] | None = None
 
 
-def _mechanism_cells(m: SiteMechanism | None) -> list[str]:
+def _mechanism_cells(m: SiteMechanism | None, invalid: bool) -> list[str]:
     """σ, q, steps, C of a site's mechanism as table cells ("-" for a site that never trained)."""
+    if invalid:
+        return [INVALID] * 4
     if m is None:
         return [fmt(None)] * 4
     return [fmt(m.min_noise_multiplier), fmt(m.max_sample_rate, 4), fmt(m.steps), fmt(m.max_grad_norm, 2)]
 
 
+def _site_cells(site: SiteRow, mechanism: SiteMechanism | None) -> list[str]:
+    bad = site.problems
+    return [site.site, checked(bad, "num_train", str(site.num_train or 0)), str(site.rounds_joined),
+            *_mechanism_cells(mechanism, "epsilon" in bad),
+            checked(bad, "epsilon", eps(site.epsilon)), checked(bad, "delta", exp(site.delta)),
+            checked(bad, "lifetime_epsilon", eps(site.lifetime_epsilon)),
+            checked(bad, "epsilon_cap", f"{site.epsilon_cap:g}" if site.epsilon_cap is not None else "none"),
+            INVALID if {"epsilon_cap", "lifetime_epsilon"} & set(bad) else eps(site.remaining)]
+
+
+def _v(table: dict[str, Any], key: str) -> str:
+    """A spec value for the report's text: escaped, short, ``?`` when missing."""
+    return md(table.get(key, "?"), 40)
+
+
 def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str],
           mechanisms: dict[str, SiteMechanism]) -> list[Block]:
     """The report's blocks for one run: what was trained, the DP mechanism and ε per site, encryption, caveats."""
+    from server.read.summary import section
+
     s, spec = summary, summary.spec
-    data, train, priv = (spec.get(k, {}) for k in ("data", "training", "privacy"))
+    data, train, priv = (section(spec, k) for k in ("data", "training", "privacy"))
     trained = [site for site in s.sites if site.rounds_joined > 0]
     final = s.final
-    blocks = [Block("h1", f"Privacy report: run {s.run_id} ({s.name})")]
-    blocks.append(Block("p", f"Status **{s.status}**; {s.mode}; created {s.created_at} (UTC); seed {s.seed}; "
-                             f"spec sha256 `{s.spec_hash}`; Veil {s.code_version}; requested by "
-                             f"{s.researcher or 'nobody recorded'}."))
+    status = f"invalid ({md(s.status, 24)})" if "status" in s.problems else md(s.status, 24)
+    blocks = [Block("h1", f"Privacy report: run {s.run_id} ({md(s.name)})")]
+    blocks.append(Block("p", f"Status **{status}**; {md(s.mode, 24)}; created {s.created_at} (UTC); "
+                             f"seed {s.seed}; spec sha256 {code(s.spec_hash)}; Veil {md(s.code_version, 64)}; "
+                             f"requested by {md(s.researcher) if s.researcher else 'nobody recorded'}."))
     if s.error:
-        blocks.append(Block("p", f"Error recorded: {s.error}"))
+        blocks.append(Block("p", f"Error recorded: {md(s.error, LINE)}"))
 
     blocks.append(Block("h2", "What was trained"))
-    acc = ("encrypted (decrypt with `--key`)" if final and final.encrypted and final.accuracy is None
+    acc = (INVALID if final and "accuracy" in final.problems
+           else "encrypted (decrypt with `--key`)" if final and final.encrypted and final.accuracy is None
            else fmt(final.accuracy, 4) if final else "none")
     data_line = (
         "data: each site's own records (a deployed federation; the data never left the sites)."
         if s.mode == "deployment" else
-        f"data: `{data.get('source', '?')}` split across sites by `{data.get('partitioner', '?')}`, each "
-        f"site holding out {data.get('test_fraction', '?')} of its records for evaluation.")
+        f"data: {code(data.get('source', '?'))} split across sites by {code(data.get('partitioner', '?'))}, "
+        f"each site holding out {_v(data, 'test_fraction')} of its records for evaluation.")
     blocks.append(Block("list", items=[
-        f"Model: `{spec.get('model', {}).get('arch', '?')}`; {data_line}",
+        f"Model: {code(section(spec, 'model').get('arch', '?'))}; {data_line}",
         f"Sites: {len(trained)} trained of {s.planned_sites} planned; rounds: "
         f"{sum(1 for r in s.rounds if r.status == 'completed')} completed of {s.planned_rounds} planned.",
-        f"Local training: {train.get('local_epochs', '?')} epoch(s) per round, expected batch "
-        f"{train.get('batch_size', '?')}, SGD learning rate {train.get('learning_rate', '?')}.",
+        f"Local training: {_v(train, 'local_epochs')} epoch(s) per round, expected batch "
+        f"{_v(train, 'batch_size')}, SGD learning rate {_v(train, 'learning_rate')}.",
         f"Final evaluation accuracy: {acc}; examples trained: {s.examples}; bytes moved: {mb(s.bytes_moved)}; "
-        f"wall time {s.wall_seconds or 0:.1f}s.",
+        f"wall time {checked(s.problems, 'wall_seconds', f'{s.wall_seconds or 0:.1f}s')}.",
     ]))
     blocks.append(Block("image", text=png_name))
 
     blocks.append(Block("h2", "The privacy mechanism"))
-    target = (f"calibrated per site so that its ε over all planned rounds is at most {priv.get('target_epsilon')}"
-              if priv.get("noise_multiplier") is None else f"fixed at {priv.get('noise_multiplier')}")
+    target = (f"calibrated per site so that its ε over all planned rounds is at most {_v(priv, 'target_epsilon')}"
+              if priv.get("noise_multiplier") is None else f"fixed at {_v(priv, 'noise_multiplier')}")
     blocks.append(Block("p",
         "Each site trained with **DP-SGD** (Opacus): every example's gradient is clipped to L2 norm "
-        f"C = {priv.get('max_grad_norm', '?')}, Gaussian noise of standard deviation σ·C is added to each "
+        f"C = {_v(priv, 'max_grad_norm')}, Gaussian noise of standard deviation σ·C is added to each "
         "batch's sum of clipped gradients, and batches are drawn by **Poisson sampling** (each record joins "
         f"each step independently with probability q). The noise multiplier σ was {target}. Each site "
         "recorded the mechanism it actually ran (σ, q, steps, C, δ) before its update left it, and ε below "
@@ -89,41 +132,42 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
                                  "can recompute the noise and remove it, so the ε below protects no one."))
     elif s.noise_rng:
         blocks.append(Block("p", f"Randomness: {s.privacy_note}; the seeds never left the sites."))
-    used = sorted({site.accountant for site in trained if site.accountant})
+    used = sorted({site.accountant for site in trained if site.accountant in ACCOUNTANTS})
     blocks.append(Block("list", items=[
-        f"Accountant `{a}`: {DESCRIPTIONS.get(a, a)}; version {accountant_versions.get(a, 'not recorded')}."
+        f"Accountant `{a}`: {DESCRIPTIONS[a]}; version {md(accountant_versions.get(a, 'not recorded'), 64)}."
         for a in used] or ["No site trained, so no privacy was spent in this run."]))
     blocks.append(Block("table", header=[
         "site", "train records", "rounds", "noise σ", "sampling q", "steps", "C", "run ε", "δ",
         "lifetime ε (ledger)", "cap", "remaining"],
-        rows=[[site.site, str(site.num_train or 0), str(site.rounds_joined),
-               *_mechanism_cells(mechanisms.get(site.site)),
-               eps(site.epsilon), f"{site.delta:.0e}" if site.delta else "-", eps(site.lifetime_epsilon),
-               f"{site.epsilon_cap:g}" if site.epsilon_cap is not None else "none", eps(site.remaining)]
-              for site in s.sites]))
-    if s.max_epsilon is not None:
+        rows=[_site_cells(site, mechanisms.get(site.site)) for site in s.sites]))
+    if s.epsilon_invalid:
+        blocks.append(Block("p", "Worst-case site: **invalid**. Some site's stored privacy events fail their "
+                                 "checks (listed under *Stored values that failed their checks*), so no ε of "
+                                 "this run can be stated."))
+    elif s.max_epsilon is not None:
         blocks.append(Block("p", f"Worst-case site: **ε = {s.max_epsilon:.3f}** for this run, each site at "
                                  "its own δ. Lifetime ε is what each site's own ledger has composed for its "
                                  "data set across every run it joined."))
     if s.missed:
         blocks.append(Block("h2", "Sites that did not take part"))
         blocks.append(Block("table", header=["site", "where", "status", "reason"], rows=[
-            [m.site, "pre-flight" if m.phase == "preflight" else f"round {m.round} ({m.phase})", m.status,
-             (m.reason or m.code or "-")[:200]] for m in s.missed]))
+            [m.site, "pre-flight" if m.phase == "preflight" else f"round {m.round} ({m.phase})",
+             checked(m.problems, "status", m.status), clean(m.reason or m.code or "-", 200)] for m in s.missed]))
 
     blocks.append(Block("h2", "Encryption"))
     if s.encryption:
-        e, p = s.encryption, s.encryption["params"]
+        e = s.encryption
+        params = e.get("params")
+        p: dict[str, Any] = params if isinstance(params, dict) else {}
         on = " and ".join(k for k in ("aggregation", "evaluation") if e.get(k) == "ckks")
         blocks.append(Block("p",
-            f"CKKS (TenSEAL) on {on}: key set `{e['key_id']}`, ring degree N = {p['poly_modulus_degree']}, "
-            f"moduli {p['coeff_mod_bit_sizes']} bits, scale 2^{p['scale_bits']}, released values rounded to "
-            f"2^-{p['release_bits']} after noise flooding. The coordinator held the parameters only, never "
-            "a secret key, and only added ciphertexts."))
+            f"CKKS (TenSEAL) on {on}: key set {code(e.get('key_id', '?'))}, ring degree N = "
+            f"{_v(p, 'poly_modulus_degree')}, moduli {_v(p, 'coeff_mod_bit_sizes')} bits, scale "
+            f"2^{_v(p, 'scale_bits')}, released values rounded to 2^-{_v(p, 'release_bits')} after noise "
+            "flooding. The coordinator held the parameters only, never a secret key, and only added ciphertexts."))
     else:
         blocks.append(Block("p", "None: the coordinator saw each site's DP-SGD model update and evaluation "
                                  "metrics in plaintext."))
-
     blocks.append(Block("h2", "What this guarantee does and does not cover"))
     caveats = [
         "ε is **sample-level** differential privacy for each site's training records: it bounds what the "
@@ -146,6 +190,12 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
         caveats.append("CKKS release noise is a mitigation against known key-recovery attacks on "
                        "decryptions, not a differential-privacy mechanism, and is not counted in ε.")
     blocks.append(Block("list", items=caveats))
+    if s.warnings:
+        blocks.append(Block("h2", "Stored values that failed their checks"))
+        blocks.append(Block("p", "These values in the run store are outside what Veil writes (an older "
+                                 "version, a hand-edited database or another tool); they are shown above as "
+                                 "*invalid* and were not used."))
+        blocks.append(Block("list", items=[md(w, LINE) for w in s.warnings]))
     return blocks
 
 
@@ -176,19 +226,26 @@ def to_markdown(blocks: list[Block]) -> str:
         elif b.kind == "table":
             header = b.header or []
             out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            out += ["| " + " | ".join(row) + " |" for row in b.rows or []] + [""]
+            out += ["| " + " | ".join(md(c, TABLE_CELL) for c in row) + " |" for row in b.rows or []] + [""]
         elif b.kind == "image":
             out += [f"![accuracy, loss and ε per site per round]({b.text})", ""]
     return "\n".join(out)
 
 
 def _inline(text: str) -> str:
-    """Markdown's **bold** and `code` as HTML, after escaping."""
-    import re
+    """Markdown's **bold**, *emphasis*, `code` and backslash escapes as HTML, after escaping."""
+    kept: list[str] = []
 
-    t = html.escape(text)
+    def keep(match: re.Match[str]) -> str:
+        kept.append(match.group(1))
+        return f"\x00{len(kept) - 1}\x00"  # clean() leaves no NUL in the text, so this marks only ours
+
+    t = re.sub(r"\\(.)", keep, text)
+    t = html.escape(t)
     t = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", t)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+    t = re.sub(r"\*(.+?)\*", r"<em>\1</em>", t)
+    t = re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+    return re.sub("\x00(\\d+)\x00", lambda m: html.escape(kept[int(m.group(1))]), t)
 
 
 def to_html(blocks: list[Block], png: bytes) -> str:
@@ -203,7 +260,7 @@ def to_html(blocks: list[Block], png: bytes) -> str:
             body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items or []) + "</ul>")
         elif b.kind == "table":
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header or [])
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(clean(c, TABLE_CELL))}</td>" for c in row) + "</tr>"
                            for row in b.rows or [])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif b.kind == "image":
@@ -212,7 +269,7 @@ def to_html(blocks: list[Block], png: bytes) -> str:
     style = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;line-height:1.45}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:right}"
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
-    title = html.escape(blocks[0].text if blocks else "Veil report")
+    title = html.escape(re.sub(r"\\(.)", r"\1", blocks[0].text) if blocks else "Veil report")
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 

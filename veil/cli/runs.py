@@ -55,6 +55,9 @@ def runs_list(
     with errors():
         run_store = open_store(store)
         require_runs(run_store)
+        from server.lifecycle import close_orphans_quietly
+
+        close_orphans_quietly(run_store)  # runs whose process died are shown as what they are: failed
         rows = list_runs(run_store, status=status, name=name, since=start, until=end, limit=limit)
     if output == "json":
         echo_json([asdict(r) for r in rows])
@@ -151,14 +154,15 @@ def report(
 ) -> None:
     """A self-contained privacy report: what was trained, the DP mechanism and accountant, ε/δ per site,
     encryption parameters and plain-language caveats."""
-    from server.read.dashboard import accountant_versions, metric_series, site_mechanisms
+    from server.read.dashboard import accountant_versions, metric_series
     from veil.cli.report import write_report
 
     with errors():
         run_store, secret = open_with_key(store, key)
         summary = run_summary(run_store, run, secret)
+        mechanisms = {site.site: site.mechanism for site in summary.sites if site.mechanism is not None}
         written = write_report(summary, metric_series(run_store, run, secret, summary), out,
-                               accountant_versions(run_store, run), site_mechanisms(run_store, run))
+                               accountant_versions(run_store, run), mechanisms)
     for path in written:
         typer.echo(f"wrote {path}")
 
