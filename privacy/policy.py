@@ -14,40 +14,45 @@ one: it only learns, from the site's answers, what the site will and will not do
                                # site's ledger ever charged, whatever data set; dataset: one
                                # per exact data fingerprint (only for truly disjoint data: the
                                # same records re-saved would get a fresh budget)
+
+Types are strict (``"10"`` or ``true`` is not a number) and every float is finite.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from privacy.accounting import AccountantName
 from veil import config
+from veil.config import Text
 from veil.errors import PolicyError
 
 
 class SitePolicy(BaseModel):
     """Limits a site enforces on every task, whatever it is asked: lifetime ε cap, δ, σ, q, encryption."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     epsilon_cap: float | None = Field(
         None, gt=0.0, le=1000.0, description="lifetime ε cap for the data set, at `delta`"
     )
     delta: float | None = Field(
-        None, gt=0.0, lt=1.0, description="δ for the cap; null means min(1e-5, 0.1/n)"
+        None, ge=1e-12, le=0.1, description="δ for the cap, 1e-12..0.1 (a larger δ can leak whole records); "
+        "null means min(1e-5, 0.1/n)"
     )
     accountant: AccountantName = "pld"
     min_noise_multiplier: float = Field(0.0, ge=0.0, le=1e4)
     max_sample_rate: float = Field(1.0, gt=0.0, le=1.0)
     require_encryption: bool = False
     cap_scope: Literal["dataset", "ledger"] = "ledger"
-    trusted_researchers: tuple[str, ...] = Field(
-        (), max_length=256, description="researcher public keys (NAME.pub files or directories of them) whose "
-        "signed runs may spend this site's budget; none: the site refuses every run (simulated sites "
-        "accept their federation's ephemeral key)")
+    trusted_researchers: tuple[Annotated[Text, Field(min_length=1, max_length=4096)], ...] = Field(
+        (), max_length=256, strict=False,
+        description="researcher public keys (NAME.pub files or directories of them) whose signed runs may spend "
+        "this site's budget; none: the site refuses every run (simulated sites accept their federation's "
+        "ephemeral key)")
 
     def delta_for(self, num_records: int) -> float:
         """The δ this site measures its budget at, for a data set of ``num_records``."""

@@ -24,6 +24,7 @@ from server.budget import ParticipationPlan, ask_budgets, check_ledgers, wait_fo
 from server.checkpoints import save_checkpoint, save_encrypted_checkpoint
 from server.checks import Model, aggregate_train_metrics
 from server.lifecycle import end_run, first_failure
+from server.robust import RobustRule
 from server.rounds import ProgressFn, RoundWriter
 from server.store import RunStore
 from server.strategy import RecordingStrategy
@@ -120,6 +121,8 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         inner, writer, plan=plan, cipher=cipher, stream_values=count_parameters(model) + 1,
         encrypted_train=enc.aggregation == "ckks", encrypted_eval=enc.evaluation == "ckks",
         weight_norm=float(public.get(P.ENC_WEIGHT_NORM, 0.0)), rng=task.rng, task=task,
+        robust=RobustRule(scenario.robustness.rule, scenario.robustness.max_update_norm,
+                          scenario.robustness.trim_fraction),
     )
     writer.preflight(standings)
     answered = sum(1 for st in standings.values() if st.status is not None)

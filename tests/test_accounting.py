@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from privacy import DpSgdEvent, calibrate_noise_multiplier, default_delta, epsilon
 from privacy.accounting import ACCOUNTANTS, History, check_accountant, history_epsilon
+from privacy.calibration import SIGMA_MIN
 
 DELTA = 1e-5
 A = DpSgdEvent(1.5, 0.05, 60, 1.0)  # ε ≈ 1.3 at δ = 1e-5
@@ -265,4 +266,4 @@ def test_calibration_never_overshoots(target: float, q: float, steps: int, accou
     assert epsilon([DpSgdEvent(sigma, q, steps, 1.0)], 1e-5, accountant) <= target  # type: ignore[arg-type]
     # and is not wastefully large: 3% less noise would overshoot (or σ is at its floor)
     lower = sigma / 1.03
-    assert lower < 0.01 or epsilon([DpSgdEvent(lower, q, steps, 1.0)], 1e-5, accountant) > target  # type: ignore[arg-type]
+    assert lower < SIGMA_MIN or epsilon([DpSgdEvent(lower, q, steps, 1.0)], 1e-5, accountant) > target  # type: ignore[arg-type]

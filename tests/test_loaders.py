@@ -123,3 +123,60 @@ def test_empty_data_sets_are_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "e.npz", x=np.zeros((0, 3)), y=np.zeros(0, dtype=np.int64))
     with pytest.raises(DataError, match=r"e.npz: the data set is empty"):
         load_site_data(DataSource(format="npz", path=tmp_path / "e.npz"))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", r"d.csv: the file is empty \(not even a header row\)"),
+        ("a,b,y\n1,2,0\n3,4,1\n5,6,7,8\n", r"d.csv: line 4 has 4 fields but the header has 3"),
+        ("a,b,y\n1,2,0\n3,1\n", r"d.csv: line 3 has 2 fields but the header has 3"),
+        ("a,a,y\n1,2,0\n3,4,1\n", r"d.csv: the header names column 'a' 2 times"),
+        ("a,y\ninf,0\n1,1\n", r"d.csv: features have 1 missing or infinite values .* first at record 0"),
+        ("a,y\n1,0\n2,0\n3,0\n", r"d.csv: every record has the label '0'; a classifier needs at least two"),
+        ("a,y\n1,0.5\n2,1\n", r"labels must be classes"),
+        ("a,y\n1,inf\n2,1\n", r"labels must be classes .* infinite"),
+        ("a,y\n1\x1b[2J,0\n2,1\n", r"column 'a' is not numeric .*'1\\x1b\[2J'"),
+    ],
+)
+def test_data_file_mistakes_are_one_line_naming_the_file(tmp_path: Path, text: str, expected: str) -> None:
+    f = _csv(tmp_path / "d.csv", text)
+    with pytest.raises(DataError, match=expected) as info:
+        load_site_data(DataSource(format="csv", path=f, label="y"))
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value) and len(str(info.value)) < 500
+
+
+def test_more_classes_than_any_model_predicts(tmp_path: Path) -> None:
+    f = _csv(tmp_path / "ids.csv", "a,y\n" + "".join(f"1,{i}\n" for i in range(10_001)))
+    with pytest.raises(DataError, match=r"10,001 distinct labels; a model predicts at most 10,000 classes"):
+        load_site_data(DataSource(format="csv", path=f, label="y"))
+
+
+def test_a_non_utf8_label_column_is_named(tmp_path: Path) -> None:
+    f = tmp_path / "d.csv"
+    f.write_bytes("a,y\n1,caf\xe9\n2,th\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"label column 'y' is not UTF-8 text"):
+        load_site_data(DataSource(format="csv", path=f, label="y"))
+
+
+def test_the_source_itself_refuses_contradictions(tmp_path: Path) -> None:
+    f = tmp_path / "d.csv"
+    with pytest.raises(ValidationError, match=r"label column 'y' is also listed in data\.features"):
+        DataSource(format="csv", path=f, label="y", features=["a", "y"])
+    with pytest.raises(ValidationError, match=r"data\.features lists 'a' more than once"):
+        DataSource(format="csv", path=f, label="y", features=["a", "a"])
+    with pytest.raises(ValidationError, match=r"values per image"):
+        DataSource(format="images", path=f, image_size=(1024, 1024), channels=3)
+    for bad in (True, 3.0, "3"):
+        with pytest.raises(ValidationError, match="channels"):
+            DataSource.model_validate({"format": "images", "path": str(f), "channels": bad})
+    with pytest.raises(ValidationError, match=r"label"):
+        DataSource.model_validate({"format": "csv", "path": str(f), "label": "y\x1b[0m"})
+    with pytest.raises(ValidationError, match=r"finite"):
+        DataSource.model_validate({"format": "npz", "path": str(f), "scale": float("inf")})
+
+
+def test_an_npz_with_a_scalar_for_features_is_named(tmp_path: Path) -> None:
+    np.savez(tmp_path / "s.npz", x=np.float32(1.0), y=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"s.npz: features 'x' must hold one row per record"):
+        load_site_data(DataSource(format="npz", path=tmp_path / "s.npz"))

@@ -36,7 +36,6 @@ def simulate(
     from veil.spec import load_scenario
 
     logs.configure()
-    quiet_third_parties(verbose)
     with errors():
         spec = load_scenario(scenario).with_overrides(
             **{"federation.sites": sites, "federation.rounds": rounds, "seed": seed, "device": device,
@@ -44,6 +43,7 @@ def simulate(
         )
         if spec.federation.min_sites > spec.federation.sites:  # after --sites shrinks it
             spec = spec.with_overrides(**{"federation.min_sites": spec.federation.sites})
+        quiet_third_parties(verbose)  # imports Flower and Opacus: after a bad scenario is reported
         from server.read.summary import load_summary
         from server.store import RunStore
         from simulations.simulate import check_runnable
