@@ -24,27 +24,28 @@ SCENARIO = {"name": "loop", "device": "cpu", "federation": {"sites": 3, "rounds"
             "model": {"arch": "mlp"}, "training": {"batch_size": 30}, "privacy": {"noise_multiplier": 1.0}}
 
 
-def _poisoned(handler):  # type: ignore[no-untyped-def]
-    """A site that trains honestly (and pays), then sends NaN weights."""
+def _poisoned(handler, value: float = float("nan")):  # type: ignore[no-untyped-def]
+    """A site that trains honestly (and pays), then sends ``value`` for every weight."""
     def send(msg: Message) -> Message:
         reply = handler(msg)
         if msg.metadata.message_type == "train" and P.ARRAYS in reply.content:
-            bad = {k: torch.full_like(v, float("nan")) for k, v in
+            bad = {k: torch.full_like(v, value) for k, v in
                    reply.content[P.ARRAYS].to_torch_state_dict().items()}  # type: ignore[union-attr]
             reply.content[P.ARRAYS] = ArrayRecord(bad)
         return reply
     return send
 
 
-def _run(tmp_path: Path, poison: set[int]) -> tuple[RunStore, int]:
-    scenario = parse_scenario(SCENARIO)
+def _run(tmp_path: Path, poison: set[int], value: float = float("nan"),
+         **changes: object) -> tuple[RunStore, int]:
+    scenario = parse_scenario({**SCENARIO, **changes})
     drivers = {n: SiteDriver(make_site(tmp_path / f"site-{n}.ledger", site_id=f"site-{n}", seed=n,
                                        researchers=(), accept_ephemeral=True)) for n in (1, 2, 3)}
     handlers = {}
     for n, d in drivers.items():
         def handle(msg: Message, d: SiteDriver = d) -> Message:
             return d.app(msg, d.context)
-        handlers[n] = _poisoned(handle) if n in poison else handle
+        handlers[n] = _poisoned(handle, value) if n in poison else handle
     store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
     run_id = create_run(store, scenario, "simulation")
     run_federation(AppGrid(handlers), scenario, store, run_id, tmp_path / "artifacts",
@@ -75,3 +76,28 @@ def test_no_round_trained_is_a_failed_run_without_a_checkpoint(tmp_path: Path) -
     assert "holds NaN" in (run.error or "")
     with store.session() as s:
         assert s.scalar(select(func.count()).select_from(S.Artifact)) == 0
+
+
+def _final_weights(store: RunStore) -> dict[str, torch.Tensor]:
+    with store.session() as s:
+        uri = s.scalar(select(S.Artifact.uri).where(S.Artifact.kind == "checkpoint"))
+    assert uri is not None
+    return torch.load(Path(uri.removeprefix("file://")), weights_only=True)
+
+
+def test_norm_bounding_keeps_a_large_finite_poison_within_its_bound(tmp_path: Path) -> None:
+    """1e5 everywhere is finite and within the value bound: every check passes it. Without a
+    rule it owns the model; with norm-bound it moves the model by at most its share x bound."""
+    from veil.models import build_model
+
+    start = build_model("mlp", seed=0).state_dict()
+    moved = {}
+    for rule in ("none", "norm-bound"):
+        store, run_id = _run(tmp_path / rule, poison={2}, value=1e5,
+                             robustness={"rule": rule, "max_update_norm": 2.0} if rule != "none" else {})
+        assert store.get_run(run_id).status == "running"  # it trained
+        final = _final_weights(store)
+        moved[rule] = sum(float(((final[k].double() - start[k].double()) ** 2).sum()) for k in start) ** 0.5
+    assert moved["none"] > 1e5  # the poisoner owns the model
+    # 2 rounds; in each every site's update is at most 2.0 long, so the average moves at most 2.0
+    assert moved["norm-bound"] <= 2 * 2.0 + 1e-3
