@@ -27,35 +27,38 @@ from pydantic import BaseModel, ConfigDict, Field
 from client.loaders import DataSource
 from privacy.policy import SitePolicy
 from veil import config
+from veil.config import CleanPath, Text
 from veil.errors import ScenarioError, VeilError
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # "3" is not a number, .inf not a float
 
 
 class CoordinatorSpec(BaseModel):
     """How the SuperNode reaches the coordinator: its address, the federation's CA and this site's node key."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
-    address: str = Field(description="the coordinator's SuperLink as host:port")
-    root_certificates: Path = Field(description="the federation's CA certificate (ca.crt)")
-    node_key: Path = Field(description="this site's SuperNode private key (registered by the coordinator)")
+    address: Text = Field(min_length=1, max_length=255, description="the coordinator's SuperLink as host:port")
+    root_certificates: CleanPath = Field(description="the federation's CA certificate (ca.crt)")
+    node_key: CleanPath = Field(description="this site's SuperNode private key (registered by the coordinator)")
 
 
 class SiteConfig(BaseModel):
     """``site.yaml``. Relative paths are relative to the file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     site_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataSource
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share held out for evaluation")
-    split_seed: int = Field(0, ge=0, description="seed of the train/test split (keep it fixed: the ledger "
-                                                  "fingerprints the training split)")
-    ledger: Path
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the train/test split (keep it fixed: "
+                            "the ledger fingerprints the training split)")
+    ledger: CleanPath
     ledger_id: str | None = Field(
         None, pattern=r"^[0-9a-f]{32}$",
         description="the id of this site's ledger, written here once by `veil site init`; a ledger file "
         "with another id, or none at all, is refused")
-    keys: Path | None = Field(None, description="the key set's secret.ckks, for CKKS runs")
+    keys: CleanPath | None = Field(None, description="the key set's secret.ckks, for CKKS runs")
     policy: SitePolicy = Field(default_factory=SitePolicy)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     coordinator: CoordinatorSpec

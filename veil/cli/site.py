@@ -30,7 +30,12 @@ def site_check(
     else:
         for c in checks:
             typer.echo(f"{'FAIL' if not c.ok else 'warn' if c.warning else 'ok  '} {c.name:<15} {c.detail}")
-    if not all(c.ok for c in checks):
+    failed = [c for c in checks if not c.ok]
+    if failed:  # the last line says what to fix first, whatever the format
+        from veil.config import clean
+
+        more = f" (and {len(failed) - 1} more failed check(s) above)" if len(failed) > 1 else ""
+        typer.echo(f"error: site check failed: {failed[0].name}: {clean(failed[0].detail)}{more}", err=True)
         raise typer.Exit(int(ExitCode.DATA))
 
 
