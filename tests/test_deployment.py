@@ -222,6 +222,8 @@ def test_two_encrypted_dp_rounds_and_a_site_killed_mid_round(federation: Federat
                   for e in s.scalars(select(S.PrivacyEvent))]
         encrypted = s.scalars(select(S.EncryptedMetric.round_number)).all()
     assert run.status == "completed" and run.mode == "deployment" and run.name == "deployed"
+    assert run.flower_run_id and run.flower_run_id.isdigit()  # Flower's own id, beside Veil's
+    assert run.owner_pid and run.heartbeat_at is not None  # the ServerApp process that ran it
     assert json.loads(run.encryption_json or "{}")["aggregation"] == "ckks"
     assert [(r.number, r.status) for r in rounds] == [(1, "completed"), (2, "completed")]
     assert rounds[0].sites_ok == 3 and rounds[1].sites_ok == 2

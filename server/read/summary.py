@@ -151,6 +151,8 @@ class RunSummary:
     # where the sites' DP noise came from: "os-entropy", "seeded" (any site), or None (no events)
     noise_rng: str | None = None
     researcher: str | None = None  # who signed the request that started the run: "name (key id)"
+    flower_run_id: str | None = None  # Flower's own id of the run (`flwr ls`), deployments
+    owner: str | None = None  # the process that ran it: "pid N on HOST"
     problems: dict[str, str] = field(default_factory=dict)  # the run row's own fields
 
     @property
@@ -299,6 +301,8 @@ def _run_fields(run: S.Run) -> tuple[Checker, dict[str, Any]]:
         "planned_sites": check.count("planned_sites", run.num_sites),
         "seed": None if seed is None else int(seed), "spec_hash": text(run.spec_hash),
         "code_version": text(run.code_version), "researcher": researcher,
+        "flower_run_id": opt_text(run.flower_run_id),
+        "owner": f"pid {run.owner_pid} on {text(run.owner_host)}" if run.owner_pid is not None else None,
     }
 
 

@@ -195,6 +195,10 @@ def _spec_lines(s: RunSummary) -> list[str]:
         f"spec {clean(s.spec_hash[:12], 40)}, code {clean(s.code_version, 64)}",
         f"  requested by {who}",
     ]
+    if s.flower_run_id or s.owner:
+        ran = " ".join(part for part in (f"as Flower run {clean(s.flower_run_id, 32)}" if s.flower_run_id else "",
+                                         f"by {clean(s.owner, CELL)}" if s.owner else "") if part)
+        lines.append(f"  ran {ran}")
     if not spec:
         return lines
     target = (f"target ε {v(priv, 'target_epsilon')}" if priv.get("noise_multiplier") is None
