@@ -32,6 +32,19 @@ from veil.names import ParticipationStatus, Phase
 ProgressFn = Callable[[dict[str, float | int | None]], None]
 
 
+def format_progress(info: dict[str, float | int | None]) -> str:
+    """One progress line per round: accuracy and loss (or encrypted), max ε, sites trained, seconds."""
+    parts = [f"round {info['round']}/{info['rounds']}:"]
+    if info["accuracy"] is not None:
+        parts.append(f"accuracy {info['accuracy']:.4f}, loss {info['loss']:.4f},")
+    elif info.get("encrypted"):
+        parts.append("evaluation encrypted,")
+    if info["max_epsilon"] is not None:
+        parts.append(f"max ε {info['max_epsilon']:.3f},")
+    parts.append(f"{info['sites_ok']}/{info['sites_sampled']} sites trained, {info['seconds']:.1f}s")
+    return " ".join(parts)
+
+
 @dataclass
 class RoundLog:
     """What one round has done so far (closed into its ``rounds`` row)."""

@@ -22,6 +22,7 @@ from client.data import load_builtin
 from privacy.requests import ephemeral_request
 from server.coordinator import build_server_app
 from server.lifecycle import first_failure, record_run
+from server.rounds import format_progress
 from server.store import RunStore
 from simulations.federation import SimulatedSites
 from veil.errors import BudgetRefusedError, EncryptionError, RunFailedError, ScenarioError
@@ -38,19 +39,6 @@ class SimulationResult:
     run_id: int
     wall_seconds: float
     rounds: list[dict[str, float | int | None]] = field(default_factory=list)
-
-
-def format_progress(info: dict[str, float | int | None]) -> str:
-    """One progress line per round: accuracy and loss (or encrypted), max ε, sites trained, seconds."""
-    parts = [f"round {info['round']}/{info['rounds']}:"]
-    if info["accuracy"] is not None:
-        parts.append(f"accuracy {info['accuracy']:.4f}, loss {info['loss']:.4f},")
-    elif info.get("encrypted"):
-        parts.append("evaluation encrypted,")
-    if info["max_epsilon"] is not None:
-        parts.append(f"max ε {info['max_epsilon']:.3f},")
-    parts.append(f"{info['sites_ok']}/{info['sites_sampled']} sites trained, {info['seconds']:.1f}s")
-    return " ".join(parts)
 
 
 def backend_config(scenario: Scenario) -> dict[str, object]:

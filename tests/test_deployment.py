@@ -211,6 +211,8 @@ def test_two_encrypted_dp_rounds_and_a_site_killed_mid_round(federation: Federat
     os.killpg(victim.pid, signal.SIGKILL)  # and the daemon
     out, _ = submit.communicate(timeout=420)
     assert submit.returncode == 0, out[-3000:]
+    for number in (1, 2):  # veil run streams each round as veil simulate prints it
+        assert f"round {number}/2: evaluation encrypted, max ε" in out, out[-3000:]
 
     with fed.store.session() as s:
         run = s.scalars(select(S.Run)).one()

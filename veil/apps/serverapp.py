@@ -20,6 +20,7 @@ from privacy.requests import ephemeral_request
 from server.admission import admit, admitted_researchers, bind
 from server.coordinator import run_federation
 from server.lifecycle import note_flower_run, record_run
+from server.rounds import format_progress
 from server.store import RunStore
 from veil import env, logs
 from veil.errors import ScenarioError
@@ -60,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
             note_flower_run(store, run_id, context.run_id)
             log.info("run %d (%s) for %s recorded in %s", run_id, scenario.name, signer.label(), store.safe_url)
             run_federation(grid, scenario, store, run_id, env.artifacts_dir().resolve(),
+                           on_round=lambda info: log.info("%s", format_progress(info)),
                            coordinator_key=Path(str(key)) if key else None, request=request)
     finally:
         store.close()
