@@ -121,6 +121,24 @@ def close_orphans(store: RunStore) -> list[int]:
     return closed
 
 
+def mark_stopped(store: RunStore, run_id: int, reason: str) -> bool:
+    """End a ``running`` run as ``stopped`` with ``reason`` (False when it was not running).
+
+    Recorded before its process is told to stop, so whatever that process does on the way out
+    (``record_run`` keeps a status it did not set) the record says stopped, and why."""
+    with store.session() as s:
+        hit = s.execute(update(S.Run).where(S.Run.id == run_id, S.Run.status == "running")
+                        .values(status="stopped", error=reason[:MAX_ERROR], ended_at=datetime.now(UTC)))
+        if not getattr(hit, "rowcount", 0):
+            return False
+    log.info("%s run %d stopped: %s", RUN_END_MARK, run_id, one_line(reason, 1000))
+    try:
+        derive_site_epsilons(store, run_id)
+    except (ValueError, ArithmeticError, StoreError) as err:
+        log.warning("run %d: could not derive site ε (%s); readers will recompute", run_id, err)
+    return True
+
+
 def close_orphans_quietly(store: RunStore) -> list[int]:
     """``close_orphans`` for read commands: a store that refuses the write is logged, not fatal."""
     try:
@@ -192,7 +210,7 @@ def record_run(store: RunStore, scenario: Scenario, mode: RunMode = "simulation"
             yield run_id
     except BaseException as err:
         if store.get_run(run_id).status == "running":
-            reason = ("interrupted" if isinstance(err, KeyboardInterrupt)
+            reason = ("interrupted" if isinstance(err, KeyboardInterrupt)  # Ctrl-C or SIGTERM
                       else str(err) if isinstance(err, VeilError) else f"{type(err).__name__}: {err}")
             end_run(store, run_id, "failed", reason)
             if isinstance(err, KeyboardInterrupt):

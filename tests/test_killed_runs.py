@@ -211,3 +211,46 @@ def test_ctrl_c_exits_130_within_seconds_and_marks_the_run_failed(tmp_path: Path
         for pid, tok in started.items():
             if _table().get(pid, (0, ""))[1] == tok:
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow  # one real `veil simulate`, stopped mid-round by `veil runs stop`
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to follow the process tree")
+def test_veil_runs_stop_records_stopped_and_ends_the_simulation(tmp_path: Path) -> None:
+    (tmp_path / "small.yaml").write_text("federation: {sites: 2, rounds: 5}\nprivacy: {target_epsilon: 1.0}\n")
+    store = f"sqlite:///{tmp_path}/runs.db"
+    proc = subprocess.Popen(
+        [VEIL, "simulate", str(tmp_path / "small.yaml"), "--store", store, "--ledger-dir",
+         str(tmp_path / "ledgers"), "--artifacts-dir", str(tmp_path / "artifacts")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while _rounds_of(store, proc.pid) == 0 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the simulation ended before a round began"
+        table = _table()
+        started = {pid: table[pid][1] for pid in _below(proc.pid, table)}
+        asked = time.monotonic()
+        stop = subprocess.run([VEIL, "runs", "stop", "1", "--store", store, "--reason", "wrong data set"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0 and "run 1 stopped: wrong data set" in stop.stdout, stop.stderr
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - asked < 30
+        assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated (SIGTERM)"
+        runs = RunStore(store)
+        row = runs.get_run(1)
+        runs.close()
+        assert (row.status, row.error) == ("stopped", "stopped: wrong data set") and row.ended_at is not None
+        again = subprocess.run([VEIL, "runs", "stop", "1", "--store", store], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 1 and "is stopped, not running" in again.stderr
+        deadline = time.monotonic() + 60
+        while (alive := _alive(started)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive, f"processes left behind: {[_cmdline(p)[:120] for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid, tok in started.items():
+            if _table().get(pid, (0, ""))[1] == tok:
+                os.kill(pid, signal.SIGKILL)

@@ -30,6 +30,7 @@ class ExitCode(IntEnum):
     REQUEST_REFUSED = 14
     RUN_FAILED = 15
     INTERRUPTED = 130
+    TERMINATED = 143
 
 
 HELP: dict[ExitCode, str] = {
@@ -55,6 +56,8 @@ HELP: dict[ExitCode, str] = {
     ExitCode.RUN_FAILED: "the run was recorded but failed (e.g. no round had enough usable site replies); the "
                          "message gives the first recorded reason, and `veil runs show RUN` the rest",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C); a run that was recording is marked failed",
+    ExitCode.TERMINATED: "terminated (SIGTERM: `veil runs stop`, docker stop); the run is recorded as stopped "
+                         "when `veil runs stop` asked, otherwise as failed",
 }
 
 

@@ -29,6 +29,38 @@ KeyOpt = Annotated[Path | None, typer.Option("--key", help="a key set's secret.c
 RunArg = Annotated[int, typer.Argument(help="run id (see `veil runs`)")]
 
 
+TERMINATED: list[int] = []  # set when SIGTERM ended the command (veil.cli.main exits 143, not 130)
+
+
+def end_on_signals() -> None:
+    """Ctrl-C and SIGTERM (``veil runs stop``, ``docker stop``, systemd) end the command alike: the
+    run it records is closed, its processes are stopped, it exits within seconds. Flower's and
+    Ray's loggers go quiet first: their threads would print the tracebacks of actors that the
+    same signal is ending."""
+    import signal
+
+    # Ray's driver otherwise installs absl's failure handler for SIGTERM, which replaces this one
+    # and aborts the process (exit -6); read when Ray is imported, so set before that
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+
+    def handler(signum: int, _frame: object) -> None:
+        for name in ("flwr", "ray"):
+            logging.getLogger(name).disabled = True
+        if signum == signal.SIGTERM:
+            TERMINATED.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    try:  # ray.init replaces SIGTERM's handler with sys.exit(15) (ray._private.worker.connect), and the
+        # interpreter's shutdown then waits minutes for Flower's server thread: keep ours
+        import ray._private.utils as ray_utils
+
+        ray_utils.set_sigterm_handler = lambda _handler: None
+    except (ImportError, AttributeError):  # no Ray here (no simulation engine), or Ray changed
+        pass
+
+
 def quiet_third_parties(verbose: bool) -> None:
     """Veil prints its own per-round progress; Flower's round log is shown with --verbose.
 

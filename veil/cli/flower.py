@@ -91,6 +91,20 @@ def register_node(public_key: Path, address: str, ca: Path, name: str | None = N
     return int(answer["node-id"])
 
 
+def stop_flower_run(flower_run_id: str, address: str, ca: Path) -> None:
+    """Ask the SuperLink to stop Flower run ``flower_run_id`` (``flwr stop``), or a DeployError."""
+    with flower_home(address, ca) as env:
+        done = subprocess.run([flower_exe("flwr"), "stop", flower_run_id, CONNECTION, "--format", "json"],
+                              env=env, capture_output=True, text=True, timeout=60, check=False)
+    try:
+        answer = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        answer = {}
+    if not answer.get("success"):
+        why = " ".join(str(answer.get("error-message") or done.stderr or done.stdout).split())[:400]
+        raise DeployError(f"the coordinator at {address} did not stop Flower run {flower_run_id}: {why}")
+
+
 def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], None],
            timeout: float | None = None) -> int:
     """Start the signed run request on the coordinator and stream its log; the `flwr run` exit code."""

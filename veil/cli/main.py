@@ -49,9 +49,12 @@ def main() -> None:
 
 
 def _interrupted() -> None:
+    from veil.cli.common import TERMINATED
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the exit
-    typer.echo("interrupted (Ctrl-C)", err=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    typer.echo("terminated (SIGTERM)" if TERMINATED else "interrupted (Ctrl-C)", err=True)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(int(ExitCode.INTERRUPTED))
+    os._exit(int(ExitCode.TERMINATED if TERMINATED else ExitCode.INTERRUPTED))

@@ -81,6 +81,52 @@ def runs_show(
     echo_summary(summary, output, run_store.safe_url)
 
 
+@app.command("stop")
+def runs_stop(
+    run: RunArg,
+    store: StoreOpt = None,
+    reason: Annotated[str, typer.Option(help="why, recorded with the run")] = "stopped on request",
+    coordinator: Annotated[str | None, typer.Option(
+        help="a deployed run: the SuperLink as HOST:PORT, asked to stop Flower's run")] = None,
+    ca: Annotated[Path, typer.Option(help="the federation's ca.crt (with --coordinator)")] = Path("certs/ca.crt"),
+) -> None:
+    """Stop a running run and record it `stopped` with the reason: a deployed run through Flower
+    (--coordinator), a simulation by signalling its `veil simulate` process on this host."""
+    import os
+    import signal
+
+    from server.lifecycle import mark_stopped
+    from server.read.dashboard import open_store
+    from veil.cli.render import clean
+    from veil.processes import owner_alive
+
+    with errors():
+        run_store = open_store(store)
+        row = run_store.get_run(run)
+        if row.status != "running":
+            raise VeilError(f"run {run} is {clean(row.status, 24)}, not running: nothing to stop")
+        if row.mode == "deployment" and coordinator is None:
+            raise VeilError(f"run {run} is a deployment: add --coordinator HOST:PORT (and --ca) so Flower "
+                            "stops it at the coordinator")
+        if coordinator is not None and not row.flower_run_id:
+            raise VeilError(f"run {run} has no Flower run id recorded; stop it with `flwr stop` and try again")
+        alive = owner_alive(row.owner_host, row.owner_pid, row.owner_token)
+        if coordinator is None and alive is not True:
+            raise VeilError(f"run {run}'s process (pid {row.owner_pid} on {clean(row.owner_host, 80)}) is not "
+                            "running on this machine; `veil runs` closes a run whose process has ended")
+        if not mark_stopped(run_store, run, f"stopped: {reason}"):
+            raise VeilError(f"run {run} ended meanwhile: nothing to stop")
+        if coordinator is not None:
+            from veil.cli.flower import stop_flower_run
+
+            assert row.flower_run_id is not None
+            stop_flower_run(row.flower_run_id, coordinator, ca)
+        else:
+            assert row.owner_pid is not None
+            os.kill(row.owner_pid, signal.SIGTERM)  # veil simulate ends at once; its reaper stops Ray
+    typer.echo(f"run {run} stopped: {reason}")
+
+
 def compare(
     runs: Annotated[list[int], typer.Argument(help="two or more run ids")],
     store: StoreOpt = None,

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from veil.cli.common import StoreOpt, echo_summary, errors, quiet_third_parties
+from veil.cli.common import StoreOpt, echo_summary, end_on_signals, errors, quiet_third_parties
 from veil.errors import BudgetRefusedError, RunFailedError
 
 
@@ -43,7 +43,8 @@ def simulate(
         )
         if spec.federation.min_sites > spec.federation.sites:  # after --sites shrinks it
             spec = spec.with_overrides(**{"federation.min_sites": spec.federation.sites})
-        quiet_third_parties(verbose)  # imports Flower and Opacus: after a bad scenario is reported
+        end_on_signals()  # imports Ray: after a bad scenario is reported
+        quiet_third_parties(verbose)  # imports Flower and Opacus
         from server.read.summary import load_summary
         from server.store import RunStore
         from simulations.simulate import check_runnable
