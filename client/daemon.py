@@ -8,8 +8,10 @@ reach the coordinator (address, the federation CA certificate, this site's node 
 the key is present and private, the ledger is intact, the device is usable, the node key and
 CA certificate are readable. ``start`` runs the same preflight and, only if it passes,
 starts a Flower SuperNode (TLS, node authentication) whose ClientApp resolves this site
-from ``site-config`` in its node config. It logs JSON lines to stdout and stops the
-SuperNode cleanly on SIGTERM or SIGINT.
+from ``site-config`` in its node config, and keeps it in the federation (``client.supervisor``:
+it waits for the coordinator, restarts a SuperNode that is lost, and writes a status file that
+``veil site status`` reads). It logs JSON lines to stdout and stops the SuperNode cleanly on
+SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -204,14 +206,20 @@ def preflight(cfg: SiteConfig) -> list[Check]:
 
 
 def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
-    """The ``flower-supernode`` command line: TLS, node authentication, ``site-config`` in the node config."""
+    """The SuperNode's command line: ``flower-supernode`` (through ``veil.processes.supernode_main``,
+    which exits when Flower gives up) with TLS, node authentication, ``site-config`` in the node
+    config, and no retry limit: Flower retries with backoff until the coordinator answers."""
+    import sys
+
     from veil.processes import flower_exe
 
-    return [flower_exe("flower-supernode"), "--superlink", cfg.coordinator.address,
+    flower_exe("flower-supernode")  # Flower is installed, or a DeployError says how to install it
+    return [sys.executable, "-c", "from veil.processes import supernode_main; supernode_main()",
+            "--superlink", cfg.coordinator.address,
             "--root-certificates", str(cfg.coordinator.root_certificates),
             "--auth-supernode-private-key", str(cfg.coordinator.node_key),
             "--node-config", f'site-config="{config_path.resolve()}"',
-            "--port", str(cfg.runtime_port), "--max-retries", "10"]
+            "--port", str(cfg.runtime_port)]
 
 
 def log_event(event: str, **fields: Any) -> None:
@@ -221,7 +229,10 @@ def log_event(event: str, **fields: Any) -> None:
 
 
 def run_site(config_path: Path) -> int:
-    """Preflight, then run the SuperNode until it exits or we are told to stop; its exit code."""
+    """Preflight, then keep the SuperNode in the federation until SIGTERM/SIGINT (0): it waits
+    for an unreachable coordinator and is restarted when lost (``client.supervisor``). Exits
+    non-zero only on a configuration error: 3 when the preflight fails, ``ExitCode.DEPLOY``
+    when Flower rejects this site's key, certificates or address."""
     cfg = load_site_config(config_path)
     checks = preflight(cfg)
     for c in checks:
@@ -233,12 +244,20 @@ def run_site(config_path: Path) -> int:
         return 3
     import tempfile
 
-    from veil.processes import pinned_path, supervise
+    from client.supervisor import SiteStatus, Supervisor, status_path
+    from veil.processes import pinned_path, start_reaper, this_process
+
+    start_reaper()  # a SIGKILLed daemon takes its SuperNode (own process group) with it
 
     cmd = supernode_command(cfg, config_path)
+    host, pid, token = this_process()
+    status = SiteStatus(site=cfg.site_id, coordinator=cfg.coordinator.address, host=host, pid=pid, pid_token=token)
+    path = status_path(Path(config_path))
+    log_event("status-file", site=cfg.site_id, path=str(path))
     with tempfile.TemporaryDirectory(prefix="veil-site-bin-") as runners:  # this site runs its own Veil only
-        return supervise(cmd, {**os.environ, "PATH": pinned_path(Path(runners))},
-                         lambda event, **kw: log_event(f"supernode-{event}", site=cfg.site_id, **kw))
+        env = {**os.environ, "PATH": pinned_path(Path(runners)), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        return Supervisor(cmd, env, status, path,
+                          lambda event, **kw: log_event(event, site=cfg.site_id, **kw)).run()
 
 
 def site_from_config(path: Path) -> Any:

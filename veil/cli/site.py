@@ -64,3 +64,41 @@ def site_start(
     with errors():
         code = run_site(config)
     raise typer.Exit(code)
+
+
+@app.command("status")
+def site_status(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.yaml")],
+    output: FormatOpt = "text",
+) -> None:
+    """Whether this site's daemon is connected to the coordinator, waiting for it, or down, and the
+    last round it saw (from the status file `veil site start` keeps next to site.yaml). Exits 0 only
+    when connected: usable as a container health check."""
+    from client.supervisor import read_status
+
+    status = read_status(config)
+    if output == "json":
+        echo_json(status)
+    else:
+        from veil.config import clean
+
+        state = str(status.get("state"))
+        typer.echo(f"{clean(str(status.get('site', config)))}: {state}"
+                   + (f" since {clean(str(status['since']))}" if status.get("since") and state != "down" else ""))
+        if status.get("reason"):
+            typer.echo(f"  {clean(str(status['reason']))}")
+        if status.get("coordinator"):
+            node = f", node {status['node_id']}" if status.get("node_id") is not None else ""
+            typer.echo(f"  coordinator {clean(str(status['coordinator']))}{node}; "
+                       f"SuperNode restarts: {status.get('restarts', 0)}")
+        last = status.get("last_message")
+        if isinstance(last, dict):
+            typer.echo(f"  last message: run {last.get('run')}, round {last.get('round')}, {last.get('type')}, "
+                       f"received {last.get('received')}, replied {last.get('replied') or 'not yet'}")
+        if status.get("last_error"):
+            typer.echo(f"  last error: {clean(str(status['last_error']))}")
+        if state == "never-started":
+            typer.echo(f"  no status file at {status['status_file']}: start the site with "
+                       f"`veil site start --config {config}`")
+    if status.get("state") != "connected":
+        raise typer.Exit(int(ExitCode.ERROR))
