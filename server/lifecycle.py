@@ -96,15 +96,17 @@ def orphan_reason(run: S.Run, now: datetime) -> str | None:
     return None
 
 
-def close_orphans(store: RunStore) -> list[int]:
+def close_orphans(store: RunStore, cause: str | None = None) -> list[int]:
     """Mark every run left ``running`` by a process that is gone as ``failed`` (with why).
 
     Called when ``veil simulate`` or a coordinator starts and by ``veil runs``; a run whose
-    owner still runs (or beats) is left alone, and two callers at once close a run once."""
+    owner still runs (or beats) is left alone, and two callers at once close a run once. ``cause``
+    (e.g. "coordinator restarted") goes before the reason."""
     now = datetime.now(UTC)
     with store.session() as s:
         running = s.scalars(select(S.Run).where(S.Run.status == "running")).all()
-        found = [(run.id, reason) for run in running if (reason := orphan_reason(run, now)) is not None]
+        found = [(run.id, f"{cause}: {reason}" if cause else reason)
+                 for run in running if (reason := orphan_reason(run, now)) is not None]
     closed = []
     for run_id, reason in found:
         with store.session() as s:

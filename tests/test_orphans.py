@@ -123,3 +123,13 @@ def test_record_run_closes_orphans_before_starting(tmp_path) -> None:  # type: i
         raise KeyboardInterrupt
     assert (store.get_run(interrupted).status, store.get_run(interrupted).error) == ("failed", "interrupted")
     store.close()
+
+
+def test_a_restarted_coordinator_says_why(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = RunStore(f"sqlite:///{tmp_path}/s.db")
+    run_id = create_run(store, SCENARIO, "deployment")
+    pid, token = _dead_pid()
+    _owned_by(store, run_id, owner_pid=pid, owner_token=token)
+    assert close_orphans(store, "coordinator restarted") == [run_id]
+    assert (store.get_run(run_id).error or "").startswith("coordinator restarted: process ended without finishing")
+    store.close()

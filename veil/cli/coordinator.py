@@ -50,7 +50,7 @@ def coordinator_start(
         safe = run_store.safe_url
         from server.lifecycle import close_orphans
 
-        for run_id in close_orphans(run_store):  # an earlier coordinator's runs whose process is gone
+        for run_id in close_orphans(run_store, "coordinator restarted"):  # an earlier coordinator's runs
             typer.echo(f"run {run_id} was left running by a process that has ended: recorded as failed")
         run_store.close()
         if coordinator_key is not None:
@@ -60,6 +60,9 @@ def coordinator_start(
             typer.echo(f"CKKS: key set {ctx.key_id}, parameters only (no secret key)")
         typer.echo("admits runs signed by " + ", ".join(r.label() for r in admitted.values()))
         state.parent.mkdir(parents=True, exist_ok=True)
+        from veil.processes import start_reaper
+
+        start_reaper()  # a SIGKILLed coordinator takes its SuperLink and ServerApps with it
         cmd = superlink_command(certs, host=host, port=port, state=state)
         runners = tempfile.TemporaryDirectory(prefix="veil-coordinator-bin-")  # runs its own Veil only
         env = {**os.environ, "PATH": pinned_path(Path(runners.name)),
