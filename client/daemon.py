@@ -64,7 +64,9 @@ class SiteConfig(BaseModel):
     policy: SitePolicy = Field(default_factory=SitePolicy)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     coordinator: CoordinatorSpec
-    runtime_port: int = Field(9094, ge=1024, le=65535, description="the SuperNode's local runtime API port")
+    runtime_port: int | None = Field(
+        None, ge=1024, le=65535, description="the SuperNode's local runtime API port (127.0.0.1); default: a "
+        "free port chosen at start, so sites on one host never collide")
 
 
 def load_site_config(path: Path) -> SiteConfig:
@@ -205,6 +207,41 @@ def preflight(cfg: SiteConfig) -> list[Check]:
     return checks
 
 
+def probe_coordinator(address: str, ca: Path, timeout: float = 5.0) -> Check:
+    """One TLS handshake with the coordinator, verified against the federation's CA, telling
+    "certificate not trusted" (a configuration error: ``ok`` False) apart from "nothing
+    listening" or "no answer" (the coordinator may be down: a warning; the site waits for it)."""
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.set_alpn_protocols(["h2"])  # what gRPC speaks
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock, \
+                ctx.wrap_socket(sock, server_hostname=host) as tls:
+            issuer = dict(x[0] for x in tls.getpeercert().get("issuer", ()))  # type: ignore[misc, union-attr]
+            return Check("coordinator", True, f"TLS to {address} verified against {ca} (issued by "
+                         f"{issuer.get('commonName', '?')})")
+    except ssl.SSLCertVerificationError as err:
+        return Check("coordinator", False, f"{address} answered, but its certificate is not trusted by {ca} "
+                     f"({err.verify_message}): use the federation's ca.crt from the coordinator, and an "
+                     "address its certificate names (veil certs create --host)")
+    except ssl.SSLError as err:
+        return Check("coordinator", False, f"{address} answered, but not with TLS the site accepts "
+                     f"({err.reason or err}): is it the coordinator's Fleet port?")
+    except ConnectionRefusedError:
+        return Check("coordinator", True, f"nothing is listening at {address} (connection refused): the "
+                     "coordinator is down or the address or port is wrong; the site waits for it", warning=True)
+    except TimeoutError:
+        return Check("coordinator", True, f"{address} did not answer within {timeout:.0f} s: a firewall, or the "
+                     "coordinator is down; the site waits for it", warning=True)
+    except (OSError, ValueError) as err:
+        return Check("coordinator", True, f"cannot reach {address} ({err}); the site waits for it",
+                     warning=True)
+
+
 def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
     """The SuperNode's command line: ``flower-supernode`` (through ``veil.processes.supernode_main``,
     which exits when Flower gives up) with TLS, node authentication, ``site-config`` in the node
@@ -219,7 +256,16 @@ def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
             "--root-certificates", str(cfg.coordinator.root_certificates),
             "--auth-supernode-private-key", str(cfg.coordinator.node_key),
             "--node-config", f'site-config="{config_path.resolve()}"',
-            "--port", str(cfg.runtime_port)]
+            "--port", str(cfg.runtime_port or free_local_port())]
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def log_event(event: str, **fields: Any) -> None:
@@ -237,6 +283,10 @@ def run_site(config_path: Path) -> int:
     checks = preflight(cfg)
     for c in checks:
         log_event("preflight", site=cfg.site_id, check=c.name, ok=c.ok, detail=c.detail)
+    if all(c.ok for c in checks):  # a coordinator that is down is waited for; an untrusted one is not
+        probe = probe_coordinator(cfg.coordinator.address, cfg.coordinator.root_certificates)
+        log_event("preflight", site=cfg.site_id, check=probe.name, ok=probe.ok, detail=probe.detail)
+        checks.append(probe)
     failed = [c for c in checks if not c.ok]
     if failed:
         log_event("refused-to-start", site=cfg.site_id,

@@ -93,8 +93,7 @@ def _site_yaml(base: Path, name: str, port: int, data: str) -> None:
     (base / f"{name}.yaml").write_text(yaml.safe_dump({
         "site_id": name, "data": {"format": "npz", "path": data}, "ledger": f"ledgers/{name}.ledger",
         "keys": "ks/secret.ckks", "policy": {"epsilon_cap": 100.0, "trusted_researchers": ["researchers"]},
-        "device": "cpu",
-        "runtime_port": _free_port(),
+        "device": "cpu",  # no runtime_port: every site on this host picks a free one
         "coordinator": {"address": f"127.0.0.1:{port}", "root_certificates": "certs/ca.crt",
                         "node_key": f"keys/{name}"},
     }))

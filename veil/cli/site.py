@@ -18,13 +18,17 @@ app = typer.Typer(no_args_is_help=True, help="Run this machine as a data-holding
 def site_check(
     config: Annotated[Path, typer.Option("--config", help="the site's site.yaml")],
     output: FormatOpt = "text",
+    offline: Annotated[bool, typer.Option(help="skip the TLS handshake with the coordinator")] = False,
 ) -> None:
-    """Preflight only: config, data, key, ledger, device, node key, CA; connects nowhere."""
-    from client.daemon import load_site_config, preflight
+    """Preflight: config, data, key, ledger, device, node key, CA, and a TLS handshake with the
+    coordinator (an untrusted certificate fails; a coordinator that is down is a warning)."""
+    from client.daemon import load_site_config, preflight, probe_coordinator
 
     with errors():
         cfg = load_site_config(config)
         checks = preflight(cfg)
+        if not offline:
+            checks.append(probe_coordinator(cfg.coordinator.address, cfg.coordinator.root_certificates))
     if output == "json":
         echo_json({"site": cfg.site_id, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]})
     else:
