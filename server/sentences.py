@@ -14,6 +14,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 _EXCEPTION_LINE = re.compile(
     r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Refused|Interrupt)): (.+)$")
 _MESSAGE_LINE = re.compile(r"Message:\s*(.+)$")
+_RAY_WRAPPER = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)(?:\([^)]*\))?'>:<'(.*)$", re.DOTALL)
 MAX_SENTENCE = 300
 
 
@@ -28,7 +29,9 @@ def error_sentence(reason: str | None) -> str:
     """The innermost exception message of a framework error reply, in one clean line."""
     if not reason:
         return "the site replied with an error and no reason"
-    lines = [ln.rstrip("'>\" ") for ln in _ANSI.sub("", reason).splitlines()]
+    text = _ANSI.sub("", reason).rstrip()
+    text = text[:-2] if text.endswith("'>") else text  # Ray's wrapper closes with '>
+    lines = [ln.rstrip() for ln in text.splitlines()]
     found = None
     for ln in lines:
         if (m := _MESSAGE_LINE.search(ln)) and m.group(1).strip():
@@ -36,5 +39,9 @@ def error_sentence(reason: str | None) -> str:
         elif (m := _EXCEPTION_LINE.match(ln)) and m.group(2).strip():
             found = f"{m.group(1)}: {m.group(2)}"
     if found is None:
-        found = next((ln for ln in reversed(lines) if ln.strip()), reason)
+        wrapped = _RAY_WRAPPER.match(_ANSI.sub("", reason).strip())
+        if wrapped:  # Ray's "<class '...Error'>:<'message...'>" with no inner exception line
+            found = f"{wrapped.group(1)}: {wrapped.group(2).splitlines()[0].rstrip(chr(39) + '> ')}"
+        else:
+            found = next((ln for ln in reversed(lines) if ln.strip()), reason)
     return one_line(found)

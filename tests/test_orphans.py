@@ -60,7 +60,7 @@ def test_dead_owner_is_closed_with_why(store_url: str) -> None:
     pid, token = _dead_pid()
     _owned_by(store, dead, owner_pid=pid, owner_token=token)
     reused = create_run(store, SCENARIO, "simulation")  # a live pid, but another process's start
-    _owned_by(store, reused, owner_token="not-the-same-start")
+    _owned_by(store, reused, owner_token=token.rpartition(":")[0] + ":1")  # this pid space, another start
     live = create_run(store, SCENARIO, "simulation")
     assert sorted(close_orphans(store)) == sorted([dead, reused])
     for run_id in (dead, reused):
@@ -132,4 +132,17 @@ def test_a_restarted_coordinator_says_why(tmp_path) -> None:  # type: ignore[no-
     _owned_by(store, run_id, owner_pid=pid, owner_token=token)
     assert close_orphans(store, "coordinator restarted") == [run_id]
     assert (store.get_run(run_id).error or "").startswith("coordinator restarted: process ended without finishing")
+    store.close()
+
+
+def test_a_run_from_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two containers with one host name: the other's pids mean nothing here, even dead-looking ones."""
+    store = RunStore(f"sqlite:///{tmp_path}/s.db")
+    run_id = create_run(store, SCENARIO, "deployment")
+    pid, token = _dead_pid()
+    elsewhere = "0" * 36 + ":[4026531999]:" + token.rpartition(":")[2]
+    _owned_by(store, run_id, owner_pid=pid, owner_token=elsewhere)  # this host's name, fresh heartbeat
+    assert close_orphans(store) == []
+    _owned_by(store, run_id, heartbeat_at=datetime.now(UTC) - timedelta(seconds=lifecycle.STALE_S + 60))
+    assert close_orphans(store) == [run_id]
     store.close()

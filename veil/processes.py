@@ -167,12 +167,22 @@ def process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
+def _pid_space() -> str:
+    """Which pid numbering this process sees: the boot and the pid namespace (two containers
+    with one host name still number their processes apart)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:")
+    except OSError:
+        namespace = "-"
+    return f"{_boot_id()}:{namespace}"
+
+
 def process_token(pid: int) -> str | None:
-    """What tells process ``pid`` apart from a later one that reuses its number (boot id and
-    start time), or None when there is no such process."""
+    """What tells process ``pid`` apart from a later one that reuses its number (boot, pid
+    namespace and start time), or None when there is no such process."""
     if Path("/proc/self/stat").exists():
         stat = _linux_stat(pid)
-        return None if stat is None else f"{_boot_id()}:{stat[1]}"
+        return None if stat is None else f"{_pid_space()}:{stat[1]}"
     entry = process_table().get(pid)
     return None if entry is None else entry[1]
 
@@ -191,6 +201,8 @@ def owner_alive(host: str | None, pid: int | None, token: str | None) -> bool | 
 
     if host is None or pid is None or host != socket.gethostname()[:255]:
         return None
+    if token is not None and Path("/proc/self/stat").exists() and token.rpartition(":")[0] != _pid_space():
+        return None  # same host name, another boot or pid namespace: its pids mean nothing here
     current = process_token(pid)
     return current is not None and (token is None or current == token)
 
