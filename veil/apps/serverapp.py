@@ -37,6 +37,15 @@ def _deployable(raw: dict[str, object]) -> None:
         raise ScenarioError(REPRODUCIBLE_REFUSED)
 
 
+def app_relative(path: str) -> Path:
+    """A relative scenario path from the run config, against the app (Veil's installed tree, where
+    ``simulations/scenarios`` lives), not the SuperLink's working directory; an absolute one as is."""
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return given
+    return Path(__file__).resolve().parent.parent.parent / given
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Admit the signed request (or sign a local simulation), record the run and run it."""
@@ -50,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
                                     admitted_researchers(env.get(env.RESEARCHERS)), validate=_deployable)
             scenario = parse_scenario(request.scenario, "veil run")
         else:
-            scenario = load_scenario(str(context.run_config["scenario"]))
+            scenario = load_scenario(app_relative(str(context.run_config["scenario"])))
             request = ephemeral_request(scenario.model_dump(mode="json"))
             signer = request.verify({}, accept_ephemeral=True)
         if scenario.privacy.reproducible_noise:
