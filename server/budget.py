@@ -55,12 +55,30 @@ class SiteStanding:
         return self.status.site_id if self.status else self.reported_id or f"node-{self.node}"
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
-    """The connected node ids, once at least ``count`` are there (or the timeout passed)."""
-    deadline = time.monotonic() + timeout
-    while len(nodes := sorted(grid.get_node_ids())) < count and time.monotonic() < deadline:
-        log.info("waiting for sites: %d of %d connected", len(nodes), count)
-        time.sleep(1.0)
+JOIN_STALL_S = 60.0  # fewer sites than planned and none joined for this long: say so, do not wait an hour
+
+
+class TooFewSites(Exception):
+    """Fewer sites than ``federation.sites`` connected, and no more are joining."""
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float, stall: float | None = None) -> list[int]:
+    """The connected node ids, once ``count`` are there. Raises ``TooFewSites`` (naming the
+    setting) when fewer are connected and none has joined for ``stall`` seconds, or at the timeout."""
+    stall = JOIN_STALL_S if stall is None else stall
+    start = last_change = time.monotonic()
+    seen = -1
+    while len(nodes := sorted(grid.get_node_ids())) < count:
+        now = time.monotonic()
+        if len(nodes) != seen:
+            seen, last_change = len(nodes), now
+            log.info("waiting for sites: %d of %d connected", len(nodes), count)
+        if now - last_change >= stall or now - start >= timeout:
+            raise TooFewSites(
+                f"only {len(nodes)} of {count} sites connected, and none joined in the last "
+                f"{now - last_change:.0f} s: set federation.sites to {len(nodes)} in the scenario, or start the "
+                "missing sites (for `flwr run .` on a local simulation: options.num-supernodes of the federation)")
+        time.sleep(min(1.0, stall / 4))
     return nodes
 
 

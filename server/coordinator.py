@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from privacy.ckks import CoordinatorContext
 from privacy.randomness import describe
 from privacy.requests import SignedRequest
-from server.budget import ParticipationPlan, ask_budgets, check_ledgers, wait_for_nodes
+from server.budget import ParticipationPlan, TooFewSites, ask_budgets, check_ledgers, wait_for_nodes
 from server.checkpoints import save_checkpoint, save_encrypted_checkpoint
 from server.checks import Model, aggregate_train_metrics
 from server.lifecycle import end_run, first_failure
@@ -107,7 +107,11 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
             config[key] = value
         return config
 
-    nodes = wait_for_nodes(grid, fed.sites, fed.round_timeout_s)
+    try:
+        nodes = wait_for_nodes(grid, fed.sites, fed.round_timeout_s)
+    except TooFewSites as err:
+        end_run(store, run_id, "failed", str(err))
+        return None
     standings = ask_budgets(grid, nodes, task_config(), fed.round_timeout_s)
     check_ledgers(store, run_id, standings)
     plan = ParticipationPlan(standings, rounds=fed.rounds, per_round=scenario.sites_per_round(),

@@ -101,3 +101,28 @@ def test_norm_bounding_keeps_a_large_finite_poison_within_its_bound(tmp_path: Pa
     assert moved["none"] > 1e5  # the poisoner owns the model
     # 2 rounds; in each every site's update is at most 2.0 long, so the average moves at most 2.0
     assert moved["norm-bound"] <= 2 * 2.0 + 1e-3
+
+
+def test_too_few_sites_fail_fast_naming_the_setting(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A scenario planning 3 sites on a federation of 2 (e.g. a local simulation's default) fails
+    once no site has joined for the stall window, instead of waiting for the round timeout."""
+    import time
+
+    from server import budget
+
+    monkeypatch.setattr(budget, "JOIN_STALL_S", 1.0)
+    scenario = parse_scenario(SCENARIO)
+    drivers = {n: SiteDriver(make_site(tmp_path / f"site-{n}.ledger", site_id=f"site-{n}", seed=n,
+                                       researchers=(), accept_ephemeral=True)) for n in (1, 2)}
+    grid = AppGrid({n: (lambda msg, d=d: d.app(msg, d.context)) for n, d in drivers.items()})
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    run_id = create_run(store, scenario, "deployment")
+    start = time.monotonic()
+    assert run_federation(grid, scenario, store, run_id, tmp_path / "a",
+                          request=ephemeral_request(scenario.model_dump(mode="json"))) is None
+    assert time.monotonic() - start < 30
+    run = store.get_run(run_id)
+    assert run.status == "failed" and "only 2 of 3 sites connected" in (run.error or "")
+    assert "set federation.sites to 2" in (run.error or "")
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(S.Participation)) == 0  # nobody was asked anything
