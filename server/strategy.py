@@ -85,7 +85,14 @@ class RecordingStrategy:
         self._layout: Layout = {}
         self._eval_sampled: list[int] = []
         self._eval_bytes = 0
+        self._num_test: dict[int, int] = {}  # node -> test records its accepted training reply reported
         self.reply_run = f"run-{writer.run_id}:{secrets.token_hex(8)}"  # no reply of another run verifies
+
+    def _declared(self, node: int) -> P.BudgetStatus | None:
+        """What this node answered at the pre-flight (None without a plan or an answer): the site
+        every reply from it must name, and the counts that bound its weight."""
+        standing = self.plan.standings.get(node) if self.plan else None
+        return standing.status if standing is not None else None
 
     def _preflight_site(self, node: int) -> str | None:
         """The site this node named at the pre-flight (its Flower node, authenticated when deployed):
@@ -130,9 +137,8 @@ class RecordingStrategy:
                         self.plan.refused(node, why)
                     continue
                 try:
-                    site_id = P.site_info(msg.content).site_id
-                    standing = self.plan.standings.get(node) if self.plan else None
-                    declared = standing.status if standing else None
+                    declared = self._declared(node)
+                    site_id = declared.site_id if declared else checks.reply_site(msg.content).site_id
                     reply = checks.check_train_reply(
                         msg.content, encrypted=self.encrypted_train, expected=self._layout, rng=self.rng,
                         task=self.task, declared=declared, history=w.history(s, server_round, site_id))
@@ -145,6 +151,8 @@ class RecordingStrategy:
                                     bytes_down=per_site_bytes, code=checks.rejection_code(err))
                     log.warning("round %d: rejected reply from node %d: %s", server_round, node, err)
                     continue
+                if reply.info.num_test > 0:  # what its evaluations must count (checks.check_evaluate_reply)
+                    self._num_test[node] = reply.info.num_test
                 w.trained(s, server_round, node, reply, per_site_bytes,
                           {name: P.metric(msg.content, name) for name in (P.TRAIN_LOSS, P.EPSILON)})
                 if self.plan:
@@ -234,10 +242,12 @@ class RecordingStrategy:
                 if self._refused(s, server_round, node, msg.content, "evaluate", self._eval_bytes) is not None:
                     continue
                 try:
-                    reply = checks.check_evaluate_reply(msg.content)
+                    reply = checks.check_evaluate_reply(msg.content, declared=self._declared(node),
+                                                        num_test=self._num_test.get(node, 0))
                 except ValueError as err:
                     w.participation(s, server_round, node, "evaluate", "rejected", reason=str(err),
-                                    bytes_down=self._eval_bytes)
+                                    bytes_down=self._eval_bytes, code=checks.rejection_code(err))
+                    log.warning("round %d: rejected evaluation from node %d: %s", server_round, node, err)
                     continue
                 w.evaluated(s, server_round, node, reply, self._eval_bytes)
                 valid.append(msg)
@@ -257,7 +267,7 @@ class RecordingStrategy:
             refusal, site_id = checks.check_refusal(content)
         except ValueError as err:
             self.writer.participation(s, server_round, node, phase, "rejected", reason=str(err),
-                                      bytes_down=bytes_down)
+                                      bytes_down=bytes_down, code=checks.rejection_code(err))
             return str(err)
         self.writer.refused(s, server_round, node, site_id, refusal, bytes_down, phase=phase)
         log.warning("round %d %s: %s refused: %s", server_round, phase, site_id, refusal)

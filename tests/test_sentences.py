@@ -6,8 +6,9 @@ import pytest
 
 from server.sentences import error_sentence, one_line
 
-RAY_TASK = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
-            "(pid=18107, ip=192.0.2.2, actor_id=ab)\n  File \"/x/app.py\", line 3, in run\n    raise err\n"
+RAY_TASK = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'"
+            "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=18107, ip=192.0.2.2, actor_id=ab)\n"
+            "  File \"/x/app.py\", line 3, in run\n    raise err\n"
             "flwr.clientapp.ClientAppException: \nException ClientAppException occurred. Message: "
             "ValueError: site-0: its records have 784 features'>")
 

@@ -21,13 +21,13 @@ from veil import protocol as P
 GLOBAL = {"w": torch.zeros((2, 3), dtype=torch.float32)}
 EVENT = DpSgdEvent(1.0, 0.1, 10, 1.0)
 EPS = epsilon([EVENT], 1e-5, "pld")  # what a site honestly reports for that one event
-LIFE = P.LifetimeSpend("d" * 16, "e" * 32, 1.5, 1e-5, "pld", 4.0, P.LedgerHead("f" * 32, 7, "a" * 64))
+LIFE = P.LifetimeSpend("d" * 16, "e" * 32, 3.0, 1e-5, "pld", 4.0, P.LedgerHead("f" * 32, 7, "a" * 64))  # >= EPS
 
 
 def _reply(**overrides: object) -> RecordDict:
     content = {
         P.ARRAYS: ArrayRecord({k: torch.ones_like(v) for k, v in GLOBAL.items()}),
-        P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, P.TRAIN_LOSS: 0.5, P.EPSILON: 1.0}),
+        P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, P.TRAIN_LOSS: 0.5, P.EPSILON: EPS}),
         P.PRIVACY: P.PrivacyReport(EVENT, 1e-5, "pld", "x", EPS,
                                    lifetime=LIFE).to_config(),
         P.SITE: P.SiteInfo("site-0", "cpu", 0.1, 3).to_config(),
@@ -129,7 +129,7 @@ def test_site_refusal_is_recorded_with_its_code_and_the_site_is_dropped(strategy
         row = s.scalars(select(S.Participation).where(S.Participation.status == "refused")).one()
         ev = s.scalars(select(S.PrivacyEvent)).one()
     assert row.reason_code == "budget-exhausted" and "4.2 > 4" in (row.reason or "")
-    assert (ev.lifetime_epsilon, ev.epsilon_cap, ev.dataset_id) == (1.5, 4.0, "d" * 16)
+    assert (ev.lifetime_epsilon, ev.epsilon_cap, ev.dataset_id) == (3.0, 4.0, "d" * 16)
     assert (ev.rng, ev.ledger_id, ev.ledger_seq) == ("os-entropy", "f" * 32, 7)
     with strategy.writer.store.session() as s:  # the coordinator now witnesses site-0's ledger at entry 7
         head = s.scalars(select(S.LedgerHead)).one()
@@ -293,6 +293,7 @@ def test_spoofed_or_re_addressed_encrypted_updates_are_rejected_and_the_honest_m
     content[3] = reply(3, spoof, None)  # no tag
     content[4] = reply(4, spoof, intruder.tag(spoof, bind(4)))  # tagged with their own key set's reply key
     content[5] = RecordDict(dict(content[1]))  # site-0's reply, forwarded by node 5 (site-4 at the pre-flight)
+    content[5][P.SITE] = P.SiteInfo("site-4", "cpu", 0.1, 3).to_config()  # ... and relabelled: the tag holds
     old = secret.encrypt(np.append(np.zeros(6), 0.2))
     content[6] = reply(6, old, secret.tag(old, bind(6, run="run-0:0000000000000000")))  # another run's reply
 
@@ -352,7 +353,7 @@ def _privacy(**kw: object) -> ConfigRecord:
 
 
 def _metrics(**kw: float) -> MetricRecord:
-    return MetricRecord({P.NUM_EXAMPLES: 10, P.TRAIN_LOSS: 0.5, P.EPSILON: 1.0, **kw})
+    return MetricRecord({P.NUM_EXAMPLES: 10, P.TRAIN_LOSS: 0.5, P.EPSILON: EPS, **kw})
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -381,14 +382,81 @@ def test_poisoned_inflated_or_understated_replies_are_rejected(overrides: dict, 
     assert reply.num_examples == 10
 
 
+TASK = P.TrainTask("mlp", 1, 30, 0.1, 0.0, 1.0, 1.0, 0.0, 1e-5, "pld", 3, 0)
+KW = {"encrypted": False, "expected": checks.layout(ArrayRecord(GLOBAL)), "rng": "os-entropy"}
+
+
+@pytest.mark.parametrize(("overrides", "task_delta", "code", "message"), [
+    # issue 14: a site that reports ε at its own δ under-reports it (δ 0.5 gave ε = 0)
+    ({P.PRIVACY: _privacy(delta=0.5, epsilon=0.0)}, 1e-5, "wrong-accounting", "δ=0.5, but this run's δ"),
+    ({P.PRIVACY: _privacy(delta=0.09)}, 1e-5, "wrong-accounting", "δ=0.09"),
+    ({P.PRIVACY: _privacy(delta=1e-6)}, 0.0, "wrong-accounting", "for 10 examples is 1e-05"),  # site default
+    ({P.PRIVACY: _privacy(delta=1e-5 * (1 + 1e-6))}, 1e-5, "wrong-accounting", "this run's δ"),
+    ({P.SITE: P.SiteInfo("site-9", "cpu", 0.1, 3).to_config()}, 1e-5, "wrong-site", "'site-9'.*'site-0'"),
+    ({P.PRIVACY: _privacy(**{"lifetime-epsilon": 0.0})}, 1e-5, "understated-epsilon", "lifetime ε 0, below"),
+    ({P.PRIVACY: _privacy(**{"lifetime-epsilon": EPS * (1 - 1e-6)})}, 1e-5, "understated-epsilon",
+     "below its run ε"),
+    ({P.METRICS: _metrics(**{P.EPSILON: 0.0})}, 1e-5, "understated-epsilon", "metric ε 0 is not"),
+    ({P.METRICS: _metrics(**{P.EPSILON: EPS * 2})}, 1e-5, "understated-epsilon", "metric ε .* is not"),
+    ({P.PRIVACY: _privacy(epsilon=float("inf"))}, 1e-5, "understated-epsilon", "must be finite"),
+    ({P.PRIVACY: _privacy(accountant="rdp", epsilon=epsilon([EVENT], 1e-5, "rdp"))}, 1e-5, "wrong-accounting",
+     "'rdp' is not the task's 'pld'"),
+    # every other rejection has its code too
+    ({P.SITE: None}, 1e-5, "invalid-site", "no site record"),
+    ({P.ARRAYS: None}, 1e-5, "invalid-update", "no arrays record"),
+    ({P.ARRAYS: ArrayRecord({"w": torch.full((2, 3), float("nan"))})}, 1e-5, "invalid-update", "NaN"),
+    ({P.METRICS: _metrics(**{P.TRAIN_LOSS: -1.0})}, 1e-5, "invalid-metrics", "finite number >= 0"),
+    ({P.METRICS: None}, 1e-5, "invalid-metrics", "no metrics record"),
+    ({P.METRICS: _metrics(**{P.NUM_EXAMPLES: 101})}, 1e-5, "over-declared", "more than the 100"),
+    ({P.PRIVACY: None}, 1e-5, "invalid-privacy-report", "no privacy record"),
+    ({P.PRIVACY: _privacy(accountant="gdp")}, 1e-5, "invalid-privacy-report", "not one of"),
+    ({P.PRIVACY: P.PrivacyReport(EVENT, 1e-5, "pld", "x", EPS, lifetime=LIFE, rng="seeded").to_config()},
+     1e-5, "seeded-noise", "from the seed"),
+    ({P.PRIVACY: _privacy(**{"noise-multiplier": 0.5})}, 1e-5, "wrong-mechanism", "below the task's"),
+    ({P.PRIVACY: _privacy(**{"sample-rate": 0.2})}, 1e-5, "wrong-mechanism", "declared"),
+    ({P.PRIVACY: _privacy(epsilon=EPS / 2)}, 1e-5, "understated-epsilon", "its events imply"),
+    ({P.PRIVACY: _privacy(**{"lifetime-epsilon": 5.0})}, 1e-5, "over-cap", "above its own cap"),
+])
+def test_every_rejection_has_its_code_and_the_run_delta_site_and_epsilons_hold(
+        overrides: dict, task_delta: float, code: str, message: str) -> None:
+    from dataclasses import replace
+
+    task = replace(TASK, delta=task_delta)
+    with pytest.raises(checks.ReplyRejected, match=message) as caught:
+        checks.check_train_reply(_reply(**overrides), task=task, declared=DECLARED, **KW)  # type: ignore[arg-type]
+    assert caught.value.code == code and checks.rejection_code(caught.value) == code
+    assert checks.check_train_reply(_reply(), task=task, declared=DECLARED, **KW).report.delta == 1e-5  # type: ignore[arg-type]
+
+
+def test_honest_variants_still_pass() -> None:
+    """A lifetime at another δ may be below the run ε; the site default δ is min(1e-5, 0.1/n); a
+    task without an accountant check (none given) takes the site's."""
+    from dataclasses import replace
+
+    other_delta = _privacy(**{"lifetime-epsilon": 1.0, "lifetime-delta": 1e-3})
+    assert checks.check_train_reply(_reply(**{P.PRIVACY: other_delta}), task=TASK, declared=DECLARED, **KW)  # type: ignore[arg-type]
+    big = P.BudgetStatus("site-0", "d" * 16, 100_000, 1e-5, "pld", None, 0.0, 1.0, 0.1, 10, 3.0, 3)
+    small_delta = epsilon([EVENT], 1e-6, "pld")
+    reply = _reply(**{P.PRIVACY: _privacy(delta=1e-6, epsilon=small_delta, **{"lifetime-epsilon": small_delta}),
+                      P.METRICS: _metrics(**{P.NUM_EXAMPLES: 100_000, P.EPSILON: small_delta})})
+    assert checks.check_train_reply(reply, task=replace(TASK, delta=0.0), declared=big, **KW).report.delta == 1e-6  # type: ignore[arg-type]
+
+
+def test_rejection_codes_all_have_help_and_fit_the_column() -> None:
+    assert all(help_text and len(code) <= 32 for code, help_text in checks.REJECTION_CODES.items())
+    with pytest.raises(ValueError, match="rejection code must be one of"):
+        checks.ReplyRejected("no-such-code", "x")
+
+
 def test_a_second_round_must_report_the_epsilon_of_both_events() -> None:
     """ε over the site's events in this run: reporting only the latest round's ε is an under-statement."""
     kw = {"encrypted": False, "expected": checks.layout(ArrayRecord(GLOBAL)), "rng": "os-entropy"}
     with pytest.raises(ValueError, match="its events imply"):
         checks.check_train_reply(_reply(), history=[EVENT], **kw)  # type: ignore[arg-type]
     both = epsilon([EVENT, EVENT], 1e-5, "pld")
-    assert checks.check_train_reply(_reply(**{P.PRIVACY: _privacy(epsilon=both)}), history=[EVENT],
-                                    **kw).report.epsilon == both  # type: ignore[arg-type]
+    both_reply = _reply(**{P.PRIVACY: _privacy(epsilon=both, **{"lifetime-epsilon": both}),
+                           P.METRICS: _metrics(**{P.EPSILON: both})})
+    assert checks.check_train_reply(both_reply, history=[EVENT], **kw).report.epsilon == both  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("metrics", "message"), [
@@ -403,6 +471,67 @@ def test_implausible_evaluations_are_rejected(metrics: dict, message: str) -> No
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: site})
     with pytest.raises(ValueError, match=message):
         checks.check_evaluate_reply(content)
+
+
+def _evaluation(n: float, acc: float = 0.5, site: str = "site-0") -> RecordDict:
+    return RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.EVAL_LOSS: 0.3, P.EVAL_ACC: acc}),
+                       P.SITE: P.SiteInfo(site, "cpu", 0.1, 3).to_config()})
+
+
+@pytest.mark.parametrize(("n", "num_test", "site", "code"), [
+    (1e15, 0, "site-0", "over-declared"),  # issue 14: one site's weight dragged global accuracy to ~0
+    (901, 0, "site-0", "over-declared"),  # 9 x the 100 training records it declared
+    (4, 3, "site-0", "over-declared"),  # its training reply said 3 test records
+    (2, 3, "site-0", "over-declared"),
+    (3, 3, "site-9", "wrong-site"),
+    (2.5, 0, "site-0", "invalid-evaluation"),
+])
+def test_evaluation_weight_is_bounded_by_what_the_site_declared(n: float, num_test: int, site: str,
+                                                                code: str) -> None:
+    with pytest.raises(checks.ReplyRejected) as caught:
+        checks.check_evaluate_reply(_evaluation(n, site=site), declared=DECLARED, num_test=num_test)
+    assert caught.value.code == code
+    assert checks.check_evaluate_reply(_evaluation(900), declared=DECLARED).num_examples == 900
+    assert checks.check_evaluate_reply(_evaluation(3), declared=DECLARED, num_test=3).num_examples == 3
+
+
+def test_the_strategy_records_every_rejection_code_and_keeps_the_honest_accuracy(
+        strategy: RecordingStrategy) -> None:
+    """Through the strategy: a forwarded reply (wrong site), an inflated evaluation and a malformed
+    refusal are rejected with their codes; the global accuracy is the honest sites' alone."""
+    from server.budget import ParticipationPlan, SiteStanding
+
+    status = {n: P.BudgetStatus(f"site-{n - 1}", "d" * 16, 100, 1e-5, "pld", 4.0, 0.0, 1.0, 0.1, 10, 3.0, 3)
+              for n in (1, 2, 3)}
+    strategy.plan = ParticipationPlan({n: SiteStanding(n, st) for n, st in status.items()},
+                                      rounds=1, per_round=3, min_sites=1, mode="drop", seed=0)
+    bad_refusal = RecordDict({P.REFUSAL: ConfigRecord({"code": "no-such"}),
+                              P.SITE: P.SiteInfo("site-2", "cpu", 0.0).to_config()})
+    arrays, _ = _train(strategy, [1, 2, 3], {1: _reply(), 2: _reply(), 3: bad_refusal})  # 2 forwards site-0's
+    assert arrays is not None
+    sent = strategy.configure_evaluate(1, ArrayRecord(GLOBAL), ConfigRecord(), LocalGrid([1, 2]))
+    metrics = strategy.aggregate_evaluate(1, answers(sent, {1: _evaluation(4, 0.9),  # site-0 said 3 test records
+                                                           2: _evaluation(1e15, 0.0, site="site-1")}))
+    assert metrics is None  # nothing usable: neither moves the global accuracy
+    with strategy.writer.store.session() as s:
+        rows = sorted((p.phase, p.reason_code or "") for p in s.scalars(select(S.Participation))
+                      if p.status == "rejected")
+    assert rows == [("evaluate", "over-declared"), ("evaluate", "over-declared"),
+                    ("train", "invalid-refusal"), ("train", "wrong-site")]
+
+
+def test_an_inflated_evaluation_does_not_move_the_global_accuracy(strategy: RecordingStrategy) -> None:
+    from server.budget import ParticipationPlan, SiteStanding
+
+    status = {n: P.BudgetStatus(f"site-{n - 1}", "d" * 16, 100, 1e-5, "pld", 4.0, 0.0, 1.0, 0.1, 10, 3.0, 3)
+              for n in (1, 2)}
+    strategy.plan = ParticipationPlan({n: SiteStanding(n, st) for n, st in status.items()},
+                                      rounds=1, per_round=2, min_sites=1, mode="drop", seed=0)
+    strategy.writer.open_round(1, [], 0)
+    sent = strategy.configure_evaluate(1, ArrayRecord(GLOBAL), ConfigRecord(), LocalGrid([1, 2]))
+    metrics = strategy.aggregate_evaluate(1, answers(sent, {1: _evaluation(20, 0.9),
+                                                           2: _evaluation(1e15, 0.0, site="site-1")}))
+    assert metrics is not None and metrics[P.EVAL_ACC] == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize("rule", ["none", "norm-bound", "trimmed-mean"])

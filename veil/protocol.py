@@ -244,7 +244,7 @@ class LedgerHead:
     def from_config(cls, rec: ConfigRecord) -> LedgerHead:
         """Decode a ledger head: seq a non-negative integer, the head a sha256 hex digest."""
         seq = _num(rec, "ledger-seq")
-        if seq != int(seq) or seq < 0:
+        if not math.isfinite(seq) or seq != int(seq) or seq < 0:
             raise ValueError(f"field 'ledger-seq' must be a non-negative integer, got {seq!r}")
         head = _short(rec, "ledger-head")
         if len(head) != 64 or any(c not in "0123456789abcdef" for c in head):
@@ -331,24 +331,40 @@ class BudgetStatus:
 
     @classmethod
     def from_config(cls, rec: ConfigRecord) -> BudgetStatus:
-        """Decode and sanity-check a budget answer; ``ValueError`` names the bad field."""
+        """Decode and bound a budget answer (whole counts, δ in (0, 1), σ > 0, q in (0, 1], non-negative
+        spend and projection, a known accountant); ``ValueError`` names the bad field."""
         refusal = None
         if "refusal-code" in rec:
-            refusal = Refusal(_short(rec, "refusal-code"), str(rec.get("refusal-detail", "")))
+            refusal = Refusal(_short(rec, "refusal-code"), str(rec.get("refusal-detail", ""))[:1000])
         status = cls(
-            site_id=_short(rec, "site-id"), dataset_id=_short(rec, "dataset-id"),
-            num_examples=int(_num(rec, "num-examples")), delta=float(_num(rec, "delta")),
+            site_id=_site_id(rec.get("site-id")), dataset_id=_short(rec, "dataset-id"),
+            num_examples=_whole(rec, "num-examples"), delta=float(_num(rec, "delta")),
             accountant=_short(rec, "accountant"),
             cap=float(_num(rec, "cap")) if "cap" in rec else None,
             spent=float(_num(rec, "spent")), noise_multiplier=float(_num(rec, "noise-multiplier")),
             sample_rate=float(_num(rec, "sample-rate")),
-            steps_per_round=int(_num(rec, "steps-per-round")),
+            steps_per_round=_whole(rec, "steps-per-round"),
             projected=float(_num(rec, "projected")),
-            affordable_rounds=int(_num(rec, "affordable-rounds")), refusal=refusal,
+            affordable_rounds=_whole(rec, "affordable-rounds"), refusal=refusal,
             ledger=LedgerHead.from_config(rec),
         )
-        if status.affordable_rounds < 0 or status.spent < 0 or status.num_examples < 1:
-            raise ValueError(f"budget record: implausible values {status}")
+        bounds = [
+            ("num-examples", status.num_examples, status.num_examples >= 1, ">= 1"),
+            ("steps-per-round", status.steps_per_round, status.steps_per_round >= 1, ">= 1"),
+            ("affordable-rounds", status.affordable_rounds, status.affordable_rounds >= 0, ">= 0"),
+            ("delta", status.delta, 0 < status.delta < 1, "in (0, 1)"),
+            ("noise-multiplier", status.noise_multiplier,
+             status.noise_multiplier > 0 and math.isfinite(status.noise_multiplier), "a finite number > 0"),
+            ("sample-rate", status.sample_rate, 0 < status.sample_rate <= 1, "in (0, 1]"),
+            ("spent", status.spent, status.spent >= 0, ">= 0"),
+            ("projected", status.projected, status.projected >= 0, ">= 0"),
+            ("cap", status.cap, status.cap is None or status.cap > 0, "> 0"),
+        ]
+        for name, value, ok, allowed in bounds:
+            if not ok:
+                raise ValueError(f"budget record: {name} must be {allowed}, got {value}")
+        if status.accountant not in ACCOUNTANTS:
+            raise ValueError(f"budget record: accountant must be one of {ACCOUNTANTS}, got {status.accountant!r}")
         return status
 
 
@@ -370,12 +386,21 @@ class SiteInfo:
 
     @classmethod
     def from_config(cls, rec: ConfigRecord) -> SiteInfo:
-        """Decode a ``site`` record; the site id must be a non-empty string of at most 200 characters."""
-        site_id = rec.get("site-id")
-        if not isinstance(site_id, str) or not 0 < len(site_id) <= 200:
-            raise ValueError(f"site record: site-id must be a non-empty string, got {site_id!r}")
-        return cls(site_id, str(rec.get("device", "?")), float(_num(rec, "seconds")),
-                   int(rec.get("num-test", 0)))  # type: ignore[arg-type]
+        """Decode a ``site`` record: a non-empty, printable site id of at most 200 characters and a
+        whole, non-negative test count."""
+        num_test = rec.get("num-test", 0)
+        if isinstance(num_test, bool) or not isinstance(num_test, int) or num_test < 0:
+            raise ValueError(f"site record: num-test must be a whole number >= 0, got {str(num_test)[:40]!r}")
+        return cls(_site_id(rec.get("site-id")), str(rec.get("device", "?")), float(_num(rec, "seconds")),
+                   num_test)
+
+
+def _site_id(value: object) -> str:
+    """A site id: a non-empty string of at most 200 printable characters (it goes into logs and records)."""
+    if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
+        raise ValueError(f"site record: site-id must be a non-empty string of at most 200 printable "
+                         f"characters, got {str(value)[:60]!r}")
+    return value
 
 
 def _short(rec: ConfigRecord, key: str) -> str:
