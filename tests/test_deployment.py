@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -212,6 +213,11 @@ def test_two_encrypted_dp_rounds_and_a_site_killed_mid_round(federation: Federat
     assert submit.returncode == 0, out[-3000:]
     for number in (1, 2):  # veil run streams each round as veil simulate prints it
         assert f"round {number}/2: evaluation encrypted, max ε" in out, out[-3000:]
+    log = (fed.base / "coordinator.log").read_text()  # one format: JSON lines, no colour codes
+    assert "\x1b" not in log
+    relayed = [json.loads(line)["line"] for line in log.splitlines()
+               if line.startswith("{") and '"superlink-log"' in line]
+    assert any(re.search(r"Created run \d+", line) for line in relayed)  # Flower's own lines, relayed
 
     with fed.store.session() as s:
         run = s.scalars(select(S.Run)).one()

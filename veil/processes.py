@@ -52,11 +52,26 @@ def flower_exe(name: str) -> str:
     return exe
 
 
-def supervise(cmd: list[str], env: dict[str, str], on_event: Callable[..., None], grace: float = 20.0) -> int:
+def supervise(cmd: list[str], env: dict[str, str], on_event: Callable[..., None], grace: float = 20.0,
+              capture: bool = False) -> int:
     """Run ``cmd`` in its own process group until it exits or SIGTERM/SIGINT asks us to stop;
-    then stop it (SIGTERM, SIGKILL after ``grace`` seconds). 0 when asked to stop, else its code."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    then stop it (SIGTERM, SIGKILL after ``grace`` seconds). 0 when asked to stop, else its code.
+    With ``capture``, each line it (and its children) print comes back as a ``log`` event,
+    without terminal colour codes."""
+    import threading
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, text=True, errors="replace",
+                            stdout=subprocess.PIPE if capture else None,
+                            stderr=subprocess.STDOUT if capture else None)
     on_event("started", pid=proc.pid, command=Path(cmd[0]).name)
+    if capture:
+        def relay() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if text := strip_ansi(line).rstrip():
+                    on_event("log", line=text)
+
+        threading.Thread(target=relay, name="veil-log-relay", daemon=True).start()
     stopping: list[float] = []
 
     def stop(signum: int, _frame: Any) -> None:

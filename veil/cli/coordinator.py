@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -72,11 +73,12 @@ def coordinator_start(
                                           researchers.resolve())}
         typer.echo(f"coordinator on {host}:{port} (TLS, SuperNode authentication), run store {safe}")
 
-        def event(name: str, **kw: Any) -> None:
-            typer.echo(json.dumps({"event": f"superlink-{name}", **kw}))
+        def event(name: str, **kw: Any) -> None:  # JSON lines from here on: the SuperLink's and ServerApps' too
+            typer.echo(json.dumps({"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                                   "event": f"superlink-{name}", **kw}))
 
         with runners:
-            code = supervise(cmd, env, event)
+            code = supervise(cmd, env, event, capture=True)
     raise typer.Exit(code)
 
 
