@@ -29,9 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from client.loaders import DataSource
 from privacy.policy import SitePolicy
 from veil import config
-from veil.config import CleanPath, Text
+from veil.config import CleanPath, Text, clean
 from veil.errors import ScenarioError, VeilError
+from veil.files import read_small, regular_file_problem
 
+MAX_KEY_BYTES = 1_000_000  # a CA certificate or node key is a few kilobytes; never read one without a bound
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # "3" is not a number, .inf not a float
 
 
@@ -50,9 +52,12 @@ class SiteConfig(BaseModel):
 
     model_config = _STRICT
 
-    site_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    site_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$",
+                         description="letters, digits, '_', '-' and '.', not first: never '.', '..' or a "
+                         "hidden name, since it names files and directories")
     data: DataSource
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share held out for evaluation")
+    test_fraction: float = Field(0.2, ge=0.01, le=0.9, description="share held out for evaluation, 0.01..0.9: "
+                                 "less leaves no meaningful test set, more leaves too little to train on")
     split_seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the train/test split (keep it fixed: "
                             "the ledger fingerprints the training split)")
     ledger: CleanPath
@@ -70,7 +75,10 @@ class SiteConfig(BaseModel):
 
 
 def load_site_config(path: Path) -> SiteConfig:
-    """Read and validate ``site.yaml``; relative paths come back resolved against the file's directory."""
+    """Read and validate ``site.yaml``; relative paths come back resolved against the file's directory.
+
+    The CA certificate and node key, when present, must be regular files (a FIFO would block the
+    TLS probe and Flower, a device would be read without end): a ``ScenarioError`` otherwise."""
     path = Path(path).expanduser()
     cfg = config.validate(SiteConfig, config.read_yaml(path, what="site config", error=ScenarioError),
                           what="site config", source=str(path), error=ScenarioError)
@@ -80,14 +88,19 @@ def load_site_config(path: Path) -> SiteConfig:
         p = p.expanduser()
         return p if p.is_absolute() else base / p
 
+    coordinator = {"root_certificates": rel(cfg.coordinator.root_certificates),
+                   "node_key": rel(cfg.coordinator.node_key)}
+    for field, file in coordinator.items():  # read outside the preflight too (TLS probe, Flower)
+        problem = regular_file_problem(file)
+        if problem:
+            raise ScenarioError(f"site config {clean(str(path))}: coordinator.{field} {clean(str(file))} "
+                                f"{problem}")
     return cfg.model_copy(update={
         "policy": cfg.policy.model_copy(update={
             "trusted_researchers": tuple(str(rel(Path(p))) for p in cfg.policy.trusted_researchers)}),
         "data": cfg.data.model_copy(update={"path": rel(cfg.data.path)}),
         "ledger": rel(cfg.ledger), "keys": rel(cfg.keys) if cfg.keys else None,
-        "coordinator": cfg.coordinator.model_copy(update={
-            "root_certificates": rel(cfg.coordinator.root_certificates),
-            "node_key": rel(cfg.coordinator.node_key)}),
+        "coordinator": cfg.coordinator.model_copy(update=coordinator),
     })
 
 
@@ -130,6 +143,14 @@ def preflight(cfg: SiteConfig) -> list[Check]:
         return (f"{cfg.data.format} {cfg.data.path}: {len(ds)} records, features {tuple(ds.features.shape[1:])}, "
                 f"{len(classes)} classes; {len(ds) - n_test} train / {n_test} test")
 
+    def small_file(path: Path, what: str) -> bytes:
+        try:
+            return read_small(path, MAX_KEY_BYTES)
+        except FileNotFoundError:
+            raise VeilError(f"{clean(str(path))}: no such {what} file") from None
+        except OSError as err:
+            raise VeilError(f"{what} {clean(str(path))} {clean(err.strerror or str(err), 160)}") from None
+
     def key() -> str:
         if cfg.keys is None:
             return "no CKKS key: this site joins plaintext runs only" + (
@@ -137,6 +158,9 @@ def preflight(cfg: SiteConfig) -> list[Check]:
                 if cfg.policy.require_encryption else "")
         from privacy.ckks import SecretKey
 
+        problem = regular_file_problem(cfg.keys)
+        if problem:
+            raise VeilError(f"CKKS key {clean(str(cfg.keys))} {problem}")
         return f"{cfg.keys}: key set {SecretKey.load(cfg.keys).key_id} (mode 600)"
 
     def ledger() -> str:
@@ -180,6 +204,9 @@ def preflight(cfg: SiteConfig) -> list[Check]:
 
     def node_key() -> str:
         k = cfg.coordinator.node_key
+        problem = regular_file_problem(k)
+        if problem:
+            raise VeilError(f"node key {clean(str(k))} {problem}")
         if not k.is_file():
             raise VeilError(f"{k}: no node key; make one with `veil certs node-key {k}` and have the "
                             "coordinator register its .pub")
@@ -188,14 +215,14 @@ def preflight(cfg: SiteConfig) -> list[Check]:
             raise VeilError(f"{k} is readable by others (mode {mode:o}); run: chmod 600 {k}")
         from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-        load_ssh_private_key(k.read_bytes(), password=None)
+        load_ssh_private_key(small_file(k, "node key"), password=None)
         return f"{k}: OpenSSH private key, mode 600"
 
     def ca() -> str:
         from cryptography import x509
 
         c = cfg.coordinator.root_certificates
-        cert = x509.load_pem_x509_certificate(c.read_bytes())
+        cert = x509.load_pem_x509_certificate(small_file(c, "CA certificate"))
         if cert.not_valid_after_utc < datetime.now(UTC):
             raise VeilError(f"{c}: the CA certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}")
         return f"{c}: {cert.subject.rfc4514_string()}, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
@@ -243,7 +270,7 @@ def probe_coordinator(address: str, ca: Path, timeout: float = 5.0) -> Check:
 
 
 def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
-    """The SuperNode's command line: ``flower-supernode`` (through ``veil.processes.supernode_main``,
+    """The SuperNode's command line: ``flower-supernode`` (through ``client.supervisor.supernode_main``,
     which exits when Flower gives up) with TLS, node authentication, ``site-config`` in the node
     config, and no retry limit: Flower retries with backoff until the coordinator answers."""
     import sys
@@ -251,7 +278,7 @@ def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
     from veil.processes import flower_exe
 
     flower_exe("flower-supernode")  # Flower is installed, or a DeployError says how to install it
-    return [sys.executable, "-c", "from veil.processes import supernode_main; supernode_main()",
+    return [sys.executable, "-c", "from client.supervisor import supernode_main; supernode_main()",
             "--superlink", cfg.coordinator.address,
             "--root-certificates", str(cfg.coordinator.root_certificates),
             "--auth-supernode-private-key", str(cfg.coordinator.node_key),

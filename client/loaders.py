@@ -3,9 +3,11 @@
 Every problem is found here, before the site connects anywhere, and reported as a
 ``DataError`` in one line naming the file and what is wrong with it (the row or column where
 that helps): a missing or empty file, a ragged row, a missing or repeated column, a column that
-is not numeric, missing or infinite values, labels that are not classes, fewer than two or more
-than ``MAX_CLASSES`` classes, an unreadable image, an empty data set. Nothing read here is
-logged or echoed: only counts, shapes and column names (cut short, control characters escaped).
+is not numeric, missing or infinite values, values beyond ``MAX_FEATURE``, labels that are not
+classes or hold control characters, fewer than two or more than ``MAX_CLASSES`` classes, an
+unreadable image, an empty data set, a path that is a FIFO, a device, a directory or a symlink
+loop (checked before anything is opened). Nothing read here is logged or echoed: only counts,
+shapes and column names (cut short, control characters escaped).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from client.data import ArrayDataset
 from veil.config import CleanPath, Text, clean, show
 from veil.errors import DataError
+from veil.files import regular_file_problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MAX_CLASSES = 10_000  # the most a scenario's model.num_classes may be
+MAX_FEATURE = 1e20  # |x| beyond any 64-bit integer (1.8e19): an overflow, unit error or sentinel, not data
 MAX_IMAGE_VALUES = 200_000  # height x width x channels: the most a scenario's model.in_features may be
 ColumnName = Annotated[Text, Field(min_length=1, max_length=256)]
 
@@ -72,6 +76,10 @@ class DataSource(BaseModel):
 def load_site_data(source: DataSource) -> tuple[ArrayDataset, list[str]]:
     """(data set, class names). Labels become 0..K-1 in the sorted order of the class names."""
     path = source.path.expanduser()
+    # before any open(): a FIFO would block, /dev/zero never ends, a symlink loop never resolves
+    problem = None if source.format == "images" and path.is_dir() else regular_file_problem(path)
+    if problem:
+        raise DataError(f"{clean(str(path))} {problem}")
     if not path.exists():
         raise DataError(f"{path}: no such {'directory' if source.format == 'images' else 'file'}")
     if source.format == "images":
@@ -109,13 +117,29 @@ def _encode_labels(raw: np.ndarray, path: Path) -> tuple[np.ndarray, list[str]]:
         return index.astype(np.int64), [str(v) for v in values]
     names = raw.astype(str)
     values = np.unique(names)
+    bad = next((v for v in values if not str(v).isprintable()), None)
+    if bad is not None:
+        raise DataError(f"{path}: the label {show(str(bad), 40)} holds a control or bidi character; labels "
+                        "are class names that print as themselves (clean the label column)")
     return np.searchsorted(values, names).astype(np.int64), [str(v) for v in values]
 
 
-def _check_features(feats: np.ndarray, path: Path, what: str) -> np.ndarray:
+def _column(index: int, columns: list[str] | None) -> str:
+    if columns and index < len(columns):
+        return f"column {show(columns[index], 40)}"
+    return f"feature {index}"
+
+
+def _check_features(feats: np.ndarray, path: Path, what: str, columns: list[str] | None = None) -> np.ndarray:
     if feats.dtype.kind not in "iufb":
         raise DataError(f"{path}: {what} are not numeric (dtype {feats.dtype})")
-    feats = feats.astype(np.float32)
+    wide = feats.astype(np.float64)
+    huge = np.isfinite(wide) & (np.abs(wide) > MAX_FEATURE)
+    if huge.any():
+        row, col = (int(i[0]) for i in np.nonzero(huge))
+        raise DataError(f"{path}: {what} hold {int(huge.sum())} values beyond ±{MAX_FEATURE:g} (first at record "
+                        f"{row}, {_column(col, columns)}); scale or clean the data")
+    feats = wide.astype(np.float32)
     bad = ~np.isfinite(feats)
     if bad.any():
         rows = np.unique(np.nonzero(bad)[0])
@@ -185,14 +209,14 @@ def _table(path: Path, source: DataSource) -> tuple[np.ndarray, np.ndarray]:
             first = next(i for i, v in enumerate(col.to_pylist()) if v is None)
             raise DataError(f"{path}: column {show(name)} has {col.null_count} missing values, first at record "
                             f"{first}")
-        cols.append(col.to_numpy(zero_copy_only=False).astype(np.float32))
+        cols.append(col.to_numpy(zero_copy_only=False).astype(np.float64))
     y_col = table.column(label)
     if y_col.null_count:
         raise DataError(f"{path}: label column {show(label)} has {y_col.null_count} missing values")
     if pa.types.is_binary(y_col.type) or pa.types.is_large_binary(y_col.type):
         raise DataError(f"{path}: label column {show(label)} is not UTF-8 text; save the file as UTF-8")
-    feats = np.stack(cols, axis=1) if cols else np.zeros((0, 0), np.float32)
-    return _check_features(feats, path, "features"), np.asarray(y_col.to_pylist())
+    feats = np.stack(cols, axis=1) if cols else np.zeros((0, 0), np.float64)
+    return _check_features(feats, path, "features", list(features)), np.asarray(y_col.to_pylist())
 
 
 def _names(names: list[str]) -> str:
@@ -251,6 +275,9 @@ def _images(path: Path, source: DataSource) -> tuple[np.ndarray, np.ndarray]:
     for cls in classes:
         files = sorted(f for f in cls.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         for f in files:
+            problem = regular_file_problem(f)
+            if problem:
+                raise DataError(f"{clean(str(f))} {problem}")
             try:
                 with Image.open(f) as img:
                     arr = np.asarray(img.convert(mode).resize((w, h)), dtype=np.float32)

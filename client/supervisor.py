@@ -12,7 +12,7 @@ What Flower 1.41 does, read from its source, and what this module does about it:
   activation "SuperNode ID: N" (connected).
 * When a call gives up anyway (a TLS-looking error message, a non-retryable HTTP status), the
   SuperNode's worker loop ends but the process stays alive and offline: its Runtime API runs
-  on a non-daemon thread. ``veil.processes.supernode_main`` turns that into an exit
+  on a non-daemon thread. ``supernode_main`` (below) turns that into an exit
   (``GAVE_UP``). A dead heartbeat thread ("Heartbeat failed unexpectedly") leaves it polling
   but offline to the SuperLink, so that line restarts it too.
 * Flower's own exit codes reach the log as "Exit Code: N"; the process itself exits 1.
@@ -34,9 +34,11 @@ health check (``veil site status --config site.yaml`` exits 0 only when connecte
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +51,7 @@ from veil.exits import ExitCode
 
 State = Literal["starting", "waiting", "connected", "restarting", "stopping", "stopped", "failed"]
 
+GAVE_UP = 75  # supernode_main: Flower's SuperNode stopped trying and would have idled on forever
 STALL_S = 300.0  # "waiting" without a retry line this long: the SuperNode is stuck
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 60.0  # between restarts, doubling
 STATUS_EVERY_S = 30.0  # the status file is rewritten at least this often while the daemon lives
@@ -188,7 +191,7 @@ class Supervisor:
                 signal.signal(s, h)
 
     def _loop(self) -> int:
-        from veil.processes import GAVE_UP, start_group, stop_group
+        from veil.processes import start_group, stop_group
 
         delay = BACKOFF_FIRST_S
         self.write()
@@ -306,3 +309,21 @@ def read_status(config_path: Path) -> dict[str, Any]:
         if age > 4 * STATUS_EVERY_S:
             out.update(state="stale", reason=f"the daemon (pid {pid}) lives but has not written for {age:.0f} s")
     return out
+
+
+def supernode_main() -> None:
+    """``flower-supernode`` that exits once it gives up (run as ``python -c``; arguments as for it).
+
+    In Flower 1.41 the SuperNode's worker loop ends when a Fleet call gives up (a retry limit,
+    a TLS-looking error, a non-retryable HTTP status: ``supercore/retry/http_retry.py``), and
+    ``flower_supernode()`` returns, but the process lives on, offline, because its Runtime API
+    runs on a non-daemon thread (``supernode/cli/flower_supernode.py``). Here that return ends
+    the process with ``GAVE_UP``, so whoever supervises it can start a fresh one."""
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv[0] = "flower-supernode"
+    flower_supernode()
+    print("veil: the SuperNode stopped trying to reach the SuperLink; exiting so it can be restarted",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(GAVE_UP)  # the Runtime API thread would keep a plain exit waiting forever

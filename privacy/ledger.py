@@ -72,8 +72,9 @@ from privacy.accounting import AccountantName, accountant_version, group_events,
 from privacy.events import DpSgdEvent, remaining_budget
 from privacy.randomness import RngMode
 from veil import __version__
+from veil.config import clean
 from veil.errors import LedgerError
-from veil.files import atomic_write, publish_new, temp_beside
+from veil.files import atomic_write, publish_new, regular_file_problem, resolved, temp_beside
 from veil.logs import get_logger
 
 log = get_logger("ledger")
@@ -290,7 +291,13 @@ class SiteLedger:
 
     def __init__(self, path: Path | str, *, site_id: str | None = None, ledger_id: str | None = None,
                  create: bool = True, readonly: bool = False) -> None:
-        self.path = Path(path).expanduser().resolve()
+        try:
+            self.path = resolved(path)
+        except OSError as err:
+            raise LedgerError(f"ledger {clean(str(path))}: {err.strerror}; point the ledger at its file") from None
+        problem = regular_file_problem(self.path)
+        if problem:
+            raise LedgerError(f"ledger {clean(str(self.path))} {problem}; point the ledger at its file")
         self.site_id = site_id
         witness = read_witness(self.path)
         if not self.path.exists():
@@ -619,7 +626,10 @@ def create_ledger(path: Path | str, site_id: str, *, predecessor: str | None = N
     administrator explicitly replaced a lost ledger: the coordinator accepts the new ledger
     from that site only because it names the ledger it replaces.
     """
-    target = Path(path).expanduser().resolve()
+    try:
+        target = resolved(path)
+    except OSError as err:
+        raise LedgerError(f"ledger {clean(str(path))}: {err.strerror}; point the ledger at its file") from None
     if target.exists():
         raise LedgerError(f"{target} already exists; a ledger is never overwritten")
     ledger_id = _create(target, site_id, predecessor=predecessor, reason=reason)

@@ -37,7 +37,8 @@ class SitePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     epsilon_cap: float | None = Field(
-        None, gt=0.0, le=1000.0, description="lifetime ε cap for the data set, at `delta`"
+        None, ge=0.01, le=1000.0, description="lifetime ε cap for the data set, at `delta`, 0.01..1000: below "
+        "0.01 not one DP-SGD step fits (even σ=10⁴ at q=1 costs more), so every run would be refused"
     )
     delta: float | None = Field(
         None, ge=1e-12, le=0.1, description="δ for the cap, 1e-12..0.1 (a larger δ can leak whole records); "

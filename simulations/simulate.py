@@ -25,7 +25,9 @@ from server.lifecycle import first_failure, record_run
 from server.rounds import format_progress
 from server.store import RunStore
 from simulations.federation import SimulatedSites
-from veil.errors import BudgetRefusedError, EncryptionError, RunFailedError, ScenarioError
+from veil.config import clean
+from veil.errors import BudgetRefusedError, EncryptionError, LedgerError, RunFailedError, ScenarioError, VeilError
+from veil.files import file_kind, resolved, temp_beside
 from veil.logs import get_logger
 from veil.spec import Scenario
 
@@ -101,17 +103,46 @@ def check_model_fits(scenario: Scenario) -> None:
                             f"{classes} classes; set model.num_classes: {classes}")
 
 
+def usable_dir(path: Path | str, option: str, error: type[VeilError], *, make: bool) -> Path:
+    """``path`` resolved; a directory or nothing yet, else ``error`` in one line (a regular file or
+    a device in its place, a symlink loop). With ``make``, it is created and must be writable."""
+    where = clean(str(path))
+    try:
+        directory = resolved(path)
+    except OSError as err:
+        raise error(f"{option} {where}: {clean(err.strerror or str(err), 120)}") from None
+    if directory.exists() and not directory.is_dir():
+        raise error(f"{option} {where} is {file_kind(directory.stat().st_mode)}, not a directory; "
+                    "name a directory (it is created if missing)")
+    if make:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = temp_beside(directory / "write-check")
+            probe.touch(mode=0o600, exist_ok=False)
+            probe.unlink()
+        except OSError as err:
+            raise error(f"{option} {where} cannot be used as a directory: "
+                        f"{clean(err.strerror or str(err), 120)}") from None
+    return directory
+
+
 def check_runnable(scenario: Scenario, ledger_dir: Path | str, artifacts_dir: Path | str) -> SimulatedSites:
     """Everything a simulation needs that can be checked before it is recorded: the data splits
     into the scenario's sites, its records fit the model, a named key set exists. Raises a
-    VeilError with one line; writes nothing (no store, no ledger)."""
-    sites = SimulatedSites(scenario, str(Path(ledger_dir).expanduser().resolve()), allow_seeded_noise=True)
+    VeilError with one line; writes nothing to the store and no ledger. The ledger and artifacts
+    directories are made here (when missing) and must be writable directories, so a bad one is
+    refused before any site is charged."""
+    ledgers = usable_dir(ledger_dir, "--ledger-dir", LedgerError, make=False)
+    usable_dir(artifacts_dir, "--artifacts-dir", VeilError, make=False)
+    sites = SimulatedSites(scenario, str(ledgers), allow_seeded_noise=True)
     parts = sites.partitions()
     log.info("partitioned %s into %d sites (%s): train sizes %s", scenario.data.source,
              len(parts), scenario.data.partitioner, [len(p.train) for p in parts])
     check_model_fits(scenario)
     if scenario.encryption.enabled and scenario.encryption.keys is not None:
         prepare_keys(scenario, Path(artifacts_dir))  # only checks that the named key set exists
+    usable_dir(ledger_dir, "--ledger-dir", LedgerError, make=True)  # last: a refused scenario makes nothing
+    usable_dir(artifacts_dir, "--artifacts-dir", VeilError, make=True)
     return sites
 
 
@@ -133,7 +164,7 @@ def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
     request = ephemeral_request(scenario.model_dump(mode="json"))  # the simulated sites check it too
     signer = request.verify({}, accept_ephemeral=True)
     with record_run(store, scenario, researcher=signer) as run_id:
-        keys = prepare_keys(scenario, Path(artifacts_dir).resolve() / f"run-{run_id}" / "keys")
+        keys = prepare_keys(scenario, resolved(artifacts_dir) / f"run-{run_id}" / "keys")
         server_app = build_server_app(scenario, store.url, run_id, artifacts_dir, on_round,
                                       coordinator_key=keys.coordinator if keys else None, request=request)
         client_app = build_client_app(replace(sites, keys=str(keys.secret)) if keys else sites)

@@ -110,8 +110,18 @@ CASES = [
     Case("python-tag", "scenario", b'name: !!python/object/apply:os.system ["echo pwned"]\n',
          r"could not determine a constructor for the tag"),
     Case("bad-date", "scenario", b"seed: 2024-13-45\n", r"cannot read the value '2024-13-45' \(month must be"),
-    Case("bool-key", "scenario", b"yes: 1\n", r"the key 'yes' is not a name"),
+    Case("bool-key", "scenario", b"true: 1\n", r"the key 'true' is not a name"),
     Case("unclosed", "scenario", b"federation: [unclosed\n", r"not valid YAML: line 2, column 1: while parsing"),
+    # -- scenarios: numbers as YAML 1.2 reads them (YAML 1.1 would turn each into a quiet int) -----
+    Case("sexagesimal-seed", "scenario", b"seed: 1:20\n",
+         r"^  seed: Input should be a valid integer \(got '1:20'\)$"),
+    Case("underscore-rounds", "scenario", b"federation:\n  rounds: 1_0\n",
+         r"rounds: .*valid integer \(got '1_0'\)"),
+    Case("hex-clip", "scenario", b"privacy:\n  noise_multiplier: 1.0\n  max_grad_norm: 0x10\n",
+         r"max_grad_norm: Input should be a valid number \(got '0x10'\)"),
+    Case("binary-sites", "scenario", b"federation:\n  sites: 0b11\n", r"sites: .*valid integer \(got '0b11'\)"),
+    Case("yes-as-bool", "scenario", b"site_policy:\n  require_encryption: yes\n",
+         r"require_encryption: .*valid boolean \(got 'yes'\)"),
     # -- scenarios: types and ranges ------------------------------------------------------------
     Case("count-as-string", "scenario", b"federation:\n  rounds: '3'\n",
          r"^  federation\.rounds: Input should be a valid integer \(got '3'\)$", cli=True),
@@ -145,6 +155,16 @@ CASES = [
          r"not both \(got \['scale_bits'\]\)"),
     Case("unknown-sites", "scenario", b"federation: {sites: 2}\nsite_policy_overrides:\n"
          + b"".join(f"  '{'s' * 1000}{i}': {{}}\n".encode() for i in range(200)), r"unknown sites \[.*, \.\.\.\]"),
+    Case("cap-tiny", "scenario", b"site_policy:\n  epsilon_cap: 1e-300\n",
+         r"site_policy\.epsilon_cap: Input should be greater than or equal to 0\.01", cli=True),
+    Case("fraction-train-tiny", "scenario", b"federation:\n  fraction_train: 1e-9\n",
+         r"fraction_train: Input should be greater than or equal to 0\.001"),
+    Case("update-norm-tiny", "scenario", b"robustness:\n  rule: norm-bound\n  max_update_norm: 1e-300\n",
+         r"max_update_norm: Input should be greater than or equal to 0\.000001"),
+    Case("test-fraction-tiny", "scenario", b"data:\n  test_fraction: 1e-300\n",
+         r"test_fraction: Input should be greater than or equal to 0\.01"),
+    Case("test-fraction-all", "scenario", b"data:\n  test_fraction: 0.99999999\n",
+         r"test_fraction: Input should be less than or equal to 0\.9"),
     # -- site policies (load_policy) ---------------------------------------------------------------
     Case("policy-cap-as-string", "policy", b"policy:\n  epsilon_cap: '10'\n",
          r"policy\.epsilon_cap: Input should be a valid number \(got '10'\)"),
@@ -170,6 +190,12 @@ CASES = [
          r"coordinator\.address: must not contain control"),
     Case("site-path-escape", "site", _site_yaml(ledger="a\x07.ledger"), r"ledger: must not contain control"),
     Case("site-fraction-inf", "site", _site_yaml(test_fraction=float("inf")), r"test_fraction: .*finite"),
+    Case("site-id-dotdot", "site", _site_yaml(site_id=".."), r"site_id: String should match pattern"),
+    Case("site-id-hidden", "site", _site_yaml(site_id=".clinic"), r"site_id: String should match pattern"),
+    Case("site-fraction-tiny", "site", _site_yaml(test_fraction=1e-300),
+         r"test_fraction: .*greater than or equal"),
+    Case("site-octal-seed", "site", _site_yaml().replace(b"site_id:", b"split_seed: 0o17\nsite_id:"),
+         r"split_seed: Input should be a valid integer \(got '0o17'\)"),
     # -- data files (site check: the data check fails) --------------------------------------------
     Case("csv-ragged-row", "data", _csv(*GOOD_ROWS[:2], "1,2,3,4,x,9", *GOOD_ROWS[2:]),
          r"data-csv-ragged-row\.csv: line 4 has 6 fields but the header has 5", cli=True),
@@ -188,6 +214,11 @@ CASES = [
          r"no column 'label'; columns are 'a', 'b', 'c', 'd', 'outcome'"),
     Case("csv-escape-in-cell", "data", _csv(*GOOD_ROWS, "1\x1b[2J,2,3,4,x"),
          r"column 'a' is not numeric .*'1\\x1b\[2J'", cli=True),
+    Case("csv-label-escape", "data", _csv(*GOOD_ROWS, "1,2,3,4,x\x1b[2J"),
+         r"the label 'x\\x1b\[2J' holds a control or bidi character", cli=True),
+    Case("csv-label-bidi", "data", _csv(*GOOD_ROWS, "1,2,3,4,\u202eyx"), r"the label '\\u202eyx' holds a control"),
+    Case("csv-2pow70", "data", _csv(*GOOD_ROWS, f"1,{2**70},3,4,x"),
+         r"features hold 1 values beyond ±1e\+20 \(first at record 30, column 'b'\)"),
     Case("csv-missing-label", "data", _csv(*GOOD_ROWS, "1,2,3,4,"), r"label column 'label' has 1 missing values"),
 ]
 CLI_CASES = [c for c in CASES if c.cli]
@@ -328,3 +359,197 @@ def test_the_cli_exits_with_its_code_and_one_line_and_writes_nothing(
             assert db.execute("select count(*) from runs").fetchone() == (0,)
     ledgers = where / "ledgers"
     assert not ledgers.exists() or not any(ledgers.iterdir()), "a ledger was created for a refused scenario"
+
+
+# -- files that are not files: FIFOs, devices, directories, symlink loops (checked before open) -------
+def _unblock(fifo: Path) -> None:
+    """Should a regression open ``fifo`` for reading, hand it EOF instead of hanging the suite."""
+    import threading
+
+    def writer() -> None:
+        with open(fifo, "wb"):
+            pass
+
+    threading.Thread(target=writer, daemon=True).start()
+
+
+def _loop(where: Path) -> Path:
+    (where / "loop-a").symlink_to(where / "loop-b")
+    (where / "loop-b").symlink_to(where / "loop-a")
+    return where / "loop-a"
+
+
+def _special(kind: str, where: Path) -> tuple[Path, str]:
+    """A path of ``kind`` and the words its error must use."""
+    if kind == "fifo":
+        os.mkfifo(where / "pipe")
+        _unblock(where / "pipe")
+        return where / "pipe", r"is a FIFO \(named pipe\), not a regular file"
+    if kind == "device":
+        return Path("/dev/zero"), r"/dev/zero is a device, not a regular file"
+    if kind == "directory":
+        (where / "dir").mkdir()
+        return where / "dir", r"is a directory, not a regular file"
+    return _loop(where), r"symlink loop"
+
+
+SPECIAL = ["fifo", "device", "directory", "loop"]
+
+
+@pytest.mark.parametrize("kind", SPECIAL)
+def test_a_scenario_that_is_not_a_regular_file_is_one_line(kind: str, tmp_path: Path) -> None:
+    path, words = _special(kind, tmp_path)
+    with pytest.raises(VeilError) as info:
+        load_scenario(path)
+    assert info.value.exit_code == ExitCode.SCENARIO and re.search(words, str(info.value))
+    _assert_clean(str(info.value))
+
+
+@pytest.mark.parametrize("kind", SPECIAL)
+def test_site_data_that_is_not_a_regular_file_is_one_line(kind: str, kit: tuple[Path, str],
+                                                          tmp_path: Path) -> None:
+    path, words = _special(kind, tmp_path)
+    source = load_site_config(kit[0] / "site.yaml").data.model_copy(update={"path": path})
+    with pytest.raises(VeilError) as info:
+        load_site_data(source)
+    assert info.value.exit_code == ExitCode.DATA and re.search(words, str(info.value))
+    _assert_clean(str(info.value))
+
+
+@pytest.mark.parametrize("field", ["root_certificates", "node_key"])
+@pytest.mark.parametrize("kind", SPECIAL)
+def test_a_ca_or_node_key_that_is_not_a_regular_file_fails_its_check(
+        field: str, kind: str, kit: tuple[Path, str], tmp_path: Path) -> None:
+    from client.daemon import preflight
+
+    path, words = _special(kind, tmp_path)
+    cfg = load_site_config(kit[0] / "site.yaml")
+    cfg = cfg.model_copy(update={"coordinator": cfg.coordinator.model_copy(update={field: path})})
+    name = "ca certificate" if field == "root_certificates" else "node key"
+    check = next(c for c in preflight(cfg) if c.name == name)
+    assert not check.ok and re.search(words, check.detail), check.detail
+    _assert_clean(check.detail)
+
+
+def test_a_huge_ca_certificate_is_not_read_whole(kit: tuple[Path, str], tmp_path: Path) -> None:
+    from client.daemon import preflight
+
+    big = tmp_path / "ca.crt"
+    with open(big, "wb") as fh:
+        fh.truncate(50_000_000)  # sparse: a regular file far larger than any certificate
+    cfg = load_site_config(kit[0] / "site.yaml")
+    cfg = cfg.model_copy(update={"coordinator": cfg.coordinator.model_copy(update={"root_certificates": big})})
+    check = next(c for c in preflight(cfg) if c.name == "ca certificate")
+    assert not check.ok and "larger than 1,000,000 bytes" in check.detail
+
+
+@pytest.mark.parametrize("field", ["root_certificates", "node_key"])
+def test_a_site_config_naming_a_fifo_for_ca_or_node_key_is_refused(field: str, kit: tuple[Path, str],
+                                                                    tmp_path: Path) -> None:
+    path, words = _special("fifo", tmp_path)
+    config = tmp_path / "site.yaml"
+    config.write_bytes(_site_yaml(coordinator={field: str(path)}).replace(PINNED.encode(), kit[1].encode()))
+    with pytest.raises(VeilError) as info:
+        load_site_config(config)
+    assert info.value.exit_code == ExitCode.SCENARIO
+    assert re.search(f"coordinator.{field} .*{words}", str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "loop"])
+def test_a_ledger_that_is_not_a_regular_file_is_a_ledger_error(kind: str, tmp_path: Path) -> None:
+    from privacy.ledger import SiteLedger
+
+    path, words = _special(kind, tmp_path)
+    with pytest.raises(VeilError) as info:
+        SiteLedger(path, site_id="clinic-a", create=False)
+    assert info.value.exit_code == ExitCode.LEDGER and re.search(words, str(info.value))
+    _assert_clean(str(info.value))
+
+
+@pytest.mark.parametrize(("option", "kind", "code", "words"), [
+    ("artifacts", "file", ExitCode.ERROR, r"--artifacts-dir .* is a regular file, not a directory"),
+    ("artifacts", "loop", ExitCode.ERROR, r"--artifacts-dir .*symlink loop"),
+    ("ledgers", "file", ExitCode.LEDGER, r"--ledger-dir .* is a regular file, not a directory"),
+    ("ledgers", "loop", ExitCode.LEDGER, r"--ledger-dir .*symlink loop"),
+    ("ledgers", "device", ExitCode.LEDGER, r"--ledger-dir /dev/zero is a device, not a directory"),
+])
+def test_simulate_refuses_an_unusable_directory_before_anything_runs(
+        option: str, kind: str, code: ExitCode, words: str, tmp_path: Path) -> None:
+    from simulations.simulate import check_runnable
+    from veil.spec import Scenario
+
+    dirs = {"artifacts": tmp_path / "artifacts", "ledgers": tmp_path / "ledgers"}
+    if kind == "file":
+        dirs[option].write_text("not a directory\n")
+    elif kind == "loop":
+        dirs[option] = _loop(tmp_path)
+    else:
+        dirs[option] = Path("/dev/zero")
+    scenario = Scenario.model_validate({"federation": {"sites": 2, "rounds": 1}, "model": {"arch": "mlp"}})
+    with pytest.raises(VeilError) as info:
+        check_runnable(scenario, dirs["ledgers"], dirs["artifacts"])
+    assert info.value.exit_code == code and re.search(words, str(info.value)), str(info.value)
+    _assert_clean(str(info.value))
+    assert not (tmp_path / "ledgers").is_dir() or not any((tmp_path / "ledgers").iterdir())
+
+
+def test_simulate_makes_missing_directories_and_checks_they_are_writable(tmp_path: Path) -> None:
+    from simulations.simulate import check_runnable
+    from veil.spec import Scenario
+
+    scenario = Scenario.model_validate({"federation": {"sites": 2, "rounds": 1}, "model": {"arch": "mlp"}})
+    check_runnable(scenario, tmp_path / "a" / "ledgers", tmp_path / "b" / "artifacts")
+    assert not any((tmp_path / "a" / "ledgers").iterdir()) and not any((tmp_path / "b" / "artifacts").iterdir())
+
+
+@pytest.mark.slow  # four CLI runs, each importing torch
+def test_the_cli_never_blocks_on_a_fifo_and_refuses_bad_directories_writing_nothing(
+        kit: tuple[Path, str], tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text("name: tiny\nseed: 0\ndevice: cpu\nfederation: {sites: 2, rounds: 1, min_sites: 2}\n"
+                    "model: {arch: mlp}\nprivacy: {target_epsilon: 8.0}\n")
+    os.mkfifo(tmp_path / "scenario.yaml")
+    os.mkfifo(tmp_path / "data.csv")
+    (tmp_path / "afile").write_text("x\n")
+    site = kit[0] / "site-fifo-data.yaml"
+    body = _site_yaml(data={"path": str(tmp_path / "data.csv")})
+    site.write_bytes(body.replace(PINNED.encode(), kit[1].encode()))
+    loop = _loop(tmp_path)
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+
+    Run = tuple[subprocess.CompletedProcess[str], Path]
+
+    def simulate(scenario: Path, name: str, ledgers: Path, artifacts: Path) -> Run:
+        store = tmp_path / f"{name}.db"
+        cmd = [VEIL, "simulate", str(scenario), "--store", f"sqlite:///{store}", "--ledger-dir", str(ledgers),
+               "--artifacts-dir", str(artifacts)]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+                              check=False, stdin=subprocess.DEVNULL), store
+
+    runs = {
+        "fifo-scenario": (simulate(tmp_path / "scenario.yaml", "s1", tmp_path / "l1", tmp_path / "a1"),
+                          ExitCode.SCENARIO, r"is a FIFO \(named pipe\), not a regular file", tmp_path / "l1"),
+        "artifacts-file": (simulate(base, "s2", tmp_path / "l2", tmp_path / "afile"), ExitCode.ERROR,
+                           r"--artifacts-dir .*afile is a regular file, not a directory", tmp_path / "l2"),
+        "ledgers-loop": (simulate(base, "s3", loop, tmp_path / "a3"), ExitCode.LEDGER,
+                         r"--ledger-dir .*symlink loop", tmp_path / "l3"),
+    }
+    for name, ((proc, store), code, words, ledgers) in runs.items():
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == code, (name, out)
+        _assert_clean(out)
+        assert re.search(words, proc.stderr.rstrip("\n").splitlines()[-1]), (name, out)
+        if store.exists():
+            with sqlite3.connect(store) as db:
+                assert db.execute("select count(*) from runs").fetchone() == (0,), name
+        assert not ledgers.exists() or not any(ledgers.iterdir()), name
+    ca_fifo = kit[0] / "site-fifo-ca.yaml"
+    body = _site_yaml(coordinator={"root_certificates": str(tmp_path / "data.csv")})
+    ca_fifo.write_bytes(body.replace(PINNED.encode(), kit[1].encode()))
+    for config, code, words in [(site, ExitCode.DATA, r"^error: site check failed: data: .*is a FIFO"),
+                                (ca_fifo, ExitCode.SCENARIO, r"coordinator\.root_certificates .* is a FIFO")]:
+        proc = subprocess.run([VEIL, "site", "check", "--config", str(config)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+        assert proc.returncode == code, proc.stdout + proc.stderr
+        _assert_clean(proc.stdout + proc.stderr)
+        assert re.search(words, proc.stderr.splitlines()[-1]), proc.stdout + proc.stderr

@@ -180,3 +180,18 @@ def test_an_npz_with_a_scalar_for_features_is_named(tmp_path: Path) -> None:
     np.savez(tmp_path / "s.npz", x=np.float32(1.0), y=np.array([0, 1]))
     with pytest.raises(DataError, match=r"s.npz: features 'x' must hold one row per record"):
         load_site_data(DataSource(format="npz", path=tmp_path / "s.npz"))
+
+
+def test_a_feature_beyond_any_64_bit_integer_is_refused_with_its_column(tmp_path: Path) -> None:
+    rows = "".join(f"{i},{i % 2}\n" for i in range(10))
+    path = _csv(tmp_path / "d.csv", f"a,label\n{rows}{2**70},1\n")
+    with pytest.raises(DataError, match=r"d\.csv: features hold 1 values beyond .* record 10, column 'a'"):
+        load_site_data(DataSource(format="csv", path=path, label="label"))
+    ok = _csv(tmp_path / "ok.csv", f"a,label\n{rows}{2**62},1\n")  # a 64-bit id is large but not refused
+    assert len(load_site_data(DataSource(format="csv", path=ok, label="label"))[0]) == 11
+
+
+def test_a_label_with_a_bidi_override_is_refused(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "d.csv", "a,label\n1,x\n2,\u202ey\n3,x\n")
+    with pytest.raises(DataError, match=r"the label '\\u202ey' holds a control or bidi character"):
+        load_site_data(DataSource(format="csv", path=path, label="label"))

@@ -229,7 +229,7 @@ def test_sites_outlast_a_coordinator_outage_and_a_late_coordinator(procs: Procs)
 def test_flower_gives_up_but_lives_on_and_the_wrapper_exits(procs: Procs) -> None:
     """The fact the supervisor rests on: with a retry limit, a connected ``flower-supernode`` whose
     SuperLink goes away gives up and stays alive, offline; ``supernode_main`` exits instead."""
-    from veil.processes import GAVE_UP
+    from client.supervisor import GAVE_UP
 
     base, port = procs.base, _free_port()
     _federation(base, port, ("plain", "wrapped"))
@@ -243,7 +243,7 @@ def test_flower_gives_up_but_lives_on_and_the_wrapper_exits(procs: Procs) -> Non
                             "--max-retries", "1"], f"{name}.log")
 
     plain = supernode("plain", [str(BIN / "flower-supernode")])
-    wrapped = supernode("wrapped", [sys.executable, "-c", "from veil.processes import supernode_main; "
+    wrapped = supernode("wrapped", [sys.executable, "-c", "from client.supervisor import supernode_main; "
                                     "supernode_main()"])
     for name in ("plain", "wrapped"):
         _wait_for(lambda n=name: "SuperNode ID" in (base / f"{n}.log").read_text(), 60, f"{name} to connect")

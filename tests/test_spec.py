@@ -282,3 +282,29 @@ def test_veil_simulate_reuses_a_key_set_named_in_the_scenario(tmp_path: Path) ->
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     key_id = json.loads((tmp_path / "my-keyset" / "keyset.json").read_text())["key_id"]
     assert summary["status"] == "completed" and key_id in json.dumps(summary)
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("10", 10), ("-3", -3), ("+4", 4), ("010", 10), ("1e-5", 1e-5), ("1.0e5", 1e5), (".5", 0.5), ("2.", 2.0),
+    ("true", True), ("False", False),
+    # YAML 1.1 reads these as 80, 10, 16, 3, 1, 1.5, True, True: YAML 1.2 (and Veil) as text
+    ("1:20", "1:20"), ("1_0", "1_0"), ("0x10", "0x10"), ("0b11", "0b11"), ("0o1", "0o1"), ("1.5_0", "1.5_0"),
+    ("yes", "yes"), ("on", "on"),
+])
+def test_the_reader_resolves_numbers_and_booleans_as_yaml_1_2(text: str, value: object) -> None:
+    import yaml
+
+    from veil.config import StrictLoader
+
+    got = yaml.load(f"a: {text}\n", Loader=StrictLoader)["a"]
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(("section", "key", "low"), [
+    ("site_policy", "epsilon_cap", 0.01), ("federation", "fraction_train", 0.001),
+    ("data", "test_fraction", 0.01), ("robustness", "max_update_norm", 1e-6)])
+def test_small_positive_values_have_a_meaningful_floor(section: str, key: str, low: float) -> None:
+    extra = {"rule": "norm-bound"} if section == "robustness" else {}
+    Scenario.model_validate({section: {key: low, **extra}})
+    with pytest.raises(ValueError, match=f"{key}\n.*greater than or equal to"):
+        Scenario.model_validate({section: {key: low / 2, **extra}})

@@ -5,11 +5,14 @@ what is wrong (each bad field by its path, what it got, and for an unknown key, 
 allowed at that level).
 
 The reader treats every file as hostile. It refuses, each in one line naming the file (and the
-line where the problem is): a file over ``MAX_FILE_BYTES``, bytes that are not UTF-8, an empty
-document, a key given twice at any depth, a key that is not a plain name, YAML aliases (``*x``:
-the "billion laughs" bomb needs them), nesting deeper than ``MAX_DEPTH``, more than
-``MAX_NODES`` values, and any value longer than ``MAX_SCALAR_CHARS``. Floats may also be
-written ``1e-5`` (YAML 1.2), not only ``1.0e-5``.
+line where the problem is): a path that is not a regular file (a FIFO, a device, a directory, a
+symlink loop: checked before it is opened, so nothing blocks), a file over ``MAX_FILE_BYTES``,
+bytes that are not UTF-8, an empty document, a key given twice at any depth, a key that is not a
+plain name, YAML aliases (``*x``: the "billion laughs" bomb needs them), nesting deeper than
+``MAX_DEPTH``, more than ``MAX_NODES`` values, and any value longer than ``MAX_SCALAR_CHARS``.
+Numbers and booleans are read as YAML 1.2's core schema reads them: ``1e-5`` is a float, while
+``1:20``, ``1_0``, ``0x10``, ``0b11`` and ``yes`` stay text (YAML 1.1 would quietly make them 80,
+10, 16, 3 and true), which the strict models then refuse by name.
 
 Whatever an error message echoes from a file is cut to ``SHOWN_CHARS`` with an ellipsis and
 has its control characters (ESC, newlines, bidi overrides) written as ``\\x1b``-style escapes,
@@ -27,6 +30,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, Field, Strict, ValidationError
 
 from veil.errors import VeilError
+from veil.files import regular_file_problem
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -156,7 +160,8 @@ class _Refused(yaml.MarkedYAMLError):
 
 class StrictLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` for files from anyone: no aliases, no duplicate or non-name keys, and
-    bounded depth, node count and value length (see the module docstring)."""
+    bounded depth, node count and value length (see the module docstring); numbers and booleans
+    as YAML 1.2's core schema reads them."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -215,12 +220,31 @@ class StrictLoader(yaml.SafeLoader):
             raise _Refused(f"cannot read the value {value} ({clean(str(err), 80)})", node.start_mark) from None
 
 
-# YAML 1.1 (PyYAML) reads 1e-5 and 1.0e5 as strings; YAML 1.2 and every user reads them as numbers.
-StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+# Numbers and booleans as YAML 1.2's core schema reads them, not YAML 1.1's: PyYAML would read
+# ``1:20`` as 80 (sexagesimal), ``1_0`` as 10, ``0x10`` as 16, ``0b11`` as 3 and ``yes``/``on`` as
+# true, and ``1e-5`` as a string. Here an int is plain decimal digits, a float is decimal (with an
+# optional exponent) or .inf/.nan, a bool is true/false; anything else is a string, which the
+# strict models then refuse by name.
+_CORE = {
+    "tag:yaml.org,2002:bool": (re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    "tag:yaml.org,2002:int": (re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789")),
+    "tag:yaml.org,2002:float": (
+        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                   r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789.")),
+}
+StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _CORE]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, (_regexp, _first) in _CORE.items():
+    StrictLoader.add_implicit_resolver(_tag, _regexp, _first)
+
+
+def _core_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    return int(str(loader.construct_scalar(node)))  # type: ignore[arg-type]
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", _core_int)
 
 
 def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
@@ -240,6 +264,9 @@ def read_yaml(path: Path, *, what: str, error: type[VeilError]) -> Any:
 
     An empty document (nothing, only comments, or ``null``) is an error: ``{what} file X is empty``."""
     where = clean(str(path))
+    problem = regular_file_problem(path)  # before open(): a FIFO would block, /dev/zero never ends
+    if problem:
+        raise error(f"{what} file {where} {problem}")
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)

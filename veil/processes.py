@@ -5,7 +5,7 @@ Used by the site daemon and by the coordinator command alike: Flower starts its 
 name, so this interpreter's scripts directory goes first on ``PATH``; a supervised process
 runs in its own process group and is stopped (SIGTERM, then SIGKILL) when we are asked to stop.
 ``supervise`` runs one process until it exits (the coordinator); the site keeps its SuperNode
-running with ``start_group``/``stop_group`` and ``supernode_main`` (``client.supervisor``).
+running with ``start_group``/``stop_group`` (``client.supervisor``, whose ``supernode_main`` runs it).
 """
 
 from __future__ import annotations
@@ -95,7 +95,6 @@ def supervise(cmd: list[str], env: dict[str, str], on_event: Callable[..., None]
 
 
 # -- a SuperNode that can be kept running ---------------------------------------------------
-GAVE_UP = 75  # supernode_main: Flower's SuperNode stopped trying and would have idled on forever
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -103,24 +102,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 def strip_ansi(text: str) -> str:
     """``text`` without terminal colour and cursor codes (Flower colours its log levels)."""
     return _ANSI.sub("", text)
-
-
-def supernode_main() -> None:
-    """``flower-supernode`` that exits once it gives up (run as ``python -c``; arguments as for it).
-
-    In Flower 1.41 the SuperNode's worker loop ends when a Fleet call gives up (a retry limit,
-    a TLS-looking error, a non-retryable HTTP status: ``supercore/retry/http_retry.py``), and
-    ``flower_supernode()`` returns, but the process lives on, offline, because its Runtime API
-    runs on a non-daemon thread (``supernode/cli/flower_supernode.py``). Here that return ends
-    the process with ``GAVE_UP``, so whoever supervises it can start a fresh one."""
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
-    sys.argv[0] = "flower-supernode"
-    flower_supernode()
-    print("veil: the SuperNode stopped trying to reach the SuperLink; exiting so it can be restarted",
-          file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(GAVE_UP)  # the Runtime API thread would keep a plain exit waiting forever
 
 
 def start_group(cmd: list[str], env: dict[str, str], *, capture: bool = False) -> subprocess.Popen[str]:

@@ -59,7 +59,8 @@ class FederationSpec(_Strict):
     sites: int = Field(10, ge=1, le=1000, description="number of simulated sites")
     rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
     fraction_train: float = Field(
-        1.0, gt=0.0, le=1.0, description="fraction of sites sampled per training round"
+        1.0, ge=0.001, le=1.0, description="fraction of sites sampled per training round, 0.001..1: below "
+        "1/1000 (the most sites) it samples no site, and a round samples at least min_sites anyway"
     )
     sites_per_round: int | None = Field(
         None, ge=1, le=1000, description="sites sampled per training round (overrides fraction_train)"
@@ -82,7 +83,8 @@ class DataSpec(_Strict):
     alpha: float = Field(0.5, ge=1e-3, le=1e3, description="Dirichlet concentration (smaller = more skew); "
                          "beyond 0.001..1000 the split is all-to-one-site or plain IID anyway")
     shards_per_site: int = Field(2, ge=1, le=1000, description="label shards per site (partitioner: shards)")
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share of each site")
+    test_fraction: float = Field(0.2, ge=0.01, le=0.9, description="held-out share of each site, 0.01..0.9: "
+                                 "less leaves no meaningful test set, more leaves too little to train on")
     min_site_examples: int = Field(20, ge=2, le=5000, description="fewest examples a Dirichlet site may get")
 
 
@@ -219,8 +221,9 @@ class RobustnessSpec(_Strict):
         "none", description="none: FedAvg; norm-bound: each site's update scaled to at most max_update_norm; "
         "trimmed-mean: per coordinate, trim_fraction of the sites dropped at each end")
     max_update_norm: float | None = Field(
-        None, gt=0.0, le=1e6, description="norm-bound: the largest L2 norm of a site's update (its change to "
-        "the model it was sent)")
+        None, ge=1e-6, le=1e6, description="norm-bound: the largest L2 norm of a site's update (its change to "
+        "the model it was sent), 1e-6..1e6: below 1e-6 every update is scaled to float32 rounding noise and the "
+        "model never moves")
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="trimmed-mean: share dropped at each end")
 
     @model_validator(mode="after")
