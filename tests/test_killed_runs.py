@@ -170,24 +170,32 @@ def test_sigkill_leaves_no_running_run_and_no_process(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow  # one real `veil simulate`, interrupted mid-round
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to follow the process tree")
-def test_ctrl_c_exits_130_within_seconds_and_marks_the_run_failed(tmp_path: Path) -> None:
-    """Ctrl-C reaches the whole foreground process group, as a terminal sends it."""
-    (tmp_path / "small.yaml").write_text("federation: {sites: 2, rounds: 3}\nprivacy: {target_epsilon: 1.0}\n")
+def _simulation_in_a_round(tmp_path: Path, rounds: int, *, session: bool = False
+                           ) -> tuple[subprocess.Popen[str], str, dict[int, str]]:
+    """A real ``veil simulate`` once its first round has begun: the process, its store, and every
+    process below it then (pid -> start time), to check that none outlives it."""
+    (tmp_path / "small.yaml").write_text(f"federation: {{sites: 2, rounds: {rounds}}}\n"
+                                         "privacy: {target_epsilon: 1.0}\n")
     store = f"sqlite:///{tmp_path}/runs.db"
     proc = subprocess.Popen(
         [VEIL, "simulate", str(tmp_path / "small.yaml"), "--store", store, "--ledger-dir",
          str(tmp_path / "ledgers"), "--artifacts-dir", str(tmp_path / "artifacts")],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    started: dict[int, str] = {}
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=session)
+    deadline = time.monotonic() + 240
+    while _rounds_of(store, proc.pid) == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        pytest.fail(f"the simulation ended before a round began: {proc.communicate()[1][-800:]}")
+    table = _table()
+    return proc, store, {pid: table[pid][1] for pid in _below(proc.pid, table)}
+
+
+@pytest.mark.slow  # one real `veil simulate`, interrupted mid-round
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to follow the process tree")
+def test_ctrl_c_exits_130_within_seconds_and_marks_the_run_failed(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole foreground process group, as a terminal sends it."""
+    proc, store, started = _simulation_in_a_round(tmp_path, 3, session=True)
     try:
-        deadline = time.monotonic() + 240
-        while _rounds_of(store, proc.pid) == 0 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, "the simulation ended before a round began"
-        table = _table()
-        started = {pid: table[pid][1] for pid in _below(proc.pid, table)}
         os.killpg(proc.pid, signal.SIGINT)
         sent = time.monotonic()
         out, err = proc.communicate(timeout=60)
@@ -216,20 +224,8 @@ def test_ctrl_c_exits_130_within_seconds_and_marks_the_run_failed(tmp_path: Path
 @pytest.mark.slow  # one real `veil simulate`, stopped mid-round by `veil runs stop`
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to follow the process tree")
 def test_veil_runs_stop_records_stopped_and_ends_the_simulation(tmp_path: Path) -> None:
-    (tmp_path / "small.yaml").write_text("federation: {sites: 2, rounds: 5}\nprivacy: {target_epsilon: 1.0}\n")
-    store = f"sqlite:///{tmp_path}/runs.db"
-    proc = subprocess.Popen(
-        [VEIL, "simulate", str(tmp_path / "small.yaml"), "--store", store, "--ledger-dir",
-         str(tmp_path / "ledgers"), "--artifacts-dir", str(tmp_path / "artifacts")],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    started: dict[int, str] = {}
+    proc, store, started = _simulation_in_a_round(tmp_path, 5)
     try:
-        deadline = time.monotonic() + 240
-        while _rounds_of(store, proc.pid) == 0 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, "the simulation ended before a round began"
-        table = _table()
-        started = {pid: table[pid][1] for pid in _below(proc.pid, table)}
         asked = time.monotonic()
         stop = subprocess.run([VEIL, "runs", "stop", "1", "--store", store, "--reason", "wrong data set"],
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from server.admission import REFUSED_LOG
 from server.lifecycle import RUN_END_MARK
@@ -76,33 +77,31 @@ def register_node(public_key: Path, address: str, ca: Path, name: str | None = N
     text = public_key.read_text().strip()
     if not text.startswith("ecdsa-sha2-nistp"):
         raise DeployError(f"{public_key} is not an OpenSSH ECDSA public key (make one with `veil certs node-key`)")
-    with flower_home(address, ca) as env:
-        cmd = [flower_exe("flwr"), "supernode", "register", str(public_key), CONNECTION, "--format", "json"]
-        if name:
-            cmd += ["--name", name]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
-    try:
-        answer = json.loads(done.stdout[done.stdout.index("{"):])
-    except ValueError:
-        answer = {}
-    if not answer.get("success"):
-        why = " ".join(str(answer.get("error-message") or done.stderr or done.stdout).split())[:400]
-        raise DeployError(f"registering {public_key} at {address} failed: {why}")
+    cmd = ["supernode", "register", str(public_key), CONNECTION, "--format", "json"]
+    answer = _flwr_json(cmd + (["--name", name] if name else []), address, ca,
+                        f"registering {public_key} at {address} failed")
     return int(answer["node-id"])
 
 
 def stop_flower_run(flower_run_id: str, address: str, ca: Path) -> None:
     """Ask the SuperLink to stop Flower run ``flower_run_id`` (``flwr stop``), or a DeployError."""
+    _flwr_json(["stop", flower_run_id, CONNECTION, "--format", "json"], address, ca,
+               f"the coordinator at {address} did not stop Flower run {flower_run_id}")
+
+
+def _flwr_json(args: list[str], address: str, ca: Path, failure: str) -> dict[str, Any]:
+    """``flwr ARGS`` against the coordinator; its JSON answer, or a DeployError starting with ``failure``."""
     with flower_home(address, ca) as env:
-        done = subprocess.run([flower_exe("flwr"), "stop", flower_run_id, CONNECTION, "--format", "json"],
-                              env=env, capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run([flower_exe("flwr"), *args], env=env, capture_output=True, text=True, timeout=60,
+                              check=False)
     try:
         answer = json.loads(done.stdout[done.stdout.index("{"):])
     except ValueError:
         answer = {}
     if not answer.get("success"):
         why = " ".join(str(answer.get("error-message") or done.stderr or done.stdout).split())[:400]
-        raise DeployError(f"the coordinator at {address} did not stop Flower run {flower_run_id}: {why}")
+        raise DeployError(f"{failure}: {why}")
+    return answer
 
 
 def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], None],
