@@ -116,10 +116,7 @@ def close_orphans(store: RunStore, cause: str | None = None) -> list[int]:
                 continue
         closed.append(run_id)
         log.warning("run %d was left running: marked failed (%s)", run_id, reason)
-        try:
-            derive_site_epsilons(store, run_id)
-        except (ValueError, ArithmeticError, StoreError) as err:
-            log.warning("run %d: could not derive site ε (%s); readers will recompute", run_id, err)
+        derive_quietly(store, run_id)
     return closed
 
 
@@ -134,10 +131,7 @@ def mark_stopped(store: RunStore, run_id: int, reason: str) -> bool:
         if not getattr(hit, "rowcount", 0):
             return False
     log.info("%s run %d stopped: %s", RUN_END_MARK, run_id, one_line(reason, 1000))
-    try:
-        derive_site_epsilons(store, run_id)
-    except (ValueError, ArithmeticError, StoreError) as err:
-        log.warning("run %d: could not derive site ε (%s); readers will recompute", run_id, err)
+    derive_quietly(store, run_id)
     return True
 
 
@@ -186,16 +180,22 @@ def derive_site_epsilons(store: RunStore, run_id: int) -> None:
                 row.derived_epsilon, row.derived_events = spend.epsilon, spend.events
 
 
+def derive_quietly(store: RunStore, run_id: int) -> None:
+    """``derive_site_epsilons`` where the run's status must land whatever happens: a failure is
+    logged, not raised (readers recompute ε from the events anyway)."""
+    try:
+        derive_site_epsilons(store, run_id)
+    except (ValueError, ArithmeticError, StoreError) as err:
+        log.warning("run %d: could not derive site ε (%s); readers will recompute", run_id, err)
+
+
 def end_run(store: RunStore, run_id: int, status: RunStatus, error: str | None = None) -> None:
     """Record the final status, then derive the sites' ε (a failure there is logged, not raised:
     the status must land, and readers recompute ε from the events anyway)."""
     store.finish_run(run_id, status=status, error=error[:MAX_ERROR] if error else None)
     log.log(logging.INFO if status in ("completed", "stopped") else logging.ERROR, "%s run %d %s%s",
             RUN_END_MARK, run_id, status, f": {one_line(error, 1000)}" if error else "")
-    try:
-        derive_site_epsilons(store, run_id)
-    except (ValueError, ArithmeticError, StoreError) as err:
-        log.warning("run %d: could not derive site ε at run end (%s); readers will recompute", run_id, err)
+    derive_quietly(store, run_id)
 
 
 @contextmanager

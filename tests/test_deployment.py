@@ -44,11 +44,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:  # type: ignore[no-untyped-def,type-arg]
-    deadline = time.monotonic() + timeout
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> float:  # type: ignore[no-untyped-def,type-arg]
+    """Seconds until ``predicate()`` is true; an AssertionError after ``timeout`` or if ``proc`` exits first."""
+    start = time.monotonic()
+    deadline = start + timeout
     while time.monotonic() < deadline:
         if predicate():
-            return
+            return time.monotonic() - start
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"{what}: the process exited with {proc.returncode} first")
         time.sleep(0.25)

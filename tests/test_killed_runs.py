@@ -136,10 +136,7 @@ def test_sigkill_leaves_no_running_run_and_no_process(tmp_path: Path) -> None:
                     where.append(at)
                     started |= got
                     names += cmds
-        deadline = time.monotonic() + 60
-        while (alive := _alive(started)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive, f"processes left behind: {[_cmdline(p)[:120] for p in alive]}"
+        _assert_all_gone(started)
         assert any("ray" in n for n in names), "no kill landed while Ray was up: the test proved nothing"
         assert where.count("round") >= 5, f"too few kills mid-round: {where}"
 
@@ -165,9 +162,24 @@ def test_sigkill_leaves_no_running_run_and_no_process(tmp_path: Path) -> None:
         print(f"{KILLS} kills ({', '.join(sorted(set(where)))}): runs {statuses}, {trained} with rounds, "
               f"{len(started)} processes stopped")
     finally:
-        for pid, tok in started.items():  # never leave this test's processes, whatever failed
-            if _table().get(pid, (0, ""))[1] == tok:
-                os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(None, started)
+
+
+def _assert_all_gone(started: dict[int, str]) -> None:
+    """Every process in ``started`` (and anything they started) ends within a minute."""
+    deadline = time.monotonic() + 60
+    while (alive := _alive(started)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive, f"processes left behind: {[_cmdline(p)[:120] for p in alive]}"
+
+
+def _kill_leftovers(proc: subprocess.Popen[str] | None, started: dict[int, str]) -> None:
+    """Never leave this test's processes behind, whatever failed: by pid and start time only."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+    for pid, tok in started.items():
+        if _table().get(pid, (0, ""))[1] == tok:
+            os.kill(pid, signal.SIGKILL)
 
 
 def _simulation_in_a_round(tmp_path: Path, rounds: int, *, session: bool = False
@@ -209,16 +221,9 @@ def test_ctrl_c_exits_130_within_seconds_and_marks_the_run_failed(tmp_path: Path
             status, error = s.execute(select(S.Run.status, S.Run.error)).one()
         runs.close()
         assert (status, error) == ("failed", "interrupted")
-        deadline = time.monotonic() + 60
-        while (alive := _alive(started)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive, f"processes left behind: {[_cmdline(p)[:120] for p in alive]}"
+        _assert_all_gone(started)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid, tok in started.items():
-            if _table().get(pid, (0, ""))[1] == tok:
-                os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(proc, started)
 
 
 @pytest.mark.slow  # one real `veil simulate`, stopped mid-round by `veil runs stop`
@@ -240,13 +245,6 @@ def test_veil_runs_stop_records_stopped_and_ends_the_simulation(tmp_path: Path) 
         again = subprocess.run([VEIL, "runs", "stop", "1", "--store", store], cwd=tmp_path,
                                capture_output=True, text=True, timeout=120)
         assert again.returncode == 1 and "is stopped, not running" in again.stderr
-        deadline = time.monotonic() + 60
-        while (alive := _alive(started)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive, f"processes left behind: {[_cmdline(p)[:120] for p in alive]}"
+        _assert_all_gone(started)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid, tok in started.items():
-            if _table().get(pid, (0, ""))[1] == tok:
-                os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(proc, started)

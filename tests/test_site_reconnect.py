@@ -15,12 +15,11 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,42 +27,12 @@ import pytest
 import yaml
 
 from client.supervisor import read_status, status_path
+from tests.test_deployment import _events, _free_port, _listening, _wait_for
 
 VEIL = [sys.executable, "-m", "veil.cli"]
 BIN = Path(sys.executable).parent
 OUTAGE_S = 90.0  # longer than Flower's give-up window with the old --max-retries 10 (~60 s)
 RECONNECT_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(predicate: Callable[[], object], timeout: float, what: str) -> float:
-    """Seconds until ``predicate()`` is true; an AssertionError after ``timeout``."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _events(log: Path) -> list[dict]:  # type: ignore[type-arg]
-    out = []
-    for line in log.read_text().splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
 
 
 class Procs:
