@@ -4,7 +4,8 @@ A site administrator writes one ``site.yaml``: where the data is and how to read
 ledger file, the CKKS key (optional), the site's own privacy policy, the device, and how to
 reach the coordinator (address, the federation CA certificate, this site's node key).
 
-``check`` runs the preflight only: the config is valid, the data loads and is well formed,
+``check`` runs the preflight only: the config is valid, the data loads and is well formed
+(and looks scaled, or the site standardizes it with its own statistics: ``client.standardize``),
 the key is present and private, the ledger is intact, the device is usable, the node key and
 CA certificate are readable. ``start`` runs the same preflight and, only if it passes,
 starts a Flower SuperNode (TLS, node authentication) whose ClientApp resolves this site
@@ -22,7 +23,7 @@ import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,6 +33,12 @@ from veil import config
 from veil.config import CleanPath, Text, clean
 from veil.errors import ScenarioError, VeilError
 from veil.files import read_small, regular_file_problem
+from veil.logs import get_logger
+
+if TYPE_CHECKING:
+    from client.data import ArrayDataset
+
+log = get_logger("client")
 
 MAX_KEY_BYTES = 1_000_000  # a CA certificate or node key is a few kilobytes; never read one without a bound
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # "3" is not a number, .inf not a float
@@ -60,6 +67,13 @@ class SiteConfig(BaseModel):
                                  "less leaves no meaningful test set, more leaves too little to train on")
     split_seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the train/test split (keep it fixed: "
                             "the ledger fingerprints the training split)")
+    standardize: bool = Field(
+        False, description="z-score every feature with this site's own mean and std, computed on its "
+        "training split and applied to train and test alike; the statistics stay in the site's log, never "
+        "sent. The ledger fingerprints the data trained on, so turning it on (or off) gives the training "
+        "data a new data set id: under cap_scope: ledger (the default) its spend composes with everything "
+        "the same ledger has charged, so no budget is gained or lost; under cap_scope: dataset it would "
+        "start a fresh budget for the same records")
     ledger: CleanPath
     ledger_id: str | None = Field(
         None, pattern=r"^[0-9a-f]{32}$",
@@ -135,13 +149,24 @@ def preflight(cfg: SiteConfig) -> list[Check]:
             checks.append(Check(name, False, str(err)))
 
     def data() -> str:
+        from client.standardize import unscaled
+
         ds, classes = load_site_data(cfg.data)
         n_test = max(1, round(len(ds) * cfg.test_fraction))
         if len(ds) - n_test < 2:
             raise VeilError(f"{cfg.data.path}: {len(ds)} records leave fewer than 2 to train on")
-        cfg.policy.delta_for(len(ds) - n_test)  # a δ the policy cannot meet fails here
-        return (f"{cfg.data.format} {cfg.data.path}: {len(ds)} records, features {tuple(ds.features.shape[1:])}, "
-                f"{len(classes)} classes; {len(ds) - n_test} train / {n_test} test")
+        train, test = split_site_data(ds, cfg)
+        cfg.policy.delta_for(len(train))  # a δ the policy cannot meet fails here
+        detail = (f"{cfg.data.format} {cfg.data.path}: {len(ds)} records, features "
+                  f"{tuple(ds.features.shape[1:])}, {len(classes)} classes; {len(train)} train / {len(test)} test")
+        if cfg.standardize:
+            return f"{detail}; standardized with the site's own statistics (of its training split, never sent)"
+        seen = unscaled(train.features)
+        if seen:
+            raise Warn(f"{detail}; the training features look unscaled: {seen}. DP-SGD clips each record's "
+                       "gradient, so large features drown the others and training stalls or diverges: "
+                       "set standardize: true in site.yaml")
+        return detail
 
     def small_file(path: Path, what: str) -> bytes:
         try:
@@ -337,10 +362,36 @@ def run_site(config_path: Path) -> int:
                           lambda event, **kw: log_event(event, site=cfg.site_id, **kw)).run()
 
 
-def site_from_config(path: Path) -> Any:
-    """The ``Site`` behind a deployed SuperNode (the ClientApp's resolver calls this)."""
+def split_site_data(ds: ArrayDataset, cfg: SiteConfig) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test): ``cfg.test_fraction`` of the records held out, by ``cfg.split_seed``."""
     import numpy as np
 
+    order = np.random.default_rng(cfg.split_seed).permutation(len(ds))
+    n_test = max(1, round(len(ds) * cfg.test_fraction))
+    return ds.subset(order[n_test:]), ds.subset(order[:n_test])
+
+
+_SAID: set[str] = set()  # standardization summaries already logged by this process
+
+
+def standardize_site_data(site_id: str, train: ArrayDataset, test: ArrayDataset
+                          ) -> tuple[ArrayDataset, ArrayDataset]:
+    """``train`` and ``test`` z-scored with ``train``'s own statistics (``client.standardize``),
+    summarised once in the site's log; nothing of them leaves this function otherwise."""
+    from client.data import ArrayDataset
+    from client.standardize import FeatureStats
+
+    stats = FeatureStats.of(train.features)
+    line = f"{site_id}: standardized with its own statistics, {stats.summary()}; kept here, never sent"
+    if line not in _SAID:
+        _SAID.add(line)
+        log.info("%s", line)
+    return (ArrayDataset(stats.apply(train.features), train.labels),
+            ArrayDataset(stats.apply(test.features), test.labels))
+
+
+def site_from_config(path: Path) -> Any:
+    """The ``Site`` behind a deployed SuperNode (the ClientApp's resolver calls this)."""
     from client.device import resolve_device
     from client.loaders import load_site_data
     from client.site import Site
@@ -349,9 +400,9 @@ def site_from_config(path: Path) -> Any:
     cfg = load_site_config(path)
     researchers = tuple(load_researchers([Path(p) for p in cfg.policy.trusted_researchers]).values())
     ds, _ = load_site_data(cfg.data)
-    order = np.random.default_rng(cfg.split_seed).permutation(len(ds))
-    n_test = max(1, round(len(ds) * cfg.test_fraction))
-    test, train = ds.subset(order[:n_test]), ds.subset(order[n_test:])
+    train, test = split_site_data(ds, cfg)
+    if cfg.standardize:  # after the split: the test records never shape the statistics
+        train, test = standardize_site_data(cfg.site_id, train, test)
     return Site(cfg.site_id, train.to_torch(), test.to_torch(), resolve_device(cfg.device), cfg.ledger,
                 cfg.policy, cfg.keys, ledger_id=cfg.ledger_id, researchers=researchers)
 
