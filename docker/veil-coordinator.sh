@@ -1,6 +1,7 @@
 #!/bin/sh
 # The coordinator container: start the SuperLink (TLS, node authentication, run store from
-# VEIL_STORE), register the sites' public node keys, then mark the container ready.
+# VEIL_STORE), register the sites' public node keys (each named by its key; recorded in the
+# same store, so `veil coordinator sites` lists them), then mark the container ready.
 set -eu
 C=/coordinator
 rm -f "$C/state/ready"
@@ -19,9 +20,8 @@ for _ in range(120):
 sys.exit('the SuperLink did not start listening')
 "
 for pub in "$C"/nodes/*.pub; do
-    name=$(basename "$pub" .pub)
-    veil coordinator register "$pub" --coordinator 127.0.0.1:8000 --ca "$C/certs/ca.crt" --name "$name" \
-        || echo "$name: already registered (or see the error above)"
+    veil coordinator register "$pub" --coordinator 127.0.0.1:8000 --ca "$C/certs/ca.crt" \
+        || echo "$(basename "$pub"): already registered (or see the error above)"
 done
 touch "$C/state/ready"
 wait "$pid"

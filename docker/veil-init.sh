@@ -21,8 +21,8 @@ mkdir -p "$C/researchers"
 cp /researcher/researcher-key.pub "$C/researchers/researcher-key.pub"
 for i in 0 1; do
     S="/site-$i"
-    veil certs node-key "$S/node-key"
-    cp "$S/node-key.pub" "$C/nodes/site-$i.pub"
+    veil certs node-key --site "site-$i" "$S"  # site-$i.node-key (stays here) and site-$i.node-key.pub
+    cp "$S/site-$i.node-key.pub" "$C/nodes/"
     cp "$C/certs/ca.crt" "$S/ca.crt"
     cp "$keys/secret.ckks" "$S/secret.ckks"
     mkdir -p "$S/ledger" "$S/researchers"
@@ -35,7 +35,7 @@ ledger: ledger/site-$i.ledger
 keys: secret.ckks
 policy: {epsilon_cap: 50.0, delta: 1.0e-5, trusted_researchers: [researchers]}
 device: auto
-coordinator: {address: "coordinator:8000", root_certificates: ca.crt, node_key: node-key}
+coordinator: {address: "coordinator:8000", root_certificates: ca.crt, node_key: site-$i.node-key}
 YAML
     veil site init --config "$S/site.yaml"  # creates the ledger and pins its id in site.yaml
 done

@@ -98,7 +98,7 @@ def _site_yaml(base: Path, name: str, port: int, data: str) -> None:
         "keys": "ks/secret.ckks", "policy": {"epsilon_cap": 100.0, "trusted_researchers": ["researchers"]},
         "device": "cpu",  # no runtime_port: every site on this host picks a free one
         "coordinator": {"address": f"127.0.0.1:{port}", "root_certificates": "certs/ca.crt",
-                        "node_key": f"keys/{name}"},
+                        "node_key": f"keys/{name}.node-key"},
     }))
 
 
@@ -112,7 +112,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                                     check=True, timeout=120)
     run("certs", "create", "certs", "--host", "127.0.0.1", "--host", "localhost")
     for name in ("site-0", "site-1", "site-2", "rogue"):
-        run("certs", "node-key", f"keys/{name}")
+        run("certs", "node-key", "--site", name, "keys")  # keys/NAME.node-key and keys/NAME.node-key.pub
     run("keys", "create", "ks")
     run("certs", "researcher-key", "keys/researcher")  # signs the run; coordinator and sites get the .pub
     (base / "researchers").mkdir()
@@ -139,8 +139,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             _wait_for(lambda: _listening(port), 60, "the SuperLink to listen", coordinator)
             fed = Federation(base, port, RunStore(url, migrate=False), coordinator)
             for i in range(3):
-                reg = fed.veil("coordinator", "register", f"keys/site-{i}.pub", "--coordinator",
-                               f"127.0.0.1:{port}", "--ca", "certs/ca.crt", "--name", f"site-{i}")
+                reg = fed.veil("coordinator", "register", f"keys/site-{i}.node-key.pub", "--store", url,
+                               "--coordinator", f"127.0.0.1:{port}", "--ca", "certs/ca.crt")  # named by its key
                 assert reg.returncode == 0 and "registered" in reg.stdout, reg.stdout + reg.stderr
             for i in range(3):
                 fed.start_site(f"site-{i}")
@@ -164,7 +164,7 @@ def test_an_unregistered_supernode_is_refused(federation: Federation) -> None:
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{federation.port}",
-             "--root-certificates", "certs/ca.crt", "--auth-supernode-private-key", "keys/rogue",
+             "--root-certificates", "certs/ca.crt", "--auth-supernode-private-key", "keys/rogue.node-key",
              "--port", str(_free_port()), "--max-retries", "1"],
             cwd=federation.base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})

@@ -105,7 +105,7 @@ def test_the_site_yaml_init_writes_is_valid_and_its_sample_data_loads(tmp_path: 
     (tmp_path / "site.yaml").write_text(body)
     cfg = load_site_config(tmp_path / "site.yaml")
     assert cfg.site_id == "site-0" and cfg.coordinator.address == "coordinator:8000"
-    assert cfg.keys == tmp_path / "secret.ckks" and cfg.coordinator.node_key == tmp_path / "node-key"
+    assert cfg.keys == tmp_path / "secret.ckks" and cfg.coordinator.node_key == tmp_path / "site-0.node-key"
     write_sample_npz(tmp_path / "data.npz", 0, 2)
     write_sample_npz(tmp_path / "other.npz", 1, 2)
     mine, _ = load_site_data(cfg.data)

@@ -86,7 +86,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     digits = load_mnist_5k()
     order = np.random.default_rng(3).permutation(len(digits))
     for i, site in enumerate(SITES):
-        run("certs", "node-key", f"keys/{site}")
+        run("certs", "node-key", "--site", site, "keys")
         sel = order[i * 200:(i + 1) * 200]
         np.savez(base / f"{site}.npz", x=digits.features[sel], y=digits.labels[sel])
         (base / f"{site}.yaml").write_text(yaml.safe_dump({
@@ -94,7 +94,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             "ledger": f"ledgers/{site}.ledger", "device": "cpu", "runtime_port": _free_port(),
             "policy": {"epsilon_cap": 100.0, "trusted_researchers": TRUST[site]},
             "coordinator": {"address": f"127.0.0.1:{port}", "root_certificates": "certs/ca.crt",
-                            "node_key": f"keys/{site}"},
+                            "node_key": f"keys/{site}.node-key"},
         }))
         run("site", "init", "--config", f"{site}.yaml")
     url = f"sqlite:///{base / 'coordinator.db'}"
@@ -113,8 +113,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                             "--artifacts-dir", "art", "--researchers", "admitted")
         _wait_for(lambda: _listening(port), 60, "the SuperLink to listen", coordinator)
         for site in SITES:
-            run("coordinator", "register", f"keys/{site}.pub", "--coordinator", f"127.0.0.1:{port}",
-                "--ca", "certs/ca.crt", "--name", site)
+            run("coordinator", "register", f"keys/{site}.node-key.pub", "--store", url, "--coordinator",
+                f"127.0.0.1:{port}", "--ca", "certs/ca.crt")
             start(site, "site", "start", "--config", f"{site}.yaml")
         store = RunStore(url, migrate=False)
         yield Federation(base, port, store)

@@ -83,7 +83,7 @@ def _federation(base: Path, port: int, names: tuple[str, ...]) -> None:
     """Certificates, one node key, data, ledger and site.yaml per site; researchers they trust."""
     from client.daemon import init_ledger
     from privacy.requests import create_researcher_key
-    from veil.cli.pki import create_certs, create_node_key
+    from veil.cli.pki import create_certs, create_site_node_key
 
     create_certs(base / "certs", ["127.0.0.1"])
     create_researcher_key(base / "alice")
@@ -95,20 +95,21 @@ def _federation(base: Path, port: int, names: tuple[str, ...]) -> None:
     (base / "data.csv").write_text("\n".join(rows) + "\n")
     (base / "state").mkdir()
     for name in names:
-        create_node_key(base / "keys" / name)
+        create_site_node_key(base / "keys", name)  # keys/NAME.node-key and keys/NAME.node-key.pub
         (base / f"{name}.yaml").write_text(yaml.safe_dump({
             "site_id": name, "data": {"format": "csv", "path": "data.csv", "label": "label"},
             "ledger": f"{name}.ledger", "policy": {"trusted_researchers": ["researchers"]}, "device": "cpu",
             "runtime_port": _free_port(),
             "coordinator": {"address": f"127.0.0.1:{port}", "root_certificates": "certs/ca.crt",
-                            "node_key": f"keys/{name}"}}))
+                            "node_key": f"keys/{name}.node-key"}}))
         init_ledger(base / f"{name}.yaml")
 
 
 def _register(base: Path, port: int, name: str) -> int:
     from veil.cli.flower import register_node
 
-    return register_node(base / "keys" / f"{name}.pub", f"127.0.0.1:{port}", base / "certs" / "ca.crt", name)
+    return register_node(base / "keys" / f"{name}.node-key.pub", f"127.0.0.1:{port}", base / "certs" / "ca.crt",
+                         name)
 
 
 def _online_nodes(base: Path, port: int) -> set[int]:
@@ -208,7 +209,7 @@ def test_flower_gives_up_but_lives_on_and_the_wrapper_exits(procs: Procs) -> Non
 
     def supernode(name: str, head: list[str]) -> subprocess.Popen:  # type: ignore[type-arg]
         return procs.start([*head, "--superlink", f"127.0.0.1:{port}", "--root-certificates", "certs/ca.crt",
-                            "--auth-supernode-private-key", f"keys/{name}", "--port", str(_free_port()),
+                            "--auth-supernode-private-key", f"keys/{name}.node-key", "--port", str(_free_port()),
                             "--max-retries", "1"], f"{name}.log")
 
     plain = supernode("plain", [str(BIN / "flower-supernode")])

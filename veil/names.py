@@ -6,6 +6,7 @@ so a misspelt status is a type error rather than a row nobody can find.
 
 from __future__ import annotations
 
+import re
 from typing import Literal, get_args
 
 TRAIN_LOSS = "train-loss"
@@ -49,6 +50,24 @@ Phase = Literal["preflight", "train", "evaluate", "aggregate"]
 ParticipationStatus = Literal["ok", "failed", "rejected", "refused", "no-reply"]
 RequestStatus = Literal["admitted", "refused"]
 
+# A site's id: ``site_id`` in site.yaml, the name a coordinator registers its node key under
+# (``veil coordinator register``) and the name its node key files carry (``NAME.node-key``).
+SITE_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+SITE_ID_MAX = 64
+
+
+def site_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a site id (letters, digits, ``_ - .``, not starting with a dot, at
+    most ``SITE_ID_MAX`` characters); None when it can."""
+    if not value:
+        return "is empty"
+    if len(value) > SITE_ID_MAX:
+        return f"is {len(value)} characters long (at most {SITE_ID_MAX})"
+    if re.fullmatch(SITE_ID_PATTERN.strip("^$"), value) is None:
+        return "may hold only letters, digits, '_', '-' and '.' (not first)"
+    return None
+
+
 __all__ = [
     "EPSILON",
     "EVAL_ACC",
@@ -58,6 +77,8 @@ __all__ = [
     "METRIC_LABELS",
     "RUN_STATUSES",
     "SHOWN_METRICS",
+    "SITE_ID_MAX",
+    "SITE_ID_PATTERN",
     "TRAIN_LOSS",
     "ParticipationStatus",
     "Phase",
@@ -68,4 +89,5 @@ __all__ = [
     "ShownMetric",
     "eval_from_sums",
     "eval_sums",
+    "site_id_problem",
 ]

@@ -275,3 +275,20 @@ class EncryptedMetric(Base):
     sites: Mapped[int] = mapped_column(Integer)
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     sha256: Mapped[str] = mapped_column(String(64))
+
+
+class RegisteredSite(Base):
+    """A site whose public node key the coordinator registered with its SuperLink
+    (``veil coordinator register``): its name, Flower's node id and the key's fingerprint.
+
+    Only the SHA-256 fingerprint of the public key is kept (``ssh-keygen -l``'s form), never key
+    material. Each name, key and node id is registered once. ``name`` is the site id its
+    replies report, so it joins ``sites.site_key`` (participation, ledger heads).
+    """
+
+    __tablename__ = "registered_sites"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    node_id: Mapped[str] = mapped_column(String(20), unique=True)  # Flower's uint64, as decimal text
+    key_fingerprint: Mapped[str] = mapped_column(String(80), unique=True)  # "SHA256:<base64>"
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from veil.cli.common import errors
+from veil.errors import CertError
 
 app = typer.Typer(no_args_is_help=True, help="TLS certificates and SuperNode keys for a deployment.")
 
@@ -30,15 +31,30 @@ def certs_create(
 
 @app.command("node-key")
 def certs_node_key(
-    path: Annotated[Path, typer.Argument(help="where the site's private key goes (NAME; NAME.pub is the public)")],
+    target: Annotated[Path | None, typer.Argument(
+        help="with --site: the directory the key pair goes in (default: here); without: the private key's "
+             "path (older form)", show_default=False)] = None,
+    site: Annotated[str | None, typer.Option(
+        "--site", help="the site's name (its site_id): writes NAME.node-key and NAME.node-key.pub")] = None,
 ) -> None:
-    """A site's SuperNode key pair (ECDSA P-384, OpenSSH). The coordinator registers NAME.pub."""
-    from veil.cli.pki import create_node_key
+    """A site's SuperNode key pair (ECDSA P-384, OpenSSH), named after the site: `--site hospital-a DIR`
+    writes DIR/hospital-a.node-key (mode 600, stays at the site) and DIR/hospital-a.node-key.pub (its
+    comment names the site), which the coordinator registers."""
+    from veil.cli.pki import create_node_key, create_site_node_key
 
     with errors():
-        public = create_node_key(path)
-    typer.echo(f"private key {path} (mode 600: stays at the site); public key {public}: send it to the "
-               f"coordinator, who runs `veil coordinator register {public.name} ...`")
+        if site is not None:
+            private, public = create_site_node_key(target if target is not None else Path("."), site)
+        elif target is not None:
+            private, public = target, create_node_key(target)
+        else:
+            raise CertError("name the site: `veil certs node-key --site NAME [DIR]` writes DIR/NAME.node-key "
+                            "and DIR/NAME.node-key.pub")
+    typer.echo(f"private key {private} (mode 600: stays at the site); public key {public}: send it to the "
+               f"coordinator, who runs `veil coordinator register {public.name} --store URL ...`")
+    if site is None:
+        typer.echo(f"note: {public.name} does not name its site; register it with --name SITE_ID, or make "
+                   "keys named after the site with `veil certs node-key --site NAME [DIR]`")
 
 
 @app.command("researcher-key")

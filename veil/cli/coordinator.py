@@ -13,6 +13,7 @@ import typer
 
 from veil import env as veil_env
 from veil.cli.common import StoreOpt, errors
+from veil.cli.sites import coordinator_sites
 from veil.errors import VeilError
 
 app = typer.Typer(no_args_is_help=True, help="Run the coordinator (Flower SuperLink + run store).")
@@ -84,14 +85,46 @@ def coordinator_start(
 
 @app.command("register")
 def coordinator_register(
-    public_key: Annotated[Path, typer.Argument(help="the site's NAME.pub")],
+    public_key: Annotated[Path, typer.Argument(help="the site's NAME.node-key.pub")],
     coordinator: Annotated[str, typer.Option(help="the SuperLink as HOST:PORT")] = "127.0.0.1:8000",
     ca: Annotated[Path, typer.Option(help="the federation's ca.crt")] = Path("certs/ca.crt"),
-    name: Annotated[str | None, typer.Option(help="a name for the site in Flower's node list")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="the site's name (its site_id) [default: the key's comment, else its file name]")] = None,
+    store: StoreOpt = None,
 ) -> None:
-    """Register a site's public node key; SuperNodes with unregistered keys are refused."""
-    from veil.cli.flower import register_node
+    """Register a site's public node key with the SuperLink (SuperNodes with unregistered keys are
+    refused) and record the site in the run store: its name, node id and key fingerprint
+    (`veil coordinator sites` lists them). A key, or a name, is registered once."""
+    from contextlib import suppress
+
+    from server.site_registry import check_new, record
+    from server.store import RunStore
+    from veil.cli.flower import register_node, unregister_node
+    from veil.cli.pki import read_node_public_key, registered_name
+    from veil.errors import DeployError
 
     with errors():
-        node = register_node(public_key, coordinator, ca, name)
-    typer.echo(f"registered {public_key} as node {node}")
+        key = read_node_public_key(public_key)
+        site = registered_name(public_key, key, name)
+        run_store = RunStore(store)  # creates or migrates it: a bad URL fails before the SuperLink is asked
+        try:
+            check_new(run_store, site, key.fingerprint)  # a known key or a taken name: nothing is changed
+            node = register_node(public_key, coordinator, ca, site)
+            try:
+                record(run_store, site, node, key.fingerprint)
+            except VeilError as err:  # undo the SuperLink's half, so a retry starts from nothing
+                undone = False
+                with suppress(DeployError):
+                    unregister_node(node, coordinator, ca)
+                    undone = True
+                if not undone:
+                    raise VeilError(f"{err}; node {node} stays registered at the SuperLink: remove it with "
+                                    f"`flwr supernode unregister {node}` before trying again") from None
+                raise
+            safe = run_store.safe_url
+        finally:
+            run_store.close()
+    typer.echo(f"registered site {site} (key {key.fingerprint}) as node {node}; recorded in {safe}")
+
+
+app.command("sites")(coordinator_sites)

@@ -4,7 +4,8 @@
   writing to the coordinator's run store (``VEIL_STORE``) with the coordinator's CKKS
   parameters file (``VEIL_COORDINATOR_KEY``, never a secret key).
 * ``register_node``: adds a site's public node key to the SuperLink (``flwr supernode
-  register``); a SuperNode whose key is not registered is refused.
+  register``); a SuperNode whose key is not registered is refused. ``list_nodes`` reads
+  back what the SuperLink knows of each node (``flwr supernode list``): status and times.
 * ``submit``: ``veil run SPEC --coordinator HOST:PORT`` builds Veil's Flower app, sends the
   validated scenario inline and streams the run's log until it ends.
 
@@ -22,6 +23,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +75,59 @@ def flower_home(address: str, ca: Path) -> Iterator[dict[str, str]]:
 def register_node(public_key: Path, address: str, ca: Path, name: str | None = None) -> int:
     """Register a site's node key; returns the node id the SuperLink assigned."""
     if not public_key.is_file():
-        raise DeployError(f"{public_key}: no such public key file (the site's NAME.pub)")
+        raise DeployError(f"{public_key}: no such public key file (the site's NAME.node-key.pub)")
     text = public_key.read_text().strip()
     if not text.startswith("ecdsa-sha2-nistp"):
-        raise DeployError(f"{public_key} is not an OpenSSH ECDSA public key (make one with `veil certs node-key`)")
+        raise DeployError(f"{public_key} is not an OpenSSH ECDSA public key (make one with `veil certs node-key "
+                          "--site NAME`)")
     cmd = ["supernode", "register", str(public_key), CONNECTION, "--format", "json"]
     answer = _flwr_json(cmd + (["--name", name] if name else []), address, ca,
                         f"registering {public_key} at {address} failed")
     return int(answer["node-id"])
+
+
+def unregister_node(node_id: int, address: str, ca: Path) -> None:
+    """Remove node ``node_id`` from the SuperLink (``flwr supernode unregister``), or a DeployError."""
+    _flwr_json(["supernode", "unregister", str(node_id), CONNECTION, "--format", "json"], address, ca,
+               f"the coordinator at {address} did not unregister node {node_id}")
+
+
+@dataclass(frozen=True)
+class FlowerNode:
+    """One node as the SuperLink lists it (Flower 1.41's ``flwr supernode list --format json``).
+
+    ``status``: registered (never connected), online, offline or unregistered; times are
+    Flower's ``YYYY-MM-DD HH:MM:SSZ`` (UTC), None where it has none."""
+
+    node_id: str
+    status: str
+    registered_at: str | None
+    online_at: str | None
+    offline_at: str | None
+    unregistered_at: str | None
+
+    @property
+    def last_seen(self) -> str | None:
+        """When the SuperLink last heard from the node: now while online, else when it went offline."""
+        if self.status == "online":
+            return "now"
+        return self.offline_at if self.status in ("offline", "unregistered") else None
+
+
+def list_nodes(address: str, ca: Path) -> list[FlowerNode]:
+    """Every node the SuperLink at ``address`` lists, unregistered ones included; a DeployError when it
+    cannot be asked (not running, wrong address or CA)."""
+    answer = _flwr_json(["supernode", "list", CONNECTION, "--format", "json", "--verbose"], address, ca,
+                        f"the coordinator at {address} did not list its nodes")
+
+    def when(node: dict[str, Any], key: str) -> str | None:
+        value = node.get(key)
+        return None if value in (None, "", "N/A") else str(value)
+
+    nodes = answer.get("nodes")
+    return [FlowerNode(str(n.get("node-id")), str(n.get("status", "")), when(n, "created-at"),
+                       when(n, "online-at"), when(n, "offline-at"), when(n, "deleted-at"))
+            for n in (nodes if isinstance(nodes, list) else []) if isinstance(n, dict)]
 
 
 def stop_flower_run(flower_run_id: str, address: str, ca: Path) -> None:
