@@ -69,6 +69,11 @@ _RECEIVING = re.compile(r"^Receiving: (\S+) message")
 _EXIT_CODE = re.compile(r"Exit Code: (\d+)")
 WAITING = "Connection attempt failed, retrying in"
 CONNECTED = ("Connection successful after", "SuperNode ID:")
+# Lines Flower logs only once the SuperLink has answered. After an outage the first answer can be a
+# refusal, not a success (a message pulled before the outage belongs to a run that has since ended:
+# 403, "not in `RUNNING` status"), and then no "Connection successful" line ever comes.
+ANSWERED = ("is not in `RUNNING` status", "Run transitioned to a non-`RUNNING` status", "Received successfully",
+            "Sent successfully")
 DEAD_HEARTBEAT = "Heartbeat failed unexpectedly"
 
 
@@ -174,6 +179,8 @@ class Supervisor:
             self.write()
         elif DEAD_HEARTBEAT in message:
             return "its heartbeat thread died, so the coordinator sees it offline"
+        if self.status.state == "waiting" and (_RECEIVING.match(message) or any(m in message for m in ANSWERED)):
+            self.to("connected", "the SuperNode reaches the coordinator")
         return None
 
     # -- the loop -------------------------------------------------------------------------------

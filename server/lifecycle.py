@@ -198,6 +198,18 @@ def end_run(store: RunStore, run_id: int, status: RunStatus, error: str | None =
     derive_quietly(store, run_id)
 
 
+STOPPED_BY_SIGNAL = "interrupted: stopped by a signal (a deployed run: its coordinator was stopped or went down)"
+
+
+def _failure(err: BaseException) -> str:
+    """What a run's record says when ``err`` ended it."""
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C, or SIGTERM in `veil simulate`
+        return "interrupted"
+    if isinstance(err, SystemExit):  # Flower's runtimes exit on SIGTERM/SIGINT/SIGQUIT (flwr_exit), e.g. a
+        return STOPPED_BY_SIGNAL     # ServerApp whose coordinator died, stopped by the coordinator's reaper
+    return str(err) if isinstance(err, VeilError) else f"{type(err).__name__}: {err}"
+
+
 @contextmanager
 def record_run(store: RunStore, scenario: Scenario, mode: RunMode = "simulation",
                researcher: Researcher | None = None) -> Iterator[int]:
@@ -212,9 +224,7 @@ def record_run(store: RunStore, scenario: Scenario, mode: RunMode = "simulation"
             yield run_id
     except BaseException as err:
         if store.get_run(run_id).status == "running":
-            reason = ("interrupted" if isinstance(err, KeyboardInterrupt)  # Ctrl-C or SIGTERM
-                      else str(err) if isinstance(err, VeilError) else f"{type(err).__name__}: {err}")
-            end_run(store, run_id, "failed", reason)
+            end_run(store, run_id, "failed", _failure(err))
             if isinstance(err, KeyboardInterrupt):
                 log.warning("run %d interrupted: recorded as failed", run_id)
         raise

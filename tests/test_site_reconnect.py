@@ -265,7 +265,7 @@ def test_a_lost_supernode_is_restarted_and_a_configuration_error_ends_the_daemon
 
 def test_a_missing_node_key_exits_at_once(tmp_path: Path) -> None:
     _federation(tmp_path, _free_port(), ("site-a",))
-    (tmp_path / "keys" / "site-a").unlink()
+    (tmp_path / "keys" / "site-a.node-key").unlink()
     start = time.monotonic()
     done = subprocess.run([*VEIL, "site", "start", "--config", "site-a.yaml"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, check=False)

@@ -16,6 +16,7 @@ from client.daemon import site_from_config
 from client.site import Site
 from simulations.federation import SimulatedSites
 from veil import logs
+from veil.apps import app_relative
 from veil.spec import load_scenario
 
 
@@ -24,7 +25,7 @@ def resolve_site(context: Context) -> Site:
     if "site-config" in context.node_config:
         logs.configure()  # the site's own ClientApp process: its charges and noise source go to the site's log
         return site_from_config(Path(str(context.node_config["site-config"])))
-    scenario = load_scenario(str(context.run_config["scenario"]))
+    scenario = load_scenario(app_relative(str(context.run_config["scenario"])))
     key = context.run_config.get("key-file")
     return SimulatedSites(scenario, str(context.run_config.get("ledger-dir", "veil-ledgers")),
                           str(key) if key else None)(context)

@@ -23,6 +23,7 @@ from server.lifecycle import note_flower_run, record_run
 from server.rounds import format_progress
 from server.store import RunStore
 from veil import env, logs
+from veil.apps import app_relative
 from veil.errors import ScenarioError
 from veil.names import RunMode
 from veil.spec import REPRODUCIBLE_REFUSED, load_scenario, parse_scenario
@@ -35,15 +36,6 @@ def _deployable(raw: dict[str, object]) -> None:
     """A deployed run's scenario: valid, and never reproducible (seeded) noise."""
     if parse_scenario(raw, "veil run").privacy.reproducible_noise:
         raise ScenarioError(REPRODUCIBLE_REFUSED)
-
-
-def app_relative(path: str) -> Path:
-    """A relative scenario path from the run config, against the app (Veil's installed tree, where
-    ``simulations/scenarios`` lives), not the SuperLink's working directory; an absolute one as is."""
-    given = Path(path).expanduser()
-    if given.is_absolute():
-        return given
-    return Path(__file__).resolve().parent.parent.parent / given
 
 
 @app.main()
