@@ -30,8 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from client.loaders import DataSource
 from privacy.policy import SitePolicy
 from veil import config
+from veil import env as veil_env
 from veil.config import CleanPath, Text, clean
 from veil.errors import ScenarioError, VeilError
+from veil.exits import ExitCode
 from veil.files import read_small, regular_file_problem
 from veil.logs import get_logger
 
@@ -294,21 +296,32 @@ def probe_coordinator(address: str, ca: Path, timeout: float = 5.0) -> Check:
                      warning=True)
 
 
-def supernode_command(cfg: SiteConfig, config_path: Path) -> list[str]:
+def supernode_command(cfg: SiteConfig, config_path: Path, worker_socket: Path | None = None) -> list[str]:
     """The SuperNode's command line: ``flower-supernode`` (through ``client.supervisor.supernode_main``,
-    which exits when Flower gives up) with TLS, node authentication, ``site-config`` in the node
-    config, and no retry limit: Flower retries with backoff until the coordinator answers."""
+    which exits when Flower gives up) with TLS, node authentication, ``site-id``, ``site-config``
+    and the worker's socket (``site-socket``) in the node config, and no retry limit: Flower
+    retries with backoff until the coordinator answers."""
     import sys
 
     from veil.processes import flower_exe
 
     flower_exe("flower-supernode")  # Flower is installed, or a DeployError says how to install it
+    node_config = {"site-id": cfg.site_id, "site-config": str(config_path.resolve())}
+    if worker_socket is not None:
+        node_config["site-socket"] = str(worker_socket)
     return [sys.executable, "-c", "from client.supervisor import supernode_main; supernode_main()",
             "--superlink", cfg.coordinator.address,
             "--root-certificates", str(cfg.coordinator.root_certificates),
             "--auth-supernode-private-key", str(cfg.coordinator.node_key),
-            "--node-config", f'site-config="{config_path.resolve()}"',
+            "--node-config", " ".join(f"{k}={_toml_string(v)}" for k, v in node_config.items()),
             "--port", str(cfg.runtime_port or free_local_port())]
+
+
+def _toml_string(value: str) -> str:
+    """``value`` as a TOML string Flower's node-config parser reads back unchanged."""
+    if "'" not in value and "\n" not in value:
+        return f"'{value}'"  # a literal string: backslashes stay backslashes
+    return json.dumps(value)  # a basic string; JSON's escapes are TOML's
 
 
 def free_local_port() -> int:
@@ -351,15 +364,44 @@ def run_site(config_path: Path) -> int:
 
     start_reaper()  # a SIGKILLed daemon takes its SuperNode (own process group) with it
 
-    cmd = supernode_command(cfg, config_path)
     host, pid, token = this_process()
     status = SiteStatus(site=cfg.site_id, coordinator=cfg.coordinator.address, host=host, pid=pid, pid_token=token)
     path = status_path(Path(config_path))
     log_event("status-file", site=cfg.site_id, path=str(path))
-    with tempfile.TemporaryDirectory(prefix="veil-site-bin-") as runners:  # this site runs its own Veil only
+
+    def emit(event: str, **kw: Any) -> None:
+        log_event(event, site=cfg.site_id, **kw)
+
+    # this site runs its own Veil only; the worker's socket lives in a directory only this user enters
+    with tempfile.TemporaryDirectory(prefix="veil-site-bin-") as runners, \
+            tempfile.TemporaryDirectory(prefix="veil-site-") as private:
         env = {**os.environ, "PATH": pinned_path(Path(runners)), "FLWR_DISABLE_UPDATE_CHECK": "1"}
-        return Supervisor(cmd, env, status, path,
-                          lambda event, **kw: log_event(event, site=cfg.site_id, **kw)).run()
+        keeper = None
+        if os.environ.get(veil_env.SITE_WORKER, "on").strip().lower() not in ("off", "0", "false", "no"):
+            from client.worker import WorkerKeeper, worker_command
+
+            sock = Path(private) / "worker.sock"
+            keeper = WorkerKeeper(worker_command(config_path, sock), env, sock, emit)
+        supervisor = Supervisor(supernode_command(cfg, config_path, keeper.path if keeper else None), env,
+                                status, path, emit)
+        if keeper is None:
+            emit("worker-off", reason=f"{veil_env.SITE_WORKER}=off: each message is answered in its own process")
+            return supervisor.run()
+        status.worker = keeper.status
+        keeper.on_change = supervisor.write
+        keeper.start()
+        try:
+            problem = supervisor.until_ready(keeper)
+            if supervisor.stop_signal is not None:
+                supervisor.to("stopped", f"stopped on {supervisor.stop_signal}")
+                return 0
+            if problem:
+                supervisor.to("failed", problem)
+                return int(ExitCode.DEPLOY)
+            return supervisor.run()
+        finally:
+            keeper.stop()
+            supervisor.write()
 
 
 def split_site_data(ds: ArrayDataset, cfg: SiteConfig) -> tuple[ArrayDataset, ArrayDataset]:

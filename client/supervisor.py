@@ -106,6 +106,7 @@ class SiteStatus:
     last_connected: str | None = None
     last_message: dict[str, Any] | None = None  # run, round, type, received, replied
     last_error: str | None = None
+    worker: dict[str, Any] | None = None  # the site's long-lived worker (client.worker.WorkerKeeper.status)
 
 
 class Supervisor:
@@ -119,18 +120,20 @@ class Supervisor:
         self._last_line = time.monotonic()
         self._run: dict[str, Any] = {}
         self._connected = False  # the current SuperNode has connected at least once
+        self._write_lock = threading.Lock()  # the worker's keeper writes too
 
     # -- the status file and state changes --------------------------------------------------
     def write(self) -> None:
         """Rewrite the status file (atomically); a failure is logged, never fatal."""
         from veil.files import atomic_write
 
-        self.status.updated = _now()
-        try:
-            atomic_write(self.path, (json.dumps(asdict(self.status), indent=2) + "\n").encode(), mode=0o644)
-        except OSError as err:  # a full or read-only disk must not take the site offline
-            self.emit("status-file-unwritable", path=str(self.path), error=str(err))
-        self._written = time.monotonic()
+        with self._write_lock:
+            self.status.updated = _now()
+            try:
+                atomic_write(self.path, (json.dumps(asdict(self.status), indent=2) + "\n").encode(), mode=0o644)
+            except OSError as err:  # a full or read-only disk must not take the site offline
+                self.emit("status-file-unwritable", path=str(self.path), error=str(err))
+            self._written = time.monotonic()
 
     def to(self, state: State, reason: str, *, quiet: bool = False) -> None:
         """Enter ``state`` (logged as ``site-state`` unless ``quiet``) and record it in the status file."""
@@ -182,6 +185,16 @@ class Supervisor:
         if self.status.state == "waiting" and (_RECEIVING.match(message) or any(m in message for m in ANSWERED)):
             self.to("connected", "the SuperNode reaches the coordinator")
         return None
+
+    def until_ready(self, keeper: Any) -> str | None:
+        """Wait (signals honoured) until the site's worker answers; why not, if it cannot start."""
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.to("starting", "loading the site into its worker")
+            return keeper.wait_ready(cancelled=lambda: self.stop_signal is not None)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
     # -- the loop -------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:

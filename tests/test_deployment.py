@@ -247,5 +247,10 @@ def test_two_encrypted_dp_rounds_and_a_site_killed_mid_round(federation: Federat
     for name in ("site-0", "site-1"):
         os.killpg(fed.sites[name].pid, signal.SIGTERM)
         assert fed.sites[name].wait(timeout=60) == 0
-        last = _events(fed.base / f"{name}.log")[-1]
-        assert last["event"] == "supernode-exited" and last["requested"] is True
+        logged = _events(fed.base / f"{name}.log")
+        assert [e["requested"] for e in logged if e["event"] == "supernode-exited"][-1] is True
+        # the rounds were answered by the site's long-lived worker: one start, its charges in its log lines
+        assert [e["event"] for e in logged].count("worker-ready") == 1
+        charged = [e for e in logged if e["event"] == "worker-log" and "charged ledger" in e["message"]]
+        assert len(charged) == 2 and all(f"{name} round" in e["message"] for e in charged)
+        assert "stopped" in logged[-1].get("message", "")  # the worker stopped last, after its SuperNode

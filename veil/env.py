@@ -17,6 +17,9 @@ RESEARCHERS = "VEIL_RESEARCHERS"
 """The directory of researcher public keys (NAME.pub) the coordinator admits runs from."""
 LOG_LEVEL = "VEIL_LOG_LEVEL"
 """Level of the ``veil`` logger (default INFO)."""
+SITE_WORKER = "VEIL_SITE_WORKER"
+"""``off``: ``veil site start`` runs no long-lived worker, and every Flower message is answered
+in its own process (slow: the way Flower runs apps; for measuring, ``benchmarks/deployment.py``)."""
 
 DEFAULT_STORE_URL = "sqlite:///veil.db"
 DEFAULT_ARTIFACTS = "veil-artifacts"
