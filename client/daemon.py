@@ -85,6 +85,9 @@ class SiteConfig(BaseModel):
     policy: SitePolicy = Field(default_factory=SitePolicy)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     coordinator: CoordinatorSpec
+    poll_interval_s: float = Field(
+        0.5, ge=0.1, le=3.0, description="how often the idle SuperNode asks the coordinator for a message, "
+        "in seconds (Flower's own: 3). Each site costs the coordinator one small call per interval")
     runtime_port: int | None = Field(
         None, ge=1024, le=65535, description="the SuperNode's local runtime API port (127.0.0.1); default: a "
         "free port chosen at start, so sites on one host never collide")
@@ -359,8 +362,8 @@ def run_site(config_path: Path) -> int:
         return 3
     import tempfile
 
-    from client.supervisor import SiteStatus, Supervisor, status_path
-    from veil.processes import pinned_path, start_reaper, this_process
+    from client.supervisor import POLL_ENV, SiteStatus, Supervisor, status_path
+    from veil.processes import SUPEREXEC_POLL_ENV, pinned_path, start_reaper, this_process
 
     start_reaper()  # a SIGKILLed daemon takes its SuperNode (own process group) with it
 
@@ -375,7 +378,9 @@ def run_site(config_path: Path) -> int:
     # this site runs its own Veil only; the worker's socket lives in a directory only this user enters
     with tempfile.TemporaryDirectory(prefix="veil-site-bin-") as runners, \
             tempfile.TemporaryDirectory(prefix="veil-site-") as private:
-        env = {**os.environ, "PATH": pinned_path(Path(runners)), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        env = {**os.environ, "PATH": pinned_path(Path(runners)), "FLWR_DISABLE_UPDATE_CHECK": "1",
+               POLL_ENV: repr(cfg.poll_interval_s)}
+        env.setdefault(SUPEREXEC_POLL_ENV, "0.2")  # Flower starts the ClientApp process within 0.2 s, not 1 s
         keeper = None
         if os.environ.get(veil_env.SITE_WORKER, "on").strip().lower() not in ("off", "0", "false", "no"):
             from client.worker import WorkerKeeper, worker_command

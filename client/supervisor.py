@@ -331,6 +331,38 @@ def read_status(config_path: Path) -> dict[str, Any]:
     return out
 
 
+POLL_ENV = "VEIL_SUPERNODE_POLL_S"  # set by ``veil site start`` from site.yaml's poll_interval_s
+DEFAULT_POLL_S = 0.5
+FLOWER_IDLE_S = 3  # Flower 1.41/1.42: ``time.sleep(3)`` between pulls when no message came
+
+
+class _BriskTime:
+    """``time`` for Flower's SuperNode loop, with its 3 s idle sleep shortened to ``interval``."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self.interval if seconds == FLOWER_IDLE_S else seconds)
+
+
+def _brisk_idle_polling(interval: float) -> None:
+    """Poll the coordinator every ``interval`` s while idle, not Flower's fixed 3 s.
+
+    An idle SuperNode pulls the SuperLink for a message, and sleeps 3 s when there is none
+    (``flwr/supernode/start_client_internal.py``); its reply is pushed on the loop's next turn,
+    after that sleep too. That is up to 6 s per message, two messages a round. Nothing else in
+    that loop sleeps 3 s; a Flower whose loop no longer does is left as it is."""
+    import importlib
+
+    module: Any = importlib.import_module("flwr.supernode.start_client_internal")
+    if isinstance(getattr(module, "time", None), type(time)) and interval != FLOWER_IDLE_S:
+        module.time = _BriskTime(interval)
+
+
 def supernode_main() -> None:
     """``flower-supernode`` that exits once it gives up (run as ``python -c``; arguments as for it).
 
@@ -342,6 +374,7 @@ def supernode_main() -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv[0] = "flower-supernode"
+    _brisk_idle_polling(float(os.environ.get(POLL_ENV, DEFAULT_POLL_S)))
     flower_supernode()
     print("veil: the SuperNode stopped trying to reach the SuperLink; exiting so it can be restarted",
           file=sys.stderr, flush=True)

@@ -227,7 +227,12 @@ class Worker:
         except Exception as err:  # a protobuf that does not parse
             return b"error", f"a message that does not parse: {type(err).__name__}".encode()
         with self._lock:  # one task at a time, as one site trains one model at a time
+            start = time.perf_counter()
             reply = self.app(msg, context)
+            from veil.logs import get_logger
+
+            get_logger("client").info("%s: answered %s of run %s in %.2f s", self.site_id,
+                                      msg.metadata.message_type, msg.metadata.run_id, time.perf_counter() - start)
         if not reply.has_content():  # the handlers answer refusals as content; an error has none
             return b"error", (reply.error.reason or "the site's handler failed")[:500].encode()
         return (b"ok", recorddict_to_proto(reply.content).SerializeToString(),

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from server.delivery import send_and_receive
 from server.sentences import error_sentence, one_line
 from server.store import RunStore
 from veil import protocol as P
@@ -112,7 +113,7 @@ def ask_budgets(grid: Grid, nodes: Iterable[int], task: ConfigRecord, timeout: f
         for n in nodes
     ]
     standings = {n: SiteStanding(n) for n in nodes}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in send_and_receive(grid, messages, timeout=timeout):
         st = standings.get(reply.metadata.src_node_id)
         if st is None:
             continue

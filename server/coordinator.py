@@ -23,6 +23,7 @@ from privacy.requests import SignedRequest
 from server.budget import ParticipationPlan, TooFewSites, ask_budgets, check_ledgers, wait_for_nodes
 from server.checkpoints import save_checkpoint, save_encrypted_checkpoint
 from server.checks import Model, aggregate_train_metrics
+from server.delivery import send_and_receive
 from server.lifecycle import end_run, first_failure
 from server.robust import RobustRule
 from server.rounds import ProgressFn, RoundWriter
@@ -181,11 +182,11 @@ def train_rounds(grid: Grid, strategy: RecordingStrategy, initial: Model, task_c
         messages = list(strategy.configure_train(server_round, arrays, task_config(), grid))
         if not messages:
             break
-        new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
+        new_arrays, _ = strategy.aggregate_train(server_round, send_and_receive(grid, messages, timeout=timeout))
         if new_arrays is not None:
             arrays = new_arrays
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(eval_config)), grid),
+        replies = send_and_receive(
+            grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(eval_config)), grid),
             timeout=timeout,
         )
         strategy.aggregate_evaluate(server_round, replies)

@@ -24,6 +24,9 @@ from typing import Any
 
 from veil.errors import DeployError
 
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+"""Flower's SuperExec polls for a ClientApp/ServerApp to start every this many seconds (default 1);
+Veil's site and coordinator set 0.2 unless it is set already."""
 
 def bin_path() -> str:
     """This interpreter's scripts directory first: Flower starts its helpers by name."""

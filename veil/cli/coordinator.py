@@ -38,7 +38,7 @@ def coordinator_start(
     from server.store import RunStore
     from server.store.store import resolve_store_url
     from veil.cli.flower import superlink_command
-    from veil.processes import pinned_path, supervise
+    from veil.processes import SUPEREXEC_POLL_ENV, pinned_path, supervise
 
     with errors():
         if researchers is None:
@@ -67,7 +67,7 @@ def coordinator_start(
         start_reaper()  # a SIGKILLed coordinator takes its SuperLink and ServerApps with it
         cmd = superlink_command(certs, host=host, port=port, state=state)
         runners = tempfile.TemporaryDirectory(prefix="veil-coordinator-bin-")  # runs its own Veil only
-        env = {**os.environ, "PATH": pinned_path(Path(runners.name)),
+        env = {SUPEREXEC_POLL_ENV: "0.2", **os.environ, "PATH": pinned_path(Path(runners.name)),
                "FLWR_HOME": str(state.parent.resolve() / "flwr"),
                **veil_env.coordinator_env(url, artifacts_dir.resolve(),
                                           coordinator_key.resolve() if coordinator_key else None,

@@ -99,6 +99,12 @@ def site_status(
         if isinstance(last, dict):
             typer.echo(f"  last message: run {last.get('run')}, round {last.get('round')}, {last.get('type')}, "
                        f"received {last.get('received')}, replied {last.get('replied') or 'not yet'}")
+        worker = status.get("worker")
+        if isinstance(worker, dict):
+            pid = f", pid {worker['pid']}" if isinstance(worker.get("pid"), int) else ""
+            typer.echo(f"  site worker: {clean(str(worker.get('state')))}{pid}; "
+                       f"restarts: {worker.get('restarts', 0)}"
+                       + (f"; last: {clean(str(worker['last_error']))}" if worker.get("last_error") else ""))
         if status.get("last_error"):
             typer.echo(f"  last error: {clean(str(status['last_error']))}")
         if state == "never-started":
