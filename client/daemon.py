@@ -437,6 +437,13 @@ def standardize_site_data(site_id: str, train: ArrayDataset, test: ArrayDataset
             ArrayDataset(stats.apply(test.features), test.labels))
 
 
+def worker_main() -> None:
+    """The site worker's process (``client.worker``), serving the site of ``--config``."""
+    from client.worker import main
+
+    main(site_from_config)
+
+
 def site_from_config(path: Path) -> Any:
     """The ``Site`` behind a deployed SuperNode (the ClientApp's resolver calls this)."""
     from client.device import resolve_device

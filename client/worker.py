@@ -252,12 +252,13 @@ def _same_user(conn: socket.socket) -> bool:
 
 def worker_command(config_path: Path, socket_path: Path) -> list[str]:
     """How ``veil site start`` runs the worker for ``config_path``."""
-    return [sys.executable, "-c", "from client.worker import main; main()",
+    return [sys.executable, "-c", "from client.daemon import worker_main; worker_main()",
             "--config", str(Path(config_path).resolve()), "--socket", str(socket_path)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The worker process: load the site once, then answer forwarded messages until SIGTERM."""
+def main(load_site: Callable[[Path], Any], argv: list[str] | None = None) -> None:
+    """The worker process: load the site once (``load_site(site.yaml)``, a ``client.site.Site``),
+    then answer forwarded messages until SIGTERM."""
     parser = argparse.ArgumentParser(prog="veil-site-worker")
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--socket", required=True, type=Path)
@@ -269,10 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     log = logs.get_logger("client")
     started = time.monotonic()
     from client.app import build_client_app
-    from client.daemon import site_from_config
 
     try:
-        site = site_from_config(args.config)
+        site = load_site(args.config)
         app = build_client_app(lambda _context: site)
         _ = site.fingerprint  # fingerprint the data now, not in the first round
     except Exception as err:
