@@ -228,8 +228,14 @@ class Worker:
             return b"error", f"a message that does not parse: {type(err).__name__}".encode()
         with self._lock:  # one task at a time, as one site trains one model at a time
             start = time.perf_counter()
-            reply = self.app(msg, context)
             from veil.logs import get_logger
+
+            try:
+                reply = self.app(msg, context)
+            except Exception as err:  # the handlers answer in sentences; this is Flower's routing or a bug
+                get_logger("client").error("site worker: cannot answer a %s message: %s",
+                                           msg.metadata.message_type, err, exc_info=True)
+                return b"error", f"the site cannot answer this message: {type(err).__name__}".encode()
 
             get_logger("client").info("%s: answered %s of run %s in %.2f s", self.site_id,
                                       msg.metadata.message_type, msg.metadata.run_id, time.perf_counter() - start)

@@ -233,3 +233,14 @@ def test_a_worker_that_cannot_load_the_site_is_a_configuration_error(tmp_path: P
         assert keeper.status["state"] == "failed" and keeper.status["restarts"] == 0
     finally:
         keeper.stop(grace=5)
+
+
+def test_a_message_the_site_cannot_route_is_an_error_not_a_dead_worker(tmp_path: Path, private_dir: Path) -> None:
+    site = make_site(tmp_path / "a.ledger")
+    w = _serve(build_client_app(lambda _c: site), private_dir / "w.sock")
+    try:
+        with pytest.raises(W.WorkerBroke, match="cannot answer this message: ValueError"):
+            W.forward(incoming(RecordDict(), "query.nothing"), _context(), str(w.path))
+        assert W.ping(str(w.path)) == "site-t"
+    finally:
+        w.close()
