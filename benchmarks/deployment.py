@@ -96,7 +96,7 @@ def _prepare(base: Path, port: int, rounds: int, epochs: int, poll_s: float) -> 
     digits = load_mnist_5k()
     order = np.random.default_rng(0).permutation(len(digits))
     for i, name in enumerate(SITES):
-        veil("certs", "node-key", f"keys/{name}")
+        veil("certs", "node-key", "--site", name, "keys")  # keys/NAME.node-key, keys/NAME.node-key.pub
         sel = order[i::len(SITES)]
         np.savez(base / f"{name}.npz", x=digits.features[sel], y=digits.labels[sel])
         (base / f"{name}.yaml").write_text(yaml.safe_dump({
@@ -104,7 +104,7 @@ def _prepare(base: Path, port: int, rounds: int, epochs: int, poll_s: float) -> 
             "policy": {"epsilon_cap": 1000.0, "trusted_researchers": ["researchers"]}, "device": "cpu",
             "poll_interval_s": poll_s,
             "coordinator": {"address": f"127.0.0.1:{port}", "root_certificates": "certs/ca.crt",
-                            "node_key": f"keys/{name}"}}))
+                            "node_key": f"keys/{name}.node-key"}}))
         veil("site", "init", "--config", f"{name}.yaml")
     (base / "run.yaml").write_text(yaml.safe_dump({
         "name": "deployment-benchmark", "seed": 1,
@@ -129,12 +129,14 @@ def _federation(base: Path, worker: bool, rounds: int, epochs: int) -> dict[str,
         return proc
 
     try:
-        start(["coordinator", "start", "--certs", "certs", "--store", f"sqlite:///{base / 'veil.db'}",
+        store = f"sqlite:///{base / 'veil.db'}"
+        start(["coordinator", "start", "--certs", "certs", "--store", store,
                "--host", "127.0.0.1", "--port", str(port), "--state", "state/superlink.db",
                "--researchers", "researchers", "--artifacts-dir", "art"], "coordinator.log")
         _wait(lambda: _listening(port), 120, "the SuperLink to listen")
         for name in SITES:
-            subprocess.run([*VEIL, "coordinator", "register", f"keys/{name}.pub", "--coordinator",
+            subprocess.run([*VEIL, "coordinator", "register", f"keys/{name}.node-key.pub", "--store", store,
+                            "--coordinator",
                             f"127.0.0.1:{port}", "--ca", "certs/ca.crt"], cwd=base, check=True,
                            capture_output=True, timeout=120)
         for name in SITES:
