@@ -114,6 +114,7 @@ def close_orphans(store: RunStore, cause: str | None = None) -> list[int]:
                             .values(status="failed", error=reason, ended_at=now))
             if not getattr(hit, "rowcount", 0):
                 continue
+            store.interrupt_rounds(s, run_id, now)
         closed.append(run_id)
         log.warning("run %d was left running: marked failed (%s)", run_id, reason)
         derive_quietly(store, run_id)
@@ -125,11 +126,13 @@ def mark_stopped(store: RunStore, run_id: int, reason: str) -> bool:
 
     Recorded before its process is told to stop, so whatever that process does on the way out
     (``record_run`` keeps a status it did not set) the record says stopped, and why."""
+    now = datetime.now(UTC)
     with store.session() as s:
         hit = s.execute(update(S.Run).where(S.Run.id == run_id, S.Run.status == "running")
-                        .values(status="stopped", error=reason[:MAX_ERROR], ended_at=datetime.now(UTC)))
+                        .values(status="stopped", error=reason[:MAX_ERROR], ended_at=now))
         if not getattr(hit, "rowcount", 0):
             return False
+        store.interrupt_rounds(s, run_id, now)
     log.info("%s run %d stopped: %s", RUN_END_MARK, run_id, one_line(reason, 1000))
     derive_quietly(store, run_id)
     return True

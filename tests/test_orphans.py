@@ -62,7 +62,15 @@ def test_dead_owner_is_closed_with_why(store_url: str) -> None:
     reused = create_run(store, SCENARIO, "simulation")  # a live pid, but another process's start
     _owned_by(store, reused, owner_token=token.rpartition(":")[0] + ":1")  # this pid space, another start
     live = create_run(store, SCENARIO, "simulation")
+    with store.session() as s:  # the dead run was mid-round 2; the live one is mid-round 1
+        s.add_all([S.Round(run_id=dead, number=1, status="completed"),
+                   S.Round(run_id=dead, number=2, status="running"),
+                   S.Round(run_id=live, number=1, status="running")])
     assert sorted(close_orphans(store)) == sorted([dead, reused])
+    with store.session() as s:
+        rounds = {(r.run_id, r.number): (r.status, r.ended_at is not None) for r in s.query(S.Round)}
+    assert rounds == {(dead, 1): ("completed", False), (dead, 2): ("interrupted", True),
+                      (live, 1): ("running", False)}  # an ended run leaves no round running
     for run_id in (dead, reused):
         run = store.get_run(run_id)
         assert run.status == "failed" and run.ended_at is not None

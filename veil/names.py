@@ -45,7 +45,8 @@ RunStatus = Literal["running", "completed", "failed", "refused", "stopped"]
 RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
 FINAL_STATUSES: tuple[RunStatus, ...] = tuple(s for s in RUN_STATUSES if s != "running")
 RunMode = Literal["simulation", "deployment"]
-RoundStatus = Literal["running", "completed", "insufficient"]
+# interrupted: the run ended (failed or stopped) while the round was running
+RoundStatus = Literal["running", "completed", "insufficient", "interrupted"]
 Phase = Literal["preflight", "train", "evaluate", "aggregate"]
 ParticipationStatus = Literal["ok", "failed", "rejected", "refused", "no-reply"]
 RequestStatus = Literal["admitted", "refused"]

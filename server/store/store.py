@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -231,9 +231,16 @@ class RunStore:
             run.status = status
             run.error = error
             run.ended_at = datetime.now(UTC)
+            self.interrupt_rounds(s, run_id, run.ended_at)
             if run.started_at is not None:
                 started = run.started_at if run.started_at.tzinfo else run.started_at.replace(tzinfo=UTC)
                 run.wall_seconds = (run.ended_at - started).total_seconds()
+
+    @staticmethod
+    def interrupt_rounds(s: Session, run_id: int, when: datetime) -> None:
+        """A run that ends leaves no round ``running``: those are ``interrupted`` at ``when``."""
+        s.execute(update(S.Round).where(S.Round.run_id == run_id, S.Round.status == "running")
+                  .values(status="interrupted", ended_at=when))
 
     def get_run(self, run_id: int) -> S.Run:
         """The run's row, readable after its session closes; ``StoreError`` if there is no such run."""

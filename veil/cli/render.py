@@ -152,7 +152,7 @@ def status_text(status: str, problems: dict[str, str] | None = None) -> Text:
     if problems and "status" in problems:
         return Text(f"{INVALID} ({clean(status, 24)})", style="red")
     colour = {"completed": "green", "running": "cyan", "failed": "red", "refused": "yellow",
-              "stopped": "yellow", "insufficient": "yellow"}.get(status)
+              "stopped": "yellow", "insufficient": "yellow", "interrupted": "red"}.get(status)
     return Text(clean(status, 24), style=colour or "")
 
 
