@@ -177,7 +177,9 @@ def test_sites_outlast_a_coordinator_outage_and_a_late_coordinator(procs: Procs)
     status_a = read_status(base / "site-a.yaml")
     assert status_a["alive"] is True and status_a["node_id"] == node_a
     events = [e for e in _events(base / "site-a.log") if e["event"] == "site-state"]
-    assert [e["state"] for e in events][:3] == ["starting", "connected", "waiting"]
+    states = [e["state"] for i, e in enumerate(events) if i == 0 or events[i - 1]["state"] != e["state"]]
+    assert states[:3] == ["starting", "connected", "waiting"]  # (starting twice: the worker, then the SuperNode)
+    assert "worker" in events[0]["reason"]
     assert events[-1]["state"] == "connected"
     logs = [e for e in _events(base / "site-a.log") if e["event"] == "supernode-log"]
     assert logs and not any("\x1b" in e["message"] for e in logs)  # Flower's lines, without colour codes
