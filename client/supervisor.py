@@ -1,6 +1,6 @@
 """Keeping a site in the federation: ``veil site start`` supervises its Flower SuperNode.
 
-What Flower 1.41 does, read from its source, and what this module does about it:
+What Flower 1.41 and 1.42 do (the same code), read from the source, and what this module does about it:
 
 * Without ``--max-retries``/``--max-wait-time`` every Fleet call is retried forever, with
   full-jitter exponential backoff capped at 20 s (``flwr/supercore/retry/http_retry.py``,
@@ -366,7 +366,7 @@ def _brisk_idle_polling(interval: float) -> None:
 def supernode_main() -> None:
     """``flower-supernode`` that exits once it gives up (run as ``python -c``; arguments as for it).
 
-    In Flower 1.41 the SuperNode's worker loop ends when a Fleet call gives up (a retry limit,
+    In Flower 1.41 and 1.42 the SuperNode's worker loop ends when a Fleet call gives up (a retry limit,
     a TLS-looking error, a non-retryable HTTP status: ``supercore/retry/http_retry.py``), and
     ``flower_supernode()`` returns, but the process lives on, offline, because its Runtime API
     runs on a non-daemon thread (``supernode/cli/flower_supernode.py``). Here that return ends

@@ -1,7 +1,7 @@
 """The coordinator's register of sites: which public node key it registered under which name.
 
-Flower's SuperLink keeps the keys it admits but not a name anyone can read back (Flower 1.41's
-``flwr supernode list`` shows no name), so ``veil coordinator register`` records each site in the
+Flower's SuperLink keeps the keys it admits but not a name anyone can read back (Flower 1.41's and
+1.42's ``flwr supernode list`` show no name), so ``veil coordinator register`` records each site in the
 run store (``registered_sites``): its name (the site id its replies report), the node id Flower
 assigned and the SHA-256 fingerprint of its public key. A key is registered once, and a name
 belongs to one key: ``refusal`` says why a registration may not go ahead, checked before the

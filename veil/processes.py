@@ -51,7 +51,7 @@ def flower_exe(name: str) -> str:
     """The path of Flower executable ``name`` in this environment, or a DeployError with the fix."""
     exe = shutil.which(name, path=bin_path())
     if exe is None:
-        raise DeployError(f"{name} is not installed in this environment (pip install 'flwr>=1.41,<1.42')")
+        raise DeployError(f"{name} is not installed in this environment (pip install 'flwr>=1.42,<1.43')")
     return exe
 
 

@@ -34,7 +34,7 @@ from veil.exits import ExitCode
 from veil.processes import bin_path, flower_exe
 
 CONNECTION = "veil"
-SERVERAPP_CRASHED = "An unhandled exception occurred in the ServerApp"  # Flower 1.41's words
+SERVERAPP_CRASHED = "An unhandled exception occurred in the ServerApp"  # Flower 1.41/1.42's words
 
 
 def project_root() -> Path:
@@ -94,7 +94,7 @@ def unregister_node(node_id: int, address: str, ca: Path) -> None:
 
 @dataclass(frozen=True)
 class FlowerNode:
-    """One node as the SuperLink lists it (Flower 1.41's ``flwr supernode list --format json``).
+    """One node as the SuperLink lists it (Flower 1.41/1.42's ``flwr supernode list --format json``).
 
     ``status``: registered (never connected), online, offline or unregistered; times are
     Flower's ``YYYY-MM-DD HH:MM:SSZ`` (UTC), None where it has none."""
