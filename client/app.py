@@ -61,6 +61,14 @@ _LEDGERS: dict[str, SiteLedger] = {}
 _KEYS: dict[str, SecretKey] = {}
 
 
+def forget_loaded() -> None:
+    """Drop the keys and ledgers this process loaded (a long-lived worker whose site.yaml changed)."""
+    _KEYS.clear()
+    for ledger in _LEDGERS.values():
+        ledger.close()
+    _LEDGERS.clear()
+
+
 def site_key(site: Site, key_id: object) -> SecretKey:
     """The site's CKKS secret key (loaded once per process), checked against the task's key id."""
     if site.keys is None:

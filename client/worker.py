@@ -28,6 +28,7 @@ one model at a time; a ``ping`` is answered at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -148,10 +149,15 @@ def forward(msg: Message, context: Context, path: str, *, wait_s: float | None =
 
 # -- the worker ---------------------------------------------------------------------------------
 class Worker:
-    """Serves ``app`` (a ClientApp, or any ``(Message, Context) -> Message``) on a Unix socket."""
+    """Serves ``app`` (a ClientApp, or any ``(Message, Context) -> Message``) on a Unix socket.
 
-    def __init__(self, app: Callable[[Message, Context], Message], path: Path, site_id: str) -> None:
-        self.app, self.path, self.site_id = app, Path(path), site_id
+    ``refresh``, when given, is asked before every message for the app to use from now on (the
+    site's files changed: a new app) or None (unchanged); it raises ``ValueError`` with a sentence
+    when the site no longer loads, and the message is answered with that sentence."""
+
+    def __init__(self, app: Callable[[Message, Context], Message], path: Path, site_id: str,
+                 refresh: Callable[[], Callable[[Message, Context], Message] | None] | None = None) -> None:
+        self.app, self.path, self.site_id, self.refresh = app, Path(path), site_id, refresh
         self._lock = threading.Lock()
         self._server: socket.socket | None = None
         self._closed = threading.Event()
@@ -230,6 +236,11 @@ class Worker:
             start = time.perf_counter()
             from veil.logs import get_logger
 
+            if self.refresh is not None:
+                try:
+                    self.app = self.refresh() or self.app
+                except ValueError as err:
+                    return b"error", str(err)[:500].encode()
             try:
                 reply = self.app(msg, context)
             except Exception as err:  # the handlers answer in sentences; this is Flower's routing or a bug
@@ -258,13 +269,52 @@ def _same_user(conn: socket.socket) -> bool:
 
 def worker_command(config_path: Path, socket_path: Path) -> list[str]:
     """How ``veil site start`` runs the worker for ``config_path``."""
-    return [sys.executable, "-c", "from client.daemon import worker_main; worker_main()",
+    # -P: the directory the site was started in is not on sys.path (nothing planted there is imported)
+    return [sys.executable, "-P", "-c", "from client.daemon import worker_main; worker_main()",
             "--config", str(Path(config_path).resolve()), "--socket", str(socket_path)]
 
 
-def main(load_site: Callable[[Path], Any], argv: list[str] | None = None) -> None:
-    """The worker process: load the site once (``load_site(site.yaml)``, a ``client.site.Site``),
-    then answer forwarded messages until SIGTERM."""
+class SiteFiles:
+    """Notices when the files behind a site change (``inputs(site.yaml)`` lists them; a file is
+    known by its modification time and size, a folder also by its entries')."""
+
+    def __init__(self, config: Path, inputs: Callable[[Path], list[Path]]) -> None:
+        self.config, self.inputs = config, inputs
+        self.paths = inputs(config)
+        self.seen = self.signature()
+
+    def signature(self) -> tuple[tuple[str, int, int], ...]:
+        """(path, mtime ns, size) of every input, and of each entry of an input folder."""
+        out = []
+        for path in self.paths:
+            try:
+                st = path.stat()
+                out.append((str(path), st.st_mtime_ns, st.st_size))
+                if path.is_dir():
+                    for entry in sorted(os.scandir(path), key=lambda e: e.name)[:1000]:
+                        est = entry.stat()
+                        out.append((entry.path, est.st_mtime_ns, est.st_size))
+            except OSError:
+                out.append((str(path), -1, -1))  # gone: a change too
+        return tuple(out)
+
+    def changed(self) -> bool:
+        """Whether anything changed since the last call (the list of files is read again if so)."""
+        now = self.signature()
+        if now == self.seen:
+            return False
+        with contextlib.suppress(Exception):  # site.yaml no longer reads: the reload says why
+            self.paths = self.inputs(self.config)
+        self.seen = self.signature()
+        return True
+
+
+def main(load_site: Callable[[Path], Any], inputs: Callable[[Path], list[Path]],
+         argv: list[str] | None = None) -> None:
+    """The worker process: load the site (``load_site(site.yaml)``, a ``client.site.Site``), then
+    answer forwarded messages until SIGTERM. When a file in ``inputs(site.yaml)`` changes (a
+    researcher key removed, a cap lowered, new data) the site is loaded again before the next
+    answer; until a changed site.yaml loads, every message is answered with why not."""
     parser = argparse.ArgumentParser(prog="veil-site-worker")
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--socket", required=True, type=Path)
@@ -284,8 +334,31 @@ def main(load_site: Callable[[Path], Any], argv: list[str] | None = None) -> Non
     except Exception as err:
         log.error("site worker: cannot load the site from %s: %s", args.config, err)
         sys.exit(3)
-    worker = Worker(app, args.socket, site.site_id)
-    worker.bind()
+    files = SiteFiles(args.config, inputs)
+
+    def refresh() -> Callable[[Message, Context], Message] | None:
+        if not files.changed():
+            return None
+        from client.app import forget_loaded
+
+        forget_loaded()  # its key or ledger may be another file now
+        try:
+            fresh = load_site(args.config)
+        except Exception as err:
+            log.error("site worker: %s changed and no longer loads: %s", args.config, err)
+            files.seen = ()  # try again at the next message
+            raise ValueError(f"{site.site_id}: the site's configuration changed and no longer loads ({err}); "
+                             "it answers nothing until its administrator fixes it") from None
+        log.info("site worker: %s or a file it names changed: site %s reloaded (%d training / %d test records)",
+                 args.config, fresh.site_id, len(fresh.train), len(fresh.test))
+        return build_client_app(lambda _context: fresh)
+
+    worker = Worker(app, args.socket, site.site_id, refresh)
+    try:
+        worker.bind()
+    except OSError as err:  # a path too long for a socket, a directory others can enter, no permission
+        log.error("site worker: cannot listen at %s: %s", args.socket, err)
+        sys.exit(3)
     log.info("site worker for %s ready in %.1f s (pid %d): %d training / %d test records on %s, answering at %s",
              site.site_id, time.monotonic() - started, os.getpid(), len(site.train), len(site.test),
              site.device.type, args.socket)
@@ -311,6 +384,7 @@ class WorkerKeeper:
 
     def __init__(self, cmd: list[str], env: dict[str, str], path: Path, emit: Callable[..., None],
                  on_change: Callable[[], None] = lambda: None) -> None:
+        """``on_change()`` is called after every change of ``status`` (which is replaced, never mutated)."""
         self.cmd, self.env, self.path, self.emit, self.on_change = cmd, env, Path(path), emit, on_change
         self.status: dict[str, Any] = {"state": "starting", "pid": None, "restarts": 0, "socket": str(path)}
         self._stop = threading.Event()
@@ -346,7 +420,7 @@ class WorkerKeeper:
         self._set(state="stopped", pid=None)
 
     def _set(self, **kw: Any) -> None:
-        self.status.update(kw)
+        self.status = {**self.status, **kw}  # a new dict: the status writer may be serialising the old one
         self.on_change()
 
     def _loop(self) -> None:
@@ -359,6 +433,9 @@ class WorkerKeeper:
                 proc = self._proc = start_group(self.cmd, self.env, capture=True)
             except OSError as err:
                 self._failed = f"cannot start the site's worker ({self.cmd[0]}): {err}"
+                return
+            if self._stop.is_set():  # stop() came while it started: it may have missed this one
+                stop_group(proc, 5.0)
                 return
             self.emit("worker-started", pid=proc.pid)
             self._set(state="starting", pid=proc.pid)
@@ -378,6 +455,10 @@ class WorkerKeeper:
                 self._set(state="ready", ready_s=round(time.monotonic() - started, 2))
                 self._ready.set()
                 self.emit("worker-ready", pid=proc.pid, seconds=round(time.monotonic() - started, 2))
+            while proc.poll() is None and not self._stop.wait(0.5):
+                pass
+            if self._stop.is_set():
+                stop_group(proc, 20.0)  # stop() may have stopped an older one
             code = proc.wait()
             pump.join(timeout=5)
             if self._stop.is_set():
@@ -385,7 +466,7 @@ class WorkerKeeper:
             reason = f"it exited with {code}"
             self.emit("worker-exited", pid=proc.pid, code=code)
             if not ever_ready and code == 3:  # it could not load the site: a configuration error
-                self._failed = "the site's worker could not load the site (see its worker-log lines)"
+                self._failed = "the site's worker could not load the site or listen (see its worker-log lines)"
                 self._set(state="failed", pid=None, last_error=self._failed)
                 return
             self._ready.clear()

@@ -244,3 +244,49 @@ def test_a_message_the_site_cannot_route_is_an_error_not_a_dead_worker(tmp_path:
         assert W.ping(str(w.path)) == "site-t"
     finally:
         w.close()
+
+
+def test_a_caller_of_another_user_is_refused(tmp_path: Path, private_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _serve(lambda m, c: m, private_dir / "w.sock")
+    try:
+        assert W.ping(str(w.path)) == "site-t"
+        monkeypatch.setattr(os, "getuid", lambda: 4242)  # the worker now runs as someone else than its caller
+        with pytest.raises(W.WorkerBroke, match="error"):
+            W.ping(str(w.path))
+    finally:
+        w.close()
+
+
+def test_the_worker_reloads_a_changed_site_and_refuses_a_broken_one(tmp_path: Path, private_dir: Path) -> None:
+    import yaml
+
+    from client.daemon import init_ledger
+    from tests.test_site_daemon import _site
+
+    config = _site(tmp_path)
+    init_ledger(config)
+    sock = private_dir / "worker.sock"
+    keeper = W.WorkerKeeper(W.worker_command(config, sock), dict(os.environ), sock, lambda e, **kw: None)
+    keeper.start()
+
+    def cap() -> float | None:
+        query = incoming(RecordDict({P.TASK: task(arch="mlp-4x3", batch_size=20).to_config()}), P.BUDGET_QUERY)
+        reply = W.forward(query, _context(), str(sock)).content
+        return P.BudgetStatus.from_config(reply[P.BUDGET]).cap  # type: ignore[arg-type]
+
+    try:
+        assert keeper.wait_ready(timeout=180) is None
+        assert cap() == 10.0
+        good = config.read_text()
+        cfg = yaml.safe_load(good)
+        cfg["policy"]["epsilon_cap"] = 0.5  # the administrator lowers the cap while the site runs
+        config.write_text(yaml.safe_dump(cfg))
+        assert cap() == 0.5  # the next answer follows it, without a restart
+        config.write_text(good + "\nnot yaml: [\n")
+        with pytest.raises(W.WorkerBroke, match="changed and no longer loads"):
+            cap()
+        config.write_text(good)
+        assert cap() == 10.0 and keeper.status["restarts"] == 0
+    finally:
+        keeper.stop(grace=10)
