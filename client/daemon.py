@@ -72,10 +72,8 @@ class SiteConfig(BaseModel):
     standardize: bool = Field(
         False, description="z-score every feature with this site's own mean and std, computed on its "
         "training split and applied to train and test alike; the statistics stay in the site's log, never "
-        "sent. The ledger fingerprints the data trained on, so turning it on (or off) gives the training "
-        "data a new data set id: under cap_scope: ledger (the default) its spend composes with everything "
-        "the same ledger has charged, so no budget is gained or lost; under cap_scope: dataset it would "
-        "start a fresh budget for the same records")
+        "sent, and are computed without DP noise (what they reveal through the model is not covered by "
+        "epsilon). The data set id stays the records', so turning it on or off never opens a fresh budget")
     ledger: CleanPath
     ledger_id: str | None = Field(
         None, pattern=r"^[0-9a-f]{32}$",
@@ -312,7 +310,7 @@ def supernode_command(cfg: SiteConfig, config_path: Path, worker_socket: Path | 
     node_config = {"site-id": cfg.site_id, "site-config": str(config_path.resolve())}
     if worker_socket is not None:
         node_config["site-socket"] = str(worker_socket)
-    return [sys.executable, "-c", "from client.supervisor import supernode_main; supernode_main()",
+    return [sys.executable, "-P", "-c", "from client.supervisor import supernode_main; supernode_main()",
             "--superlink", cfg.coordinator.address,
             "--root-certificates", str(cfg.coordinator.root_certificates),
             "--auth-supernode-private-key", str(cfg.coordinator.node_key),
@@ -393,7 +391,12 @@ def run_site(config_path: Path) -> int:
             emit("worker-off", reason=f"{veil_env.SITE_WORKER}=off: each message is answered in its own process")
             return supervisor.run()
         status.worker = keeper.status
-        keeper.on_change = supervisor.write
+
+        def worker_changed() -> None:
+            status.worker = keeper.status
+            supervisor.write()
+
+        keeper.on_change = worker_changed
         keeper.start()
         try:
             problem = supervisor.until_ready(keeper)
@@ -441,7 +444,15 @@ def worker_main() -> None:
     """The site worker's process (``client.worker``), serving the site of ``--config``."""
     from client.worker import main
 
-    main(site_from_config)
+    main(site_from_config, site_inputs)
+
+
+def site_inputs(config_path: Path) -> list[Path]:
+    """Every file the site's answers depend on: site.yaml, the data, the CKKS key and the trusted
+    researcher keys (a long-lived worker reloads the site when one of them changes)."""
+    cfg = load_site_config(config_path)
+    paths = [Path(config_path), cfg.data.path, *(Path(p) for p in cfg.policy.trusted_researchers)]
+    return paths + ([cfg.keys] if cfg.keys else [])
 
 
 def site_from_config(path: Path) -> Any:
@@ -455,10 +466,15 @@ def site_from_config(path: Path) -> Any:
     researchers = tuple(load_researchers([Path(p) for p in cfg.policy.trusted_researchers]).values())
     ds, _ = load_site_data(cfg.data)
     train, test = split_site_data(ds, cfg)
+    records = None  # the data set id is the records', however the site scales them for training
     if cfg.standardize:  # after the split: the test records never shape the statistics
+        from privacy.ledger import fingerprint_arrays
+
+        records = fingerprint_arrays(*train.to_torch().tensors)
         train, test = standardize_site_data(cfg.site_id, train, test)
     return Site(cfg.site_id, train.to_torch(), test.to_torch(), resolve_device(cfg.device), cfg.ledger,
-                cfg.policy, cfg.keys, ledger_id=cfg.ledger_id, researchers=researchers)
+                cfg.policy, cfg.keys, ledger_id=cfg.ledger_id, researchers=researchers,
+                records_fingerprint=records)
 
 
 def init_ledger(config_path: Path, *, new_ledger: bool = False, reason: str | None = None) -> str:

@@ -48,11 +48,13 @@ class Site:
     allow_seeded_noise: bool = False
     researchers: tuple[Researcher, ...] | None = None
     accept_ephemeral: bool = False
+    records_fingerprint: str | None = None  # of the records as loaded, when training sees them scaled
 
     @cached_property
     def fingerprint(self) -> str:
-        """Identity of the training data: the ledger's budgets are per fingerprint."""
-        return fingerprint_arrays(*self.train.tensors)
+        """Identity of the training data: the ledger's budgets are per fingerprint. A site that
+        standardizes its features is still the same records (``records_fingerprint``)."""
+        return self.records_fingerprint or fingerprint_arrays(*self.train.tensors)
 
 
 SiteResolver = Callable[[Context], Site]

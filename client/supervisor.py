@@ -353,9 +353,10 @@ def _brisk_idle_polling(interval: float) -> None:
     """Poll the coordinator every ``interval`` s while idle, not Flower's fixed 3 s.
 
     An idle SuperNode pulls the SuperLink for a message, and sleeps 3 s when there is none
-    (``flwr/supernode/start_client_internal.py``); its reply is pushed on the loop's next turn,
-    after that sleep too. That is up to 6 s per message, two messages a round. Nothing else in
-    that loop sleeps 3 s; a Flower whose loop no longer does is left as it is."""
+    (``flwr/supernode/start_client_internal.py``): a message waits up to 3 s to be picked up, two
+    messages a round. (Its reply is pushed as soon as the ClientApp has answered: that wait polls
+    every 0.5 s.) Nothing else in that loop sleeps 3 s; a Flower whose loop no longer does is
+    left as it is."""
     import importlib
 
     module: Any = importlib.import_module("flwr.supernode.start_client_internal")

@@ -136,7 +136,7 @@ def test_a_standardized_site_trains_on_its_own_z_scores(tmp_path: Path,
     np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(x.std(0), 1, rtol=1e-4)
     np.testing.assert_allclose(xt, _z(test.features.astype(np.float64), mean, std), rtol=1e-4, atol=1e-5)
-    assert site.fingerprint != raw_site.fingerprint  # what is trained on is what the ledger fingerprints
+    assert site.fingerprint == raw_site.fingerprint  # the same records: standardizing never opens a fresh budget
     said = [r.getMessage() for r in client_log.records if "standardized" in r.getMessage()]
     assert said == ["clinic-a: standardized with its own statistics, 30 features over 455 training records: "
                     f"means {mean.min():.3g}..{mean.max():.3g}, stds {std.min():.3g}..{std.max():.3g}, "
