@@ -18,6 +18,10 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from veil.logs import get_logger
+
+log = get_logger("server")
+
 FIRST_POLL_S = 0.1  # while replies may come at any moment
 MAX_POLL_S = 1.0  # a long training: one pull a second at most
 BACKOFF = 1.25
@@ -27,7 +31,11 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float 
     """Push ``messages``; the replies that arrive within ``timeout`` seconds (None: until all do)."""
     if not _brisk(grid):
         return list(grid.send_and_receive(messages, timeout=timeout))
-    waiting = set(grid.push_messages(messages))
+    messages = list(messages)
+    waiting = {i for i in grid.push_messages(messages) if i}  # Flower gives None for a message it could not push
+    if len(waiting) < len(messages):  # those sites count as no reply; say why here, once
+        log.warning("%d of %d messages could not be handed to the SuperLink (too large, or it refused them); "
+                    "those sites will show no reply", len(messages) - len(waiting), len(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     interval = FIRST_POLL_S

@@ -60,6 +60,18 @@ def test_a_reply_that_never_comes_ends_at_the_timeout() -> None:
     assert grid.pulls >= 2 and 0.5 <= waited < 5.0
 
 
+def test_messages_the_superlink_did_not_take_are_not_waited_for(caplog: pytest.LogCaptureFixture) -> None:
+    class Partial(PollGrid):
+        def push_messages(self, messages: Iterable[Message]) -> list[str]:
+            ids = super().push_messages(messages)
+            return [ids[0], None]  # type: ignore[list-item]  # what Flower returns for a failed push
+
+    grid = Partial([1, 1])
+    replies = delivery.send_and_receive(grid, _messages(2), timeout=None)  # type: ignore[arg-type]
+    assert [r.metadata.src_node_id for r in replies] == [1] and grid.pulls == 1  # no wait for the lost one
+    assert "1 of 2 messages could not be handed to the SuperLink" in caplog.text
+
+
 def test_a_grid_without_push_and_pull_keeps_its_own_loop() -> None:
     class Plain:
         def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
