@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from sqlalchemy import select
 
 from server.delivery import send_and_receive
 from server.sentences import error_sentence, one_line
 from server.store import RunStore
+from server.store import schema as S
 from veil import protocol as P
 from veil.logs import get_logger
 
@@ -83,6 +85,29 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float, stall: float | None =
     return nodes
 
 
+def check_names(store: RunStore, standings: dict[int, SiteStanding]) -> None:
+    """Hold every answer's site name against the register (``veil coordinator register``): a node
+    whose key was registered under one name may not answer as another, nor take a name registered
+    to another node. Nodes the register does not know (it is optional) are not judged here."""
+    with store.session() as s:
+        names = {row.node_id: row.name for row in s.scalars(select(S.RegisteredSite))}
+    if not names:
+        return
+    nodes = {name: node for node, name in names.items()}
+    for node, st in standings.items():
+        if st.status is None or st.rejection is not None:
+            continue
+        claimed, registered = st.status.site_id, names.get(str(node))
+        if registered is not None and claimed != registered:
+            why = f"node {node} was registered as {registered!r} but answers as {claimed!r}"
+        elif registered is None and claimed in nodes:
+            why = f"{claimed!r} is registered to node {nodes[claimed]}, not to node {node}"
+        else:
+            continue
+        st.rejection = P.Refusal("unregistered-name", why)
+        log.error("pre-flight: %s", why)
+
+
 def check_ledgers(store: RunStore, run_id: int, standings: dict[int, SiteStanding]) -> None:
     """Hold every answer's ledger head against what the coordinator witnessed before
     (``server.ledger_heads``); a site whose ledger went backwards or was swapped is rejected."""
@@ -91,7 +116,7 @@ def check_ledgers(store: RunStore, run_id: int, standings: dict[int, SiteStandin
     with store.session() as s:
         witness = LedgerWitness(s, run_id)
         for st in standings.values():
-            if st.status is None or st.status.ledger is None:
+            if st.status is None or st.status.ledger is None or st.rejection is not None:
                 continue
             verdict = witness.check(st.status.site_id, st.status.ledger)
             if verdict.refusal is not None:

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from privacy.ckks import CoordinatorContext
 from privacy.randomness import describe
 from privacy.requests import SignedRequest
-from server.budget import ParticipationPlan, TooFewSites, ask_budgets, check_ledgers, wait_for_nodes
+from server.budget import ParticipationPlan, TooFewSites, ask_budgets, check_ledgers, check_names, wait_for_nodes
 from server.checkpoints import save_checkpoint, save_encrypted_checkpoint
 from server.checks import Model, aggregate_train_metrics
 from server.delivery import send_and_receive
@@ -114,6 +114,7 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         end_run(store, run_id, "failed", str(err))
         return None
     standings = ask_budgets(grid, nodes, task_config(), fed.round_timeout_s)
+    check_names(store, standings)  # before the ledgers: a wrong name must not touch another site's witness
     check_ledgers(store, run_id, standings)
     plan = ParticipationPlan(standings, rounds=fed.rounds, per_round=scenario.sites_per_round(),
                              min_sites=min_sites, mode=fed.on_budget_exhausted, seed=scenario.seed)

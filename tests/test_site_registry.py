@@ -289,3 +289,28 @@ def test_register_and_list_sites_with_a_real_superlink(tmp_path: Path) -> None:
         procs.stop_all()
     gone = veil("coordinator", "sites", "--coordinator", f"127.0.0.1:{port}", "--ca", "certs/ca.crt")
     assert gone.returncode == 0 and "not reachable" in gone.stderr and "hospital-b" in gone.stdout
+
+
+def test_a_node_answers_the_pre_flight_under_its_registered_name_or_is_rejected(tmp_path: Path) -> None:
+    from server.budget import SiteStanding, check_names
+    from server.site_registry import record
+    from veil import protocol as P
+
+    def standing(node: int, name: str) -> SiteStanding:
+        return SiteStanding(node, P.BudgetStatus(name, "d" * 16, 100, 1e-5, "pld", 4.0, 1.0, 1.0, 0.1, 10, 3.0, 3))
+
+    store = RunStore(f"sqlite:///{tmp_path / 'names.db'}")
+    unjudged = {7: standing(7, "anyone")}
+    check_names(store, unjudged)  # an empty register judges nobody (it is optional)
+    assert unjudged[7].rejection is None
+    record(store, "clinic-a", 11, "SHA256:" + "a" * 43)
+    record(store, "clinic-b", 12, "SHA256:" + "b" * 43)
+    standings = {11: standing(11, "clinic-a"), 12: standing(12, "clinic-a"), 13: standing(13, "clinic-b"),
+                 14: standing(14, "clinic-c")}
+    check_names(store, standings)
+    assert standings[11].rejection is None and standings[14].rejection is None  # its own name; an unknown one
+    for node, why in ((12, "node 12 was registered as 'clinic-b' but answers as 'clinic-a'"),
+                      (13, "'clinic-b' is registered to node 12, not to node 13")):
+        rejection = standings[node].rejection
+        assert rejection is not None and rejection.code == "unregistered-name" and rejection.detail == why
+    store.close()

@@ -259,6 +259,8 @@ REFUSAL_CODES = (
     "seeded-noise",  # a task asking for reproducible (seeded, not private) noise at a real site
     # given by the coordinator, not the site: its ledger is not the one it reported last time
     "ledger-rolled-back", "ledger-replaced",
+    # given by the coordinator: the node answers under another name than its key was registered with
+    "unregistered-name",
     # who asked (privacy.requests): the run is not signed by a researcher the site trusts, or the
     # task is not what the researcher signed, or the signed request was already spent
     "unsigned-run", "untrusted-researcher", "bad-signature", "task-mismatch", "replayed-request",
