@@ -47,6 +47,7 @@ MAX_FRAME = 1 << 30  # 1 GiB: a CKKS update of ~30M parameters; nothing legitima
 CONNECT_WAIT_S = 30.0  # a forwarder waits this long for a restarting worker
 REPLY_TIMEOUT_S = 6 * 3600.0  # one message's whole answer (training included)
 READY_TIMEOUT_S = 300.0  # a new worker has this long to load the site and answer a ping
+DRAIN_S = 15.0  # on SIGTERM, an answer in progress gets this long (the keeper's grace is 20 s)
 _HEADER = struct.Struct(">I")
 
 
@@ -192,8 +193,16 @@ class Worker:
                 raise
             threading.Thread(target=self._serve_one, args=(conn,), daemon=True, name="veil-worker-conn").start()
 
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the answer in progress (its charge is on disk: let it reach
+        the site's caller). True when none is left."""
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()
+            return True
+        return False
+
     def close(self) -> None:
-        """Stop accepting and remove the socket (an answer in progress is not waited for)."""
+        """Stop accepting and remove the socket (an answer in progress is not waited for: ``drain``)."""
         self._closed.set()
         if self._server is not None:
             self._server.close()
@@ -372,6 +381,9 @@ def main(load_site: Callable[[Path], Any], inputs: Callable[[Path], list[Path]],
         worker.serve_forever()
     finally:
         worker.close()
+        if not worker.drain(DRAIN_S):
+            log.warning("site worker for %s: stopping mid-answer after %.0f s; the caller gets no reply "
+                        "(a charge already made stays on the ledger)", site.site_id, DRAIN_S)
         log.info("site worker for %s stopped", site.site_id)
 
 
