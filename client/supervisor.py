@@ -364,6 +364,47 @@ def _brisk_idle_polling(interval: float) -> None:
         module.time = _BriskTime(interval)
 
 
+def _has_ready_reply(state: Any) -> bool:
+    """Whether Flower's in-memory NodeState holds a reply no push has taken yet (False when its
+    internals are not the ones read here: then nothing changes)."""
+    lock, store = getattr(state, "lock_msg_store", None), getattr(state, "msg_store", None)
+    if lock is None or not isinstance(store, dict):
+        return False
+    with lock:
+        return any(not getattr(e, "is_retrieved", True) and getattr(e.message.metadata, "reply_to_message_id", "")
+                   for e in store.values())
+
+
+def _never_strand_replies() -> None:
+    """Push a ready reply even on a turn that pulled no message.
+
+    Flower's SuperNode loop pushes replies only on a turn that pulled a message, and then only
+    those ready at that moment. A reply made while the coordinator was away goes out on the
+    turn of the next message pulled after it returns; that message's own reply is not ready yet,
+    so it waits for another message that never comes when the coordinator is waiting for exactly
+    that reply. Seen: a pre-flight after a coordinator restart timing out. Here a turn that
+    pulled nothing still runs the push step when a reply is ready (the loop only tests the pulled
+    run id against None)."""
+    import importlib
+
+    module: Any = importlib.import_module("flwr.supernode.start_client_internal")
+    original = getattr(module, "_pull_and_store_message", None)
+    if original is None or getattr(original, "_veil", False):
+        return
+
+    def pull(*args: Any, **kwargs: Any) -> Any:
+        run_id = original(*args, **kwargs)
+        if run_id is None and _has_ready_reply(kwargs.get("state")):
+            return READY_REPLY
+        return run_id
+
+    pull._veil = True  # type: ignore[attr-defined]
+    module._pull_and_store_message = pull
+
+
+READY_REPLY = -1  # what the wrapped pull returns when it pulled nothing but a reply waits
+
+
 def supernode_main() -> None:
     """``flower-supernode`` that exits once it gives up (run as ``python -c``; arguments as for it).
 
@@ -376,6 +417,7 @@ def supernode_main() -> None:
 
     sys.argv[0] = "flower-supernode"
     _brisk_idle_polling(float(os.environ.get(POLL_ENV, DEFAULT_POLL_S)))
+    _never_strand_replies()
     flower_supernode()
     print("veil: the SuperNode stopped trying to reach the SuperLink; exiting so it can be restarted",
           file=sys.stderr, flush=True)

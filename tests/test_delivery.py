@@ -95,3 +95,35 @@ def test_the_supernodes_idle_sleep_is_shortened_and_nothing_else(monkeypatch: py
         assert slept == [0.4, 0.5] and module.time.monotonic() > 0
     finally:
         module.time = original
+
+
+def test_a_reply_made_while_the_coordinator_was_away_is_pushed_without_waiting_for_a_message() -> None:
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from client import supervisor
+    from tests.flowerkit import incoming
+
+    module: Any = importlib.import_module("flwr.supernode.start_client_internal")
+    source = importlib.util.find_spec(module.__name__).loader.get_source(module.__name__)  # type: ignore[union-attr]
+    loop = source[source.index("run_id = _pull_and_store_message("):]
+    assert loop.index("if run_id is None:") < loop.index("_push_messages(")  # the loop this relies on
+
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    request = incoming(RecordDict(), "train")
+    state.store_message(request)
+    assert not supervisor._has_ready_reply(state)  # a message to answer is not a reply
+    reply = answer(request, RecordDict())
+    reply.metadata.__dict__["_message_id"] = "r" * 64
+    state.store_message(reply)
+    assert supervisor._has_ready_reply(state)
+
+    original = module._pull_and_store_message
+    module._pull_and_store_message = lambda **kw: None  # the SuperLink has no message for this node
+    try:
+        supervisor._never_strand_replies()
+        assert module._pull_and_store_message(state=state) == supervisor.READY_REPLY  # so the loop pushes
+        assert [m.metadata.reply_to_message_id for m in state.get_messages_legacy(is_reply=True)] == ["m" * 64]
+        assert module._pull_and_store_message(state=state) is None  # pushed: the idle turn is idle again
+    finally:
+        module._pull_and_store_message = original
