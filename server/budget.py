@@ -193,8 +193,15 @@ class ParticipationPlan:
             self.schedule = {r: self._sample(r, pool) for r in range(1, self.rounds + 1)}
 
     def _sample(self, server_round: int, pool: list[int]) -> list[int]:
+        """``per_round`` of ``pool``, keyed by site id and seed: Flower's node ids change from run to
+        run, so the same seed samples the same sites only when the draw is over the sites' ids."""
         k = min(self.per_round, len(pool))
-        return sorted(random.Random(self.seed * 1_000_003 + server_round).sample(sorted(pool), k))
+        by_site = sorted(pool, key=lambda n: (self._site_id(n), n))
+        return sorted(random.Random(self.seed * 1_000_003 + server_round).sample(by_site, k))
+
+    def _site_id(self, node: int) -> str:
+        st = self.standings.get(node)
+        return st.status.site_id if st is not None and st.status is not None else ""
 
     def joins(self) -> Counter[int]:
         """How often the fixed schedule samples each node (refuse mode)."""

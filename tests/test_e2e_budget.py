@@ -83,6 +83,34 @@ def test_lifetime_across_runs_then_refusal(tmp_path: Path) -> None:
     assert text.exit_code == 0 and "(verified)" in text.output
 
 
+def test_the_same_seed_samples_the_same_sites_whatever_their_node_ids() -> None:
+    import random
+
+    from server.budget import ParticipationPlan, SiteStanding
+    from veil import protocol as P
+
+    sites = [f"site-{i}" for i in range(20)]
+
+    def schedule(seed: int, node_seed: int, mode: str) -> list[list[str]]:
+        nodes = random.Random(node_seed).sample(range(1, 2**63), len(sites))  # Flower's ids: new every run
+        sts = {n: SiteStanding(n, P.BudgetStatus(s, "d", 100, 1e-5, "pld", 50.0, 0.0, 1.0, 0.1, 10, 9.0, 5))
+               for n, s in zip(nodes, sites, strict=True)}
+        plan = ParticipationPlan(sts, rounds=5, per_round=4, min_sites=1, mode=mode, seed=seed)
+        chosen = []
+        for rnd in range(1, 6):
+            picked = plan.choose(rnd)
+            for n in picked:
+                plan.trained(n)
+            chosen.append(sorted(sts[n].status.site_id for n in picked))  # type: ignore[union-attr]
+        return chosen
+
+    for mode in ("refuse", "drop"):
+        first = schedule(seed=7, node_seed=1, mode=mode)
+        assert all(len(r) == 4 for r in first) and len({s for r in first for s in r}) > 4  # it does sample
+        assert schedule(seed=7, node_seed=2, mode=mode) == first  # other node ids, the same sites
+        assert schedule(seed=8, node_seed=1, mode=mode) != first  # another seed, other sites
+
+
 def test_plan_drops_sites_and_stops_when_budgets_run_out() -> None:
     from server.budget import ParticipationPlan, SiteStanding
     from veil import protocol as P
