@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from server.store import RunStore
 from server.store import schema as S
 from tests.test_deployment import _events, _free_port, _listening, _wait_for
 from tests.test_site_reconnect import Procs, _federation, _online_nodes, _register, _state
+from tests.test_site_reconnect import procs as procs  # the fixture: the processes a test starts, stopped after
 
 VEIL = [sys.executable, "-m", "veil.cli"]
 SITES = ("site-a", "site-b", "site-c")
@@ -37,15 +37,6 @@ OUTAGE_S = 90.0
 RECONNECT_S = 30.0
 FIRST_ROUNDS = 5  # the interrupted run: never gets that far
 SECOND_ROUNDS = 2
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def _spec(base: Path, name: str, rounds: int) -> str:
