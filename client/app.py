@@ -51,6 +51,7 @@ from veil.errors import ScenarioError, VeilError
 from veil.logs import get_logger
 from veil.models import build_model
 from veil.names import eval_sums
+from veil.server_opt import ServerOptimizer, ServerState, decode_aggregate
 from veil.spec import Scenario, parse_scenario
 
 log = get_logger("client")
@@ -103,10 +104,13 @@ def _weight(config: ConfigRecord, n: int) -> float:
     return n / float(norm)
 
 
-def _encrypted_update(model: torch.nn.Module, key: SecretKey, weight: float,
-                      binding: ReplyBinding) -> ConfigRecord:
+def _encrypted_update(model: torch.nn.Module, key: SecretKey, weight: float, binding: ReplyBinding,
+                      state: np.ndarray) -> ConfigRecord:
+    """The model, then the server optimiser's ``state`` (empty for FedAvg), all times ``weight``,
+    then the weight: the coordinator's sum divided by its last value is the weighted mean of the
+    models followed by the state every site shares."""
     arrays = [t.detach().cpu().numpy() for t in model.state_dict().values()]
-    enc = key.encrypt(np.append(flatten(arrays) * weight, weight))
+    enc = key.encrypt(np.append(np.concatenate([flatten(arrays), state]) * weight, weight))
     return P.encrypted_record(enc, key.tag(enc, binding))
 
 
@@ -187,6 +191,12 @@ def _evaluation_refusal(site: Site, config: ConfigRecord) -> P.Refusal | None:
         return P.Refusal("task-mismatch", "the model to evaluate is not the one the researcher signed")
     if bool(config.get(P.ENC_EVAL)) != (signed.encryption.evaluation == "ckks"):
         return P.Refusal("task-mismatch", "the evaluation's encryption is not what the researcher signed")
+    try:
+        if P.server_optimizer_from(config) != signed.server_optimizer.optimizer():
+            return P.Refusal("task-mismatch",
+                             "the evaluation's server optimiser is not what the researcher signed")
+    except ValueError as err:
+        return P.Refusal("task-mismatch", f"the evaluation's server optimiser is not valid: {err}")
     return None
 
 
@@ -365,20 +375,25 @@ def _check_fit(arch: str, site: Site) -> None:
                          f"{n_out}; set model.num_classes: {top} in the scenario")
 
 
-def _model_from(msg: Message, arch: str, site: Site) -> torch.nn.Module:
-    """The coordinator's model; arrays that do not fit the architecture are refused.
+def _model_from(msg: Message, arch: str, site: Site, opt: ServerOptimizer
+                ) -> tuple[torch.nn.Module, ServerState | None]:
+    """The coordinator's model, and (CKKS runs with a server optimiser) the optimiser state this
+    site carries on; arrays that do not fit the architecture are refused.
 
     An encrypted aggregate is decrypted with the site's key (released: noise-flooded and
-    rounded) and divided by its summed weight."""
+    rounded) and divided by its summed weight; with a server optimiser the site then applies
+    the server step itself (``veil.server_opt``), as every other site does. Plaintext arrays
+    are the model as sent (round 1 of an encrypted run: the optimiser's initial state)."""
     _check_fit(arch, site)
     model = build_model(arch)
+    layers = [t.numpy() for t in model.state_dict().values()]
     if P.ENC_MODEL in msg.content:
         enc = P.encrypted_from(msg.content, P.ENC_MODEL)
         mean, _ = site_key(site, enc.key_id).decrypt_mean(enc)
-        state = model.state_dict()
-        values = unflatten(mean, [t.numpy() for t in state.values()])
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in zip(state, values, strict=True)})
-        return model
+        x, state = decode_aggregate(opt, mean, sum(int(a.size) for a in layers))
+        values = unflatten(x, layers)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in zip(model.state_dict(), values, strict=True)})
+        return model, state
     arrays = msg.content.get(P.ARRAYS)
     if not isinstance(arrays, ArrayRecord):
         raise ValueError(f"message has no {P.ARRAYS!r} array record")
@@ -386,7 +401,9 @@ def _model_from(msg: Message, arch: str, site: Site) -> torch.nn.Module:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     except RuntimeError as err:
         raise ValueError(f"arrays do not fit model {arch!r}: {err}") from None
-    return model
+    if not opt.stateful:
+        return model, None
+    return model, ServerState.initial(opt, flatten([t.numpy() for t in model.state_dict().values()]))
 
 
 def build_client_app(resolve_site: SiteResolver) -> ClientApp:
@@ -453,7 +470,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         key = site_key(site, config.get(P.ENC_KEY_ID)) if task.encrypted else None
         weight = _weight(config, n) if key else 0.0
         binding = _reply_binding(config, site, server_round, "update") if key else None  # before any charge
-        model = _model_from(msg, task.arch, site)  # a model that cannot be read costs no budget
+        opt = task.server_optimizer()
+        model, opt_state = _model_from(msg, task.arch, site, opt)  # a model that cannot be read costs no budget
         # the round's secret seeds, drawn before the charge: no entropy, no charge, no training
         randomness = RoundRandomness.for_round(task.rng, task.seed, site.site_id, server_round)
         policy = site.policy
@@ -514,7 +532,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         )
         model = model.cpu()
         if key is not None and binding is not None:
-            content[P.ENC_UPDATE] = _encrypted_update(model, key, weight, binding)
+            content[P.ENC_UPDATE] = _encrypted_update(
+                model, key, weight, binding, opt_state.to_stream(opt) if opt_state is not None else np.zeros(0))
         else:
             content[P.ARRAYS] = ArrayRecord(model.state_dict())
         return Message(content=content, reply_to=msg)
@@ -530,7 +549,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         refusal = _evaluation_refusal(site, config)
         if refusal:  # nothing is charged for evaluation, but the test set is the site's to protect too
             return _refuse(msg, site, refusal)
-        model = _model_from(msg, str(config.get("arch", "")), site)
+        model, _ = _model_from(msg, str(config.get("arch", "")), site, P.server_optimizer_from(config))
         out = evaluate(model, site.test, site.device)
         if config.get(P.ENC_EVAL):
             key = site_key(site, config.get(P.ENC_KEY_ID))

@@ -18,6 +18,7 @@ from server.store import RunStore
 from veil import protocol as P
 from veil.files import atomic_write
 from veil.models import build_model
+from veil.server_opt import ServerOptimizer
 
 
 def save_checkpoint(store: RunStore, run_id: int, round_number: int | None, arrays: ArrayRecord,
@@ -39,15 +40,21 @@ def save_checkpoint(store: RunStore, run_id: int, round_number: int | None, arra
 
 
 def save_encrypted_checkpoint(store: RunStore, run_id: int, round_number: int, model: ConfigRecord,
-                              arch: str, directory: Path) -> Path:
-    """The encrypted aggregate as a file (only key holders can read it; ``veil keys decrypt``)."""
+                              arch: str, directory: Path, optimizer: ServerOptimizer | None = None) -> Path:
+    """The encrypted aggregate as a file (only key holders can read it; ``veil keys decrypt``).
+
+    With a server optimiser, the stream is the round's weighted mean followed by the optimiser's
+    state: the model is one ``server_step`` away, which ``veil keys decrypt`` applies."""
+    optimizer = optimizer or ServerOptimizer()
     enc = P.encrypted_from(RecordDict({P.ENC_MODEL: model}), P.ENC_MODEL)
     directory.mkdir(parents=True, exist_ok=True)
     path = (directory / f"round-{round_number:04d}.ckks").resolve()
     layout = [[k, list(v.shape), str(v.dtype).removeprefix("torch.")]
               for k, v in build_model(arch).state_dict().items()]
     enc.to_file(path, {"arch": arch, "layout": layout, "run_id": run_id, "round": round_number,
-                       "stream": "weighted sum of all layers in state_dict order; last value: total weight"})
+                       "stream": "weighted sum of all layers in state_dict order, then the server optimiser's "
+                                 "state (x, m, sqrt(v), t); last value: total weight",
+                       "server_optimizer": P.server_fields(optimizer)})
     data = path.read_bytes()
     store.add_artifact(run_id, round_number=round_number, kind="encrypted-checkpoint", uri=path.as_uri(),
                        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))

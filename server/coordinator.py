@@ -69,6 +69,9 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         f"sigma={p.noise_multiplier}" if p.noise_multiplier else f"target eps={p.target_epsilon}",
         p.max_grad_norm, p.accountant, describe("seeded" if p.reproducible_noise else "os-entropy"),
     )
+    log.info("run %d: server optimiser %s%s", run_id, scenario.server_optimizer.optimizer().describe(),
+             "; with CKKS on, every site applies its step to the decrypted aggregate"
+             if scenario.encryption.aggregation == "ckks" and scenario.server_optimizer.rule != "fedavg" else "")
     if p.reproducible_noise:
         log.warning("run %d: privacy.reproducible_noise is on: every site's DP noise can be recomputed from "
                     "seed %d, so this run is NOT private (simulation research only)", run_id, scenario.seed)
@@ -123,12 +126,15 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
                                                      if st.status is not None)))
         public[P.ENC_EVAL] = enc.evaluation == "ckks"
     writer = RoundWriter(store, run_id, num_rounds=fed.rounds, min_sites=min_sites, on_round=on_round)
+    optimizer = scenario.server_optimizer.optimizer()
+    params = count_parameters(model)
     strategy = RecordingStrategy(
-        inner, writer, plan=plan, cipher=cipher, stream_values=count_parameters(model) + 1,
+        inner, writer, plan=plan, cipher=cipher, stream_values=params + optimizer.state_values(params) + 1,
         encrypted_train=enc.aggregation == "ckks", encrypted_eval=enc.evaluation == "ckks",
         weight_norm=float(public.get(P.ENC_WEIGHT_NORM, 0.0)), rng=task.rng, task=task,
         robust=RobustRule(scenario.robustness.rule, scenario.robustness.max_update_norm,
                           scenario.robustness.trim_fraction),
+        optimizer=optimizer,
     )
     writer.preflight(standings)
     answered = sum(1 for st in standings.values() if st.status is not None)
@@ -156,14 +162,15 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
             log.warning("pre-flight node %d: %s", st.node, st.failure)
 
     arrays = train_rounds(grid, strategy, ArrayRecord(model.state_dict()), task_config,
-                          ConfigRecord({"arch": scenario.model.key, **public}), fed.rounds, fed.round_timeout_s)
+                          ConfigRecord({"arch": scenario.model.key, **public, **P.server_fields(optimizer)}),
+                          fed.rounds, fed.round_timeout_s)
     if strategy.rounds_aggregated == 0:  # nothing trained: a failure, whatever the loop did; no checkpoint
         end_run(store, run_id, "failed", "no round had enough usable site replies; first reason recorded: "
                 + first_failure(store, run_id))
         return None
     if isinstance(arrays, ConfigRecord):
         save_encrypted_checkpoint(store, run_id, fed.rounds, arrays, scenario.model.key,
-                                  artifacts_dir / f"run-{run_id}")
+                                  artifacts_dir / f"run-{run_id}", optimizer)
     else:
         save_checkpoint(store, run_id, fed.rounds, arrays, artifacts_dir / f"run-{run_id}")
     if plan.stopped:

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from sqlalchemy.orm import Session
 
-from privacy.ckks import CoordinatorContext
+from privacy.ckks import CoordinatorContext, flatten, unflatten
 from privacy.randomness import RngMode
 from server import checks, robust
 from server.budget import ParticipationPlan
@@ -35,6 +35,7 @@ from server.rounds import RoundWriter
 from veil import protocol as P
 from veil.logs import get_logger
 from veil.names import Phase
+from veil.server_opt import ServerOptimizer, ServerState, server_step
 
 log = get_logger("server")
 
@@ -56,6 +57,7 @@ class RecordingStrategy:
         rng: RngMode = "os-entropy",
         task: P.TrainTask | None = None,
         robust: RobustRule | None = None,
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
         """``encrypted_train``: replies carry encrypted updates of ``stream_values`` values,
         which are checked and added with ``cipher``, never decrypted; ``encrypted_eval``:
@@ -64,7 +66,10 @@ class RecordingStrategy:
         ``task``: what every site was asked to run (its mechanism is checked against it).
         With CKKS on, every task carries ``P.ENC_RUN``, this run's id plus a fresh nonce: each
         encrypted reply's integrity tag must be bound to it, the round and the node's site.
-        ``robust``: a robust aggregation rule for plaintext updates (``server.robust``)."""
+        ``robust``: a robust aggregation rule for plaintext updates (``server.robust``).
+        ``optimizer``: the server step applied to the round's mean (``veil.server_opt``); with
+        CKKS on, the sites apply it and carry its state in the encrypted stream, so here it only
+        sizes the stream."""
         if cipher is None and (encrypted_train or encrypted_eval):
             raise ValueError("encrypted aggregation or evaluation needs the coordinator's CKKS context")
         if robust is not None and robust.rule != "none" and encrypted_train:
@@ -80,6 +85,8 @@ class RecordingStrategy:
         self.rng = rng
         self.task = task
         self.robust = robust if robust is not None and robust.rule != "none" else None
+        self.optimizer = optimizer or ServerOptimizer()
+        self._opt_state: ServerState | None = None  # plaintext runs: the server optimiser's state
         self.rounds_aggregated = 0  # rounds with enough usable replies to move the model
         self._sent: ArrayRecord | None = None  # the model this round's sites were sent
         self._layout: Layout = {}
@@ -117,6 +124,8 @@ class RecordingStrategy:
         if isinstance(arrays, ArrayRecord):
             self._layout = checks.layout(arrays)
             self._sent = arrays
+            if self._opt_state is None and self.optimizer.stateful and not self.encrypted_train:
+                self._opt_state = ServerState.initial(self.optimizer, flatten(_ordered(arrays)))
         self.writer.open_round(server_round, [m.metadata.dst_node_id for m in messages],
                                array_bytes(arrays) * len(messages))
         return messages
@@ -178,11 +187,27 @@ class RecordingStrategy:
             if isinstance(arrays, ArrayRecord) and not checks.finite(arrays):  # cannot happen after the checks
                 log.error("round %d: the aggregate is not finite; model kept", server_round)
                 return None, None
+            if isinstance(arrays, ArrayRecord) and self._opt_state is not None:
+                arrays = self._server_step(server_round, arrays, self._opt_state)
+                if arrays is None:
+                    return None, None
         self.rounds_aggregated += 1
         if metrics is not None:
             w.round.train_loss = float(metrics[P.TRAIN_LOSS])  # type: ignore[arg-type]
             w.round.max_epsilon = float(metrics[P.EPSILON])  # type: ignore[arg-type]
         return arrays, metrics
+
+    def _server_step(self, server_round: int, mean: ArrayRecord, state: ServerState) -> ArrayRecord | None:
+        """The new model from the round's mean by the server optimiser; its state moves only when
+        the step's result is finite (otherwise the model and the state stay as they were)."""
+        layers = _ordered(mean)
+        x, new_state = server_step(self.optimizer, state, flatten(layers))
+        if not np.all(np.isfinite(x)):
+            log.error("round %d: the %s step is not finite; model kept", server_round, self.optimizer.rule)
+            return None
+        self._opt_state = new_state
+        values = unflatten(x, layers)
+        return ArrayRecord(array_dict={k: Array(v) for k, v in zip(list(mean), values, strict=True)})
 
     def _robust_aggregate(self, server_round: int, replies: list[Message], sent: ArrayRecord,
                           rule: RobustRule) -> ArrayRecord:
@@ -299,3 +324,8 @@ class RecordingStrategy:
         log.info("round %d evaluation: encrypted (%d sites summed; readable only with the key set's "
                  "secret key)", server_round, len(streams))
         w.close_round(server_round, None, None, encrypted=bool(streams))
+
+
+def _ordered(arrays: ArrayRecord) -> list[np.ndarray]:
+    """The record's layers in their order (the model's ``state_dict`` order)."""
+    return [arrays[k].numpy() for k in arrays]

@@ -9,6 +9,7 @@ the field, so a malformed reply is rejected, recorded, and never aggregated.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, cast
 
@@ -23,6 +24,7 @@ from veil.names import EVAL_ACC as EVAL_ACC
 from veil.names import EVAL_LOSS as EVAL_LOSS
 from veil.names import EVAL_SUMS as EVAL_SUMS
 from veil.names import TRAIN_LOSS as TRAIN_LOSS
+from veil.server_opt import ServerOptimizer
 from veil.spec import Scenario
 
 ARRAYS = "arrays"
@@ -68,6 +70,12 @@ class TrainTask:
     # where DP noise and Poisson sampling come from: "os-entropy" (each site's own, private) or
     # "seeded" (from ``seed``: reproducible and NOT private; only simulated sites accept it)
     rng: RngMode = "os-entropy"
+    # the server optimiser (``veil.server_opt``): with CKKS on, every site applies its step
+    server_rule: str = "fedavg"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
 
     @classmethod
     def from_scenario(cls, s: Scenario) -> TrainTask:
@@ -89,7 +97,13 @@ class TrainTask:
             encrypted=s.encryption.aggregation == "ckks",
             encrypted_eval=s.encryption.evaluation == "ckks",
             rng="seeded" if p.reproducible_noise else "os-entropy",
+            **server_fields(s.server_optimizer.optimizer()),
         )
+
+    def server_optimizer(self) -> ServerOptimizer:
+        """The run's server optimiser (ValueError when the fields do not make one)."""
+        return ServerOptimizer(cast(Any, self.server_rule), self.server_learning_rate, self.server_momentum,
+                               self.server_beta2, self.server_tau)
 
     def for_run(self, run_ref: str) -> TrainTask:
         """The same task tagged with ``run_ref``, the run the site's ledger records its charges under."""
@@ -106,9 +120,10 @@ class TrainTask:
         """Decode and validate a task: all fields, counts >= 1, exactly one of σ and target ε, known names."""
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name not in rec:
+            if f.name in rec:
+                values[f.name] = rec[f.name]
+            elif f.name not in _OPTIONAL_TASK_FIELDS:
                 raise ValueError(f"training task is missing field {f.name!r}")
-            values[f.name] = rec[f.name]
         task = cls(**values)
         if task.planned_rounds < 1 or task.batch_size < 1 or task.local_epochs < 1:
             raise ValueError("task: planned_rounds, batch_size and local_epochs must be >= 1")
@@ -118,7 +133,26 @@ class TrainTask:
             raise ValueError("task must set exactly one of noise_multiplier and target_epsilon")
         if task.rng not in RNG_MODES:
             raise ValueError(f"task.rng must be one of {RNG_MODES}, got {str(task.rng)[:40]!r}")
+        task.server_optimizer()  # raises on a rule or value no step accepts
         return task
+
+
+def server_fields(opt: ServerOptimizer) -> dict[str, Any]:
+    """A server optimiser as the ``server_*`` fields of a task (and of an evaluation's config)."""
+    return {"server_rule": opt.rule, "server_learning_rate": float(opt.learning_rate),
+            "server_momentum": float(opt.momentum), "server_beta2": float(opt.beta2),
+            "server_tau": float(opt.tau)}
+
+
+def server_optimizer_from(config: ConfigRecord | Mapping[str, Any]) -> ServerOptimizer:
+    """The server optimiser a task or evaluation config names (plain FedAvg when it names none)."""
+    defaults = ServerOptimizer()
+    values = {k: config.get(k, v) for k, v in server_fields(defaults).items()}
+    return ServerOptimizer(*values.values())
+
+
+_OPTIONAL_TASK_FIELDS = frozenset(server_fields(ServerOptimizer()))
+"""Task fields a coordinator that predates them does not send: they take their defaults (plain FedAvg)."""
 
 
 @dataclass(frozen=True)

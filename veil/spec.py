@@ -28,6 +28,7 @@ from privacy.policy import SitePolicy
 from veil import config
 from veil.config import Text
 from veil.errors import ScenarioError
+from veil.server_opt import DEFAULT_LEARNING_RATE, ServerOptimizer, ServerRule
 
 REPRODUCIBLE_REFUSED = (
     "privacy.reproducible_noise: seeded, reproducible noise is not private and exists for `veil simulate` "
@@ -233,6 +234,34 @@ class RobustnessSpec(_Strict):
         return self
 
 
+class ServerOptimizerSpec(_Strict):
+    """How the coordinator's model moves from the round's mean (``veil.server_opt``; Reddi et al. 2021).
+
+    Works with CKKS too: there every site applies the same step after decrypting the aggregate."""
+
+    rule: ServerRule = Field("fedavg", description="fedavg: the weighted mean is the model; fedavgm: server "
+                             "momentum; fedadam / fedyogi: adaptive server optimisers (Reddi et al. 2021)")
+    learning_rate: float | None = Field(
+        None, gt=0.0, le=100.0, description="server learning rate η; default: Flower's (fedavgm 1.0, fedadam "
+        "0.1, fedyogi 0.01); plain fedavg has none")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm: server momentum β; fedadam/fedyogi: β1")
+    beta2: float = Field(0.99, ge=0.0, lt=1.0, description="fedadam/fedyogi: second-moment decay β2")
+    tau: float = Field(1e-3, gt=0.0, lt=1.0, description="fedadam/fedyogi: adaptivity τ added to √v")
+
+    @model_validator(mode="after")
+    def _fedavg_has_no_rate(self) -> ServerOptimizerSpec:
+        if self.rule == "fedavg" and self.learning_rate not in (None, 1.0):
+            raise ValueError(f"server_optimizer.learning_rate {self.learning_rate}: plain fedavg takes the mean "
+                             "as the model; for a server learning rate use rule: fedavgm (momentum: 0 for none)")
+        return self
+
+    def optimizer(self) -> ServerOptimizer:
+        """The step's parameters (``veil.server_opt``), with the rule's default learning rate."""
+        lr = self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.rule]
+        return ServerOptimizer(self.rule, lr, self.momentum if self.rule != "fedavg" else 0.0, self.beta2,
+                               self.tau)
+
+
 _CKKS_PARAM_FIELDS = frozenset({"poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "release_bits"})
 
 
@@ -249,6 +278,7 @@ class Scenario(_Strict):
     privacy: PrivacySpec = PrivacySpec(noise_multiplier=1.0)
     encryption: EncryptionSpec = EncryptionSpec()
     robustness: RobustnessSpec = RobustnessSpec()
+    server_optimizer: ServerOptimizerSpec = ServerOptimizerSpec()
     site_policy: SitePolicy = Field(
         SitePolicy(), description="what every simulated site enforces on itself"
     )

@@ -50,7 +50,9 @@ def keys_decrypt(
     """Decrypt an encrypted checkpoint into a PyTorch state dict (the released, rounded values)."""
     import torch
 
-    from privacy.ckks import EncryptedVector, SecretKey, unflatten
+    from privacy.ckks import EncryptedVector, EncryptionError, SecretKey, unflatten
+    from veil.protocol import server_optimizer_from
+    from veil.server_opt import decode_aggregate
 
     with errors():
         secret = SecretKey.load(key)
@@ -58,6 +60,11 @@ def keys_decrypt(
         mean, _ = secret.decrypt_mean(enc)
         layout = meta["layout"]
         like = [torch.empty(shape, dtype=getattr(torch, dtype)).numpy() for _, shape, dtype in layout]
-        values = unflatten(mean, like)
+        try:  # the server step every site applies to this aggregate (veil.server_opt)
+            opt = server_optimizer_from(meta.get("server_optimizer") or {})
+            model, _ = decode_aggregate(opt, mean, sum(int(a.size) for a in like))
+        except ValueError as err:
+            raise EncryptionError(f"{checkpoint}: {err}") from None
+        values = unflatten(model, like)
     torch.save({name: torch.from_numpy(v) for (name, _, _), v in zip(layout, values, strict=True)}, out)
-    typer.echo(f"decrypted {enc.values - 1} parameters ({meta.get('arch')}) into {out}")
+    typer.echo(f"decrypted {sum(int(v.size) for v in values)} parameters ({meta.get('arch')}) into {out}")
