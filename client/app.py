@@ -40,11 +40,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.site import Site, SiteResolver
-from client.training import evaluate, poisson_plan, train_dp_sgd
+from client.training import evaluate, poisson_plan, train_dp_sgd, train_sgd
 from privacy import DpSgdEvent, accountant_version, calibrate_noise_multiplier, default_delta, epsilon
 from privacy.ckks import ReplyBinding, ReplyKind, SecretKey, flatten, unflatten
 from privacy.ledger import BudgetExceeded, SiteLedger, Spent, dataset_id
-from privacy.randomness import RoundRandomness, describe
+from privacy.randomness import RoundRandomness, describe, os_seed
 from privacy.requests import SITE_MAX_AGE_S, RequestRefused, SignedRequest
 from veil import protocol as P
 from veil.errors import ScenarioError, VeilError
@@ -301,6 +301,68 @@ def _policy_refusal(site: Site, task: P.TrainTask, planned: DpSgdEvent) -> P.Ref
     return P.Refusal(*found) if found else _rng_refusal(site, task)
 
 
+def _non_private_refusal(site: Site, task: P.TrainTask) -> P.Refusal | None:
+    """A task without DP (the labelled baseline) is for sites whose policy promises no ε: a cap or a
+    minimum σ refuses it, and so does a site that only releases encrypted updates to a plaintext run."""
+    if task.private:
+        return None
+    policy = site.policy
+    if policy.epsilon_cap is not None:
+        return P.Refusal("non-private-refused", f"the task trains without DP, and this site's policy caps its "
+                         f"ε at {policy.epsilon_cap:g}: it only trains privately")
+    if policy.min_noise_multiplier > 0:
+        return P.Refusal("non-private-refused", "the task trains without DP, and this site's policy asks for "
+                         f"σ >= {policy.min_noise_multiplier:g}")
+    if policy.require_encryption and not task.encrypted:
+        return P.Refusal("encryption-required",
+                         "this site only releases encrypted updates; enable encryption in the run spec")
+    return _rng_refusal(site, task)
+
+
+def _non_private_status(site: Site, task: P.TrainTask, refusal: P.Refusal | None) -> P.BudgetStatus:
+    """The pre-flight answer to a non-private task: no mechanism (σ 0), nothing to charge."""
+    ledger = open_ledger(site)
+    policy = site.policy
+    delta = policy.delta_for(len(site.train))
+    spent = ledger.spent(site.fingerprint, delta=delta, accountant=policy.accountant,
+                         scope=policy.cap_scope).epsilon
+    q, steps = poisson_plan(len(site.train), task.batch_size, task.local_epochs)
+    return P.BudgetStatus(
+        site_id=site.site_id, dataset_id=dataset_id(site.fingerprint), num_examples=len(site.train),
+        delta=delta, accountant=policy.accountant, cap=policy.epsilon_cap, spent=spent, noise_multiplier=0.0,
+        sample_rate=q, steps_per_round=steps, projected=spent,
+        affordable_rounds=0 if refusal else task.planned_rounds, refusal=refusal, ledger=_ledger_head(ledger))
+
+
+def _train_non_private(msg: Message, site: Site, task: P.TrainTask, model: torch.nn.Module) -> RecordDict:
+    """One round of plain SGD: the NOT private baseline. Nothing is charged (there is no ε to
+    charge); the reply carries no privacy report, and the coordinator records it as not private."""
+    log.warning("%s trains WITHOUT differential privacy (privacy.mechanism: none): this round's update is "
+                "NOT private; its policy has no ε cap, so it accepts", site.site_id)
+    out = train_sgd(model, site.train, batch_size=task.batch_size, local_epochs=task.local_epochs,
+                    learning_rate=task.learning_rate, momentum=task.momentum, device=site.device,
+                    seed=os_seed())
+    num_test = 0 if task.encrypted_eval else len(site.test)
+    return RecordDict({
+        P.METRICS: MetricRecord({P.NUM_EXAMPLES: out.num_examples, P.TRAIN_LOSS: out.mean_loss}),
+        P.SITE: P.SiteInfo(site.site_id, site.device.type, out.seconds, num_test).to_config(),
+    })
+
+
+def _attach_update(content: RecordDict, model: torch.nn.Module, site: Site, config: ConfigRecord,
+                   server_round: int, opt: ServerOptimizer, opt_state: ServerState | None) -> None:
+    """The trained model into the reply: as plaintext arrays, or (CKKS on) encrypted, pre-weighted
+    and followed by the server optimiser's state."""
+    task = P.TrainTask.from_config(config)
+    if not task.encrypted:
+        content[P.ARRAYS] = ArrayRecord(model.state_dict())
+        return
+    key = site_key(site, config.get(P.ENC_KEY_ID))
+    binding = _reply_binding(config, site, server_round, "update")
+    state = opt_state.to_stream(opt) if opt_state is not None else np.zeros(0)
+    content[P.ENC_UPDATE] = _encrypted_update(model, key, _weight(config, len(site.train)), binding, state)
+
+
 def _refuse(msg: Message, site: Site, refusal: P.Refusal) -> Message:
     log.warning("%s refuses the task: %s", site.site_id, refusal)
     content = RecordDict({
@@ -425,6 +487,9 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
                 _check_fit(task.arch, site)
             except ModelMismatch as err:
                 refusal = P.Refusal("model-mismatch", str(err))
+        if not task.private:
+            status = _non_private_status(site, task, refusal or _non_private_refusal(site, task))
+            return Message(content=RecordDict({P.BUDGET: status.to_config()}), reply_to=msg)
         planned = _planned_event(task, context, site)
         policy = site.policy
         lifetime_delta = policy.delta_for(len(site.train))
@@ -463,13 +528,23 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         refusal, request = _request_check(site, task, config)  # before anything else: whose run is it?
         if refusal:
             return _refuse(msg, site, refusal)
+        if not task.private:
+            refusal = _non_private_refusal(site, task)
+            if refusal:
+                return _refuse(msg, site, refusal)
+            opt = task.server_optimizer()
+            model, opt_state = _model_from(msg, task.arch, site, opt)
+            content = _train_non_private(msg, site, task, model)
+            _attach_update(content, model.cpu(), site, config, server_round, opt, opt_state)
+            return Message(content=content, reply_to=msg)
         planned = _planned_event(task, context, site)
         refusal = _policy_refusal(site, task, planned)
         if refusal:
             return _refuse(msg, site, refusal)
-        key = site_key(site, config.get(P.ENC_KEY_ID)) if task.encrypted else None
-        weight = _weight(config, n) if key else 0.0
-        binding = _reply_binding(config, site, server_round, "update") if key else None  # before any charge
+        if task.encrypted:  # no key, a bad weight norm or no run reference: said before any charge
+            site_key(site, config.get(P.ENC_KEY_ID))
+            _weight(config, n)
+            _reply_binding(config, site, server_round, "update")
         opt = task.server_optimizer()
         model, opt_state = _model_from(msg, task.arch, site, opt)  # a model that cannot be read costs no budget
         # the round's secret seeds, drawn before the charge: no entropy, no charge, no training
@@ -530,12 +605,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
                 P.SITE: P.SiteInfo(site.site_id, site.device.type, outcome.seconds, num_test).to_config(),
             }
         )
-        model = model.cpu()
-        if key is not None and binding is not None:
-            content[P.ENC_UPDATE] = _encrypted_update(
-                model, key, weight, binding, opt_state.to_stream(opt) if opt_state is not None else np.zeros(0))
-        else:
-            content[P.ARRAYS] = ArrayRecord(model.state_dict())
+        _attach_update(content, model.cpu(), site, config, server_round, opt, opt_state)
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -152,3 +152,40 @@ def evaluate(model: nn.Module, data: TensorDataset, device: torch.device, batch_
         loss_sum += float(criterion(out, y))
         correct += int((out.argmax(1) == y).sum())
     return EvalOutcome(loss_sum, correct, len(data))
+
+
+@dataclass(frozen=True)
+class PlainOutcome:
+    """What a non-private round ran: no mechanism, so no ε; loss, steps and time only."""
+
+    num_examples: int
+    mean_loss: float
+    steps: int
+    seconds: float
+
+
+def train_sgd(model: nn.Module, data: TensorDataset, *, batch_size: int, local_epochs: int,
+              learning_rate: float, momentum: float, device: torch.device, seed: int) -> PlainOutcome:
+    """Train ``model`` in place with plain mini-batch SGD: the NOT private baseline (``privacy: none``).
+
+    No clipping, no noise, shuffled fixed-size batches; nothing here is differentially private,
+    and the caller records the round as not private."""
+    start = time.perf_counter()
+    model.to(device).train()
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    criterion = nn.CrossEntropyLoss()
+    steps, loss_total, seen = 0, 0.0, 0
+    for _ in range(local_epochs):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_total += float(loss.detach()) * len(y)
+            seen += len(y)
+    return PlainOutcome(len(data), loss_total / max(seen, 1), steps, time.perf_counter() - start)

@@ -138,6 +138,7 @@ def ask_budgets(grid: Grid, nodes: Iterable[int], task: ConfigRecord, timeout: f
         for n in nodes
     ]
     standings = {n: SiteStanding(n) for n in nodes}
+    private = task.get("private", True) is not False  # the non-private baseline's answers carry σ = 0
     for reply in send_and_receive(grid, messages, timeout=timeout):
         st = standings.get(reply.metadata.src_node_id)
         if st is None:
@@ -156,7 +157,7 @@ def ask_budgets(grid: Grid, nodes: Iterable[int], task: ConfigRecord, timeout: f
                 continue
             if not isinstance(rec, ConfigRecord):
                 raise ValueError("reply has no budget record")
-            st.status = P.BudgetStatus.from_config(rec)
+            st.status = P.BudgetStatus.from_config(rec, private=private)
         except ValueError as err:
             st.failure = f"malformed budget answer: {err}"
     for st in standings.values():

@@ -120,10 +120,19 @@ def layout(arrays: ArrayRecord) -> Layout:
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean loss; ε aggregated with *max* (a mean would hide the worst site)."""
+    """Example-weighted mean loss; ε aggregated with *max* (a mean would hide the worst site); no ε
+    in a non-private run."""
     total = sum(float(P.metric(r, weight_key)) for r in records)
     loss = sum(P.metric(r, P.TRAIN_LOSS) * P.metric(r, weight_key) for r in records) / total
-    return MetricRecord({P.TRAIN_LOSS: loss, P.EPSILON: max(P.metric(r, P.EPSILON) for r in records)})
+    out = MetricRecord({P.TRAIN_LOSS: loss})
+    if all(P.EPSILON in _metrics(r) for r in records):
+        out[P.EPSILON] = max(P.metric(r, P.EPSILON) for r in records)
+    return out
+
+
+def _metrics(content: RecordDict) -> MetricRecord:
+    rec = content.get(P.METRICS)
+    return rec if isinstance(rec, MetricRecord) else MetricRecord()
 
 
 @dataclass(frozen=True)
@@ -131,9 +140,9 @@ class TrainReply:
     """A training reply that passed every check."""
 
     info: P.SiteInfo
-    report: P.PrivacyReport
-    lifetime: P.LifetimeSpend
-    head: P.LedgerHead
+    report: P.PrivacyReport | None  # None: a non-private run (no mechanism, no charge)
+    lifetime: P.LifetimeSpend | None
+    head: P.LedgerHead | None
     num_examples: int
     update_bytes: int
 
@@ -246,13 +255,19 @@ def check_train_reply(content: RecordDict, *, encrypted: bool, expected: Layout,
         n = P.metric(content, P.NUM_EXAMPLES)
         if not math.isfinite(n) or n != int(n) or n < 1:
             raise ValueError(f"num-examples must be a positive integer, got {n}")
-        for key in (P.TRAIN_LOSS, P.EPSILON):
+        for key in (P.TRAIN_LOSS, P.EPSILON) if task is None or task.private else (P.TRAIN_LOSS,):
             value = P.metric(content, key)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{key} must be a finite number >= 0, got {value}")
     if declared is not None and n > declared.num_examples:
         raise ReplyRejected("over-declared", f"num-examples {int(n)} is more than the {declared.num_examples} "
                                              "the site declared")
+    if task is not None and not task.private:  # the labelled baseline: no mechanism to report
+        if P.PRIVACY in content or P.EPSILON in _metrics(content):
+            raise ReplyRejected("invalid-privacy-report", "a privacy report or ε in a non-private run: the "
+                                "site did not run the task it was sent")
+        update = content[P.ENC_UPDATE if encrypted else P.ARRAYS]
+        return TrainReply(info, None, None, None, int(n), array_bytes(update))  # type: ignore[arg-type]
     with _coded("invalid-privacy-report"):
         privacy = content.get(P.PRIVACY)
         if not isinstance(privacy, ConfigRecord):

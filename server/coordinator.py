@@ -61,17 +61,19 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
     fed = scenario.federation
     model = build_model(scenario.model.key, seed=scenario.seed)
     p = scenario.privacy
-    log.info(
-        "run %d: %d sites x %d rounds (%d sampled per round), model %s (%d params), DP-SGD %s, "
-        "C=%g, accountant=%s, Poisson sampling; noise and sampling %s",
-        run_id, fed.sites, fed.rounds, scenario.sites_per_round(), scenario.model.key,
-        count_parameters(model),
-        f"sigma={p.noise_multiplier}" if p.noise_multiplier else f"target eps={p.target_epsilon}",
-        p.max_grad_norm, p.accountant, describe("seeded" if p.reproducible_noise else "os-entropy"),
-    )
+    noise = f"sigma={p.noise_multiplier}" if p.noise_multiplier else f"target eps={p.target_epsilon}"
+    mechanism = (f"DP-SGD {noise}, C={p.max_grad_norm:g}, accountant={p.accountant}, Poisson sampling; "
+                 f"noise and sampling {describe('seeded' if p.reproducible_noise else 'os-entropy')}"
+                 if scenario.private else "NO DP (plain SGD: not private)")
+    log.info("run %d: %d sites x %d rounds (%d sampled per round), model %s (%d params), %s", run_id, fed.sites,
+             fed.rounds, scenario.sites_per_round(), scenario.model.key, count_parameters(model), mechanism)
     log.info("run %d: server optimiser %s%s", run_id, scenario.server_optimizer.optimizer().describe(),
              "; with CKKS on, every site applies its step to the decrypted aggregate"
              if scenario.encryption.aggregation == "ckks" and scenario.server_optimizer.rule != "fedavg" else "")
+    if not scenario.private:
+        log.warning("run %d: privacy.mechanism none: the sites train WITHOUT differential privacy; this run is "
+                    "the NOT private baseline, recorded as such, and every site whose policy caps ε refuses it",
+                    run_id)
     if p.reproducible_noise:
         log.warning("run %d: privacy.reproducible_noise is on: every site's DP noise can be recomputed from "
                     "seed %d, so this run is NOT private (simulation research only)", run_id, scenario.seed)

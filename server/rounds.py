@@ -132,12 +132,20 @@ class RoundWriter:
         self.node_sites[node] = info.site_id
         site = self.store.site_row(s, self.run_id, info.site_id)
         site.num_train, site.num_test = reply.num_examples, info.num_test
-        site.device, site.delta = info.device, report.delta
+        site.device = info.device
         s.add(S.Participation(
             run_id=self.run_id, round_number=server_round, site_id=site.id, phase="train",
             status="ok", num_examples=reply.num_examples, seconds=info.seconds,
             bytes_down=bytes_down, bytes_up=reply.update_bytes,
         ))
+        for name, value in metrics.items():
+            s.add(S.Metric(run_id=self.run_id, round_number=server_round, site_id=site.id,
+                           phase="train", name=name, value=value))
+        self.round.bytes_up += reply.update_bytes
+        self.round.examples += reply.num_examples
+        if report is None or life is None or reply.head is None:  # a non-private run: no event, no charge
+            return
+        site.delta = report.delta
         ev = report.event
         site.dataset_id = life.dataset_id
         LedgerWitness(s, self.run_id).advance(info.site_id, reply.head)
@@ -152,11 +160,6 @@ class RoundWriter:
             ledger_accountant=life.accountant, epsilon_cap=life.cap, rng=report.rng,
             ledger_id=reply.head.ledger_id, ledger_seq=reply.head.seq,
         ))
-        for name, value in metrics.items():
-            s.add(S.Metric(run_id=self.run_id, round_number=server_round, site_id=site.id,
-                           phase="train", name=name, value=value))
-        self.round.bytes_up += reply.update_bytes
-        self.round.examples += reply.num_examples
 
     def evaluated(self, s: Session, server_round: int, node: int, reply: EvalReply, bytes_down: int) -> None:
         """A usable plaintext evaluation: participation and the site's loss and accuracy."""

@@ -162,8 +162,9 @@ class RecordingStrategy:
                     continue
                 if reply.info.num_test > 0:  # what its evaluations must count (checks.check_evaluate_reply)
                     self._num_test[node] = reply.info.num_test
+                reported = (P.TRAIN_LOSS, P.EPSILON) if reply.report is not None else (P.TRAIN_LOSS,)
                 w.trained(s, server_round, node, reply, per_site_bytes,
-                          {name: P.metric(msg.content, name) for name in (P.TRAIN_LOSS, P.EPSILON)})
+                          {name: P.metric(msg.content, name) for name in reported})
                 if self.plan:
                     self.plan.trained(node)
                 valid.append(msg)
@@ -194,7 +195,8 @@ class RecordingStrategy:
         self.rounds_aggregated += 1
         if metrics is not None:
             w.round.train_loss = float(metrics[P.TRAIN_LOSS])  # type: ignore[arg-type]
-            w.round.max_epsilon = float(metrics[P.EPSILON])  # type: ignore[arg-type]
+            if P.EPSILON in metrics:  # none in a non-private run
+                w.round.max_epsilon = float(metrics[P.EPSILON])  # type: ignore[arg-type]
         return arrays, metrics
 
     def _server_step(self, server_round: int, mean: ArrayRecord, state: ServerState) -> ArrayRecord | None:

@@ -71,7 +71,7 @@ class SiteDriver:
     def query(self, t: P.TrainTask, request: SignedRequest | None = None) -> P.BudgetStatus:
         """The site's pre-flight answer to ``t`` (with the researcher's signed request, if given)."""
         reply = self.send(RecordDict({P.TASK: _config(t, request)}), P.BUDGET_QUERY)
-        return P.BudgetStatus.from_config(reply[P.BUDGET])  # type: ignore[arg-type]
+        return P.BudgetStatus.from_config(reply[P.BUDGET], private=t.private)  # type: ignore[arg-type]
 
     def train(self, t: P.TrainTask, server_round: int = 1, request: SignedRequest | None = None) -> RecordDict:
         """The site's reply to training round ``server_round`` of ``t`` from the seed-0 model."""

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("veil", "privacy", "server", "client", "simulations")
 BOTTOM = {"veil", "veil.errors", "veil.exits", "veil.env", "veil.files", "veil.config", "veil.logs",
-          "veil.names", "veil.processes", "veil.reaper"}
+          "veil.names", "veil.processes", "veil.reaper", "veil.server_opt"}
 CORE_TOP = {"veil.spec", "veil.protocol", "veil.models"}
 
 

@@ -95,7 +95,8 @@ def test_each_step_equals_flowers_strategy(rule: str) -> None:
             flower.current_arrays = {k: v.copy() for k, v in x.items()}  # what configure_train does
         sites = [({k: v + rng.normal(scale=0.1, size=v.shape).astype(np.float32) for k, v in x.items()}, n)
                  for n in (30, 50)]
-        ours_mean = sum(n * np.concatenate([a[k].astype(np.float64).ravel() for k in shapes]) for a, n in sites) / 80
+        ours_mean = sum(n * np.concatenate([a[k].astype(np.float64).ravel() for k in shapes])
+                        for a, n in sites) / 80
         theirs, _ = flower.aggregate_train(server_round, [_flower_reply(a, n) for a, n in sites])
         assert theirs is not None
         ours, state = server_step(opt, state, ours_mean)
@@ -165,7 +166,7 @@ def test_scenario_server_optimizer_defaults_and_errors() -> None:
     assert P.TrainTask.from_config(task.to_config()).server_optimizer() == s.server_optimizer.optimizer()
     with pytest.raises(ScenarioError, match="plain fedavg takes the mean"):
         parse_scenario({"server_optimizer": {"rule": "fedavg", "learning_rate": 0.5}})
-    with pytest.raises(ScenarioError, match="server_optimizer.rule"):
+    with pytest.raises(ScenarioError, match=r"server_optimizer\.rule"):
         parse_scenario({"server_optimizer": {"rule": "sgd"}})
     rec = task.to_config()
     for key in P.server_fields(ServerOptimizer()):

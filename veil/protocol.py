@@ -76,6 +76,7 @@ class TrainTask:
     server_momentum: float = 0.0
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    private: bool = True  # False: the labelled non-private baseline (plain SGD, no ε; capped sites refuse)
 
     @classmethod
     def from_scenario(cls, s: Scenario) -> TrainTask:
@@ -98,6 +99,7 @@ class TrainTask:
             encrypted_eval=s.encryption.evaluation == "ckks",
             rng="seeded" if p.reproducible_noise else "os-entropy",
             **server_fields(s.server_optimizer.optimizer()),
+            private=s.private,
         )
 
     def server_optimizer(self) -> ServerOptimizer:
@@ -129,7 +131,12 @@ class TrainTask:
             raise ValueError("task: planned_rounds, batch_size and local_epochs must be >= 1")
         if task.accountant not in ACCOUNTANTS:
             raise ValueError(f"task.accountant must be one of {ACCOUNTANTS}, got {task.accountant!r}")
-        if (task.noise_multiplier > 0) == (task.target_epsilon > 0):
+        if not isinstance(task.private, bool):
+            raise ValueError(f"task.private must be true or false, got {str(task.private)[:40]!r}")
+        if not task.private:
+            if task.noise_multiplier != 0 or task.target_epsilon != 0 or task.rng != "os-entropy":
+                raise ValueError("a non-private task sets no noise_multiplier, target_epsilon or seeded rng")
+        elif (task.noise_multiplier > 0) == (task.target_epsilon > 0):
             raise ValueError("task must set exactly one of noise_multiplier and target_epsilon")
         if task.rng not in RNG_MODES:
             raise ValueError(f"task.rng must be one of {RNG_MODES}, got {str(task.rng)[:40]!r}")
@@ -151,7 +158,7 @@ def server_optimizer_from(config: ConfigRecord | Mapping[str, Any]) -> ServerOpt
     return ServerOptimizer(*values.values())
 
 
-_OPTIONAL_TASK_FIELDS = frozenset(server_fields(ServerOptimizer()))
+_OPTIONAL_TASK_FIELDS = frozenset({*server_fields(ServerOptimizer()), "private"})
 """Task fields a coordinator that predates them does not send: they take their defaults (plain FedAvg)."""
 
 
@@ -291,6 +298,7 @@ class LedgerHead:
 REFUSAL_CODES = (
     "budget-exhausted", "noise-below-minimum", "sample-rate-above-maximum", "encryption-required",
     "seeded-noise",  # a task asking for reproducible (seeded, not private) noise at a real site
+    "non-private-refused",  # a task without DP (the labelled baseline) at a site whose policy caps ε
     # given by the coordinator, not the site: its ledger is not the one it reported last time
     "ledger-rolled-back", "ledger-replaced",
     # given by the coordinator: the node answers under another name than its key was registered with
@@ -366,9 +374,10 @@ class BudgetStatus:
         return ConfigRecord(out)
 
     @classmethod
-    def from_config(cls, rec: ConfigRecord) -> BudgetStatus:
+    def from_config(cls, rec: ConfigRecord, *, private: bool = True) -> BudgetStatus:
         """Decode and bound a budget answer (whole counts, δ in (0, 1), σ > 0, q in (0, 1], non-negative
-        spend and projection, a known accountant); ``ValueError`` names the bad field."""
+        spend and projection, a known accountant); ``ValueError`` names the bad field. The answer to a
+        non-private task (``private=False``) has σ = 0: there is no mechanism."""
         refusal = None
         if "refusal-code" in rec:
             refusal = Refusal(_short(rec, "refusal-code"), str(rec.get("refusal-detail", ""))[:1000])
@@ -390,7 +399,8 @@ class BudgetStatus:
             ("affordable-rounds", status.affordable_rounds, status.affordable_rounds >= 0, ">= 0"),
             ("delta", status.delta, 0 < status.delta < 1, "in (0, 1)"),
             ("noise-multiplier", status.noise_multiplier,
-             status.noise_multiplier > 0 and math.isfinite(status.noise_multiplier), "a finite number > 0"),
+             status.noise_multiplier > 0 and math.isfinite(status.noise_multiplier) if private
+             else status.noise_multiplier == 0, "a finite number > 0" if private else "0 (a non-private task)"),
             ("sample-rate", status.sample_rate, 0 < status.sample_rate <= 1, "in (0, 1]"),
             ("spent", status.spent, status.spent >= 0, ">= 0"),
             ("projected", status.projected, status.projected >= 0, ">= 0"),

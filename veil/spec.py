@@ -151,6 +151,10 @@ class PrivacySpec(_Strict):
         "default min(1e-5, 0.1/n) for a site with n records",
     )
     accountant: AccountantName = "pld"
+    mechanism: Literal["dp-sgd", "none"] = Field(
+        "dp-sgd", description="dp-sgd: every site trains with Opacus DP-SGD; none: the NOT private baseline "
+        "(plain SGD, no ε), recorded and shown as not private and refused by every site whose policy caps ε; "
+        "`privacy: none` in a scenario file means this")
     reproducible_noise: bool = Field(
         False, description="simulation research only: draw DP noise and Poisson sampling from the seed, so "
         "a run replays exactly; NOT private (anyone who knows the seed can remove the noise); refused by "
@@ -159,6 +163,12 @@ class PrivacySpec(_Strict):
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> PrivacySpec:
+        if self.mechanism == "none":
+            given = [k for k in ("noise_multiplier", "target_epsilon", "reproducible_noise")
+                     if getattr(self, k) not in (None, False)]
+            if given:
+                raise ValueError(f"privacy.mechanism none trains without DP: remove {', '.join(given)}")
+            return self
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(
                 "set exactly one of privacy.noise_multiplier or privacy.target_epsilon "
@@ -286,6 +296,19 @@ class Scenario(_Strict):
         default_factory=dict, max_length=1000,
         description="per simulated site (site-0, ...): keys replacing site_policy's",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _privacy_none(cls, raw: Any) -> Any:
+        """``privacy: none`` is the non-private baseline, ``privacy: {mechanism: none}``."""
+        if isinstance(raw, dict) and raw.get("privacy") == "none":
+            return {**raw, "privacy": {"mechanism": "none"}}
+        return raw
+
+    @property
+    def private(self) -> bool:
+        """Whether the sites train with DP-SGD (False: the labelled non-private baseline)."""
+        return self.privacy.mechanism != "none"
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:

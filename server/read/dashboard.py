@@ -135,6 +135,7 @@ class RunListRow:
     wall_seconds: float | None
     bytes_moved: int
     noise_seeded: bool = False  # some site's DP noise was reproducible from the seed: not private
+    no_dp: bool = False  # trained without DP (privacy: none): the labelled non-private baseline
     problems: dict[str, str] = field(default_factory=dict)
 
 
@@ -215,7 +216,18 @@ def _list_row(r: S.Run, rounds: tuple[object, object], trained: object, acc: obj
         check.count("rounds_planned", r.num_rounds), check.count("sites_trained", trained),
         check.count("sites_planned", r.num_sites), accuracy(check, "accuracy", acc), encrypted, max_epsilon,
         nonneg(check, "wall_seconds", r.wall_seconds), check.count("bytes_moved", rounds[1]), seeded,
-        problems=check.problems)
+        _spec_without_dp(r.spec_json), problems=check.problems)
+
+
+def _spec_without_dp(spec_json: str) -> bool:
+    """Whether a stored scenario says ``privacy: none`` (an unreadable one says nothing)."""
+    from server.read.summary import without_dp
+
+    try:
+        spec = json.loads(spec_json)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(spec, dict) and without_dp(spec)
 
 
 # -- veil compare -----------------------------------------------------------------------------

@@ -125,6 +125,14 @@ class RefusalRow:
     problems: dict[str, str] = field(default_factory=dict)
 
 
+NO_DP = "not private: trained without differential privacy (privacy: none, the non-private baseline)"
+
+
+def without_dp(spec: dict[str, Any]) -> bool:
+    """Whether a stored scenario trained without DP (``privacy: {mechanism: none}``)."""
+    return section(spec, "privacy").get("mechanism") == "none"
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """A run as the store has it: rounds, sites, artifacts, missed participations, encryption and provenance."""
@@ -156,15 +164,23 @@ class RunSummary:
     problems: dict[str, str] = field(default_factory=dict)  # the run row's own fields
 
     @property
+    def without_dp(self) -> bool:
+        """The run trained without DP at all (``privacy: none``, the labelled non-private baseline)."""
+        return without_dp(self.spec)
+
+    @property
     def not_private(self) -> bool:
-        """Some site's noise was reproducible from the seed: no ε of this run protects anyone."""
-        return self.noise_rng == "seeded" or bool(section(self.spec, "privacy").get("reproducible_noise"))
+        """No DP, or some site's noise was reproducible from the seed: no ε of this run protects anyone."""
+        return (self.without_dp or self.noise_rng == "seeded"
+                or bool(section(self.spec, "privacy").get("reproducible_noise")))
 
     @property
     def privacy_note(self) -> str:
-        """The noise source, for reports: ``NOT_PRIVATE`` if seeded, else OS entropy; empty without events."""
+        """For reports: ``NO_DP`` without DP, ``NOT_PRIVATE`` if seeded, else OS entropy; empty without events."""
         from privacy.randomness import NOT_PRIVATE, describe
 
+        if self.without_dp:
+            return NO_DP
         if self.not_private:
             return NOT_PRIVATE
         return f"DP noise and Poisson sampling {describe('os-entropy')}" if self.noise_rng else ""

@@ -163,17 +163,20 @@ def draw_runs(con: Console, rows: list[RunListRow]) -> None:
         ["run", "name", "status", "mode", "created (UTC)", "rounds", "sites", "accuracy", "max ε", "wall",
          "moved"],
         ([str(r.run_id), r.name, status_text(r.status, r.problems),
-          checked(r.problems, "mode", r.mode) + (" (seeded)" if r.noise_seeded else ""),
+          checked(r.problems, "mode", r.mode) + (" (no DP)" if r.no_dp else " (seeded)" if r.noise_seeded else ""),
           (r.created_at or "-")[:19].replace("T", " "),
           f"{r.rounds_completed}/{r.rounds_planned}", f"{r.sites_trained}/{r.sites_planned}",
           "encrypted" if r.accuracy_encrypted else checked(r.problems, "accuracy", fmt(r.accuracy, 4)),
-          checked(r.problems, "max_epsilon", eps(r.max_epsilon)),
+          "not private" if r.no_dp else checked(r.problems, "max_epsilon", eps(r.max_epsilon)),
           checked(r.problems, "wall_seconds", seconds(r.wall_seconds)),
           checked(r.problems, "bytes_moved", mb(r.bytes_moved))]
          for r in rows), left=5))
     if any(r.noise_seeded for r in rows):
         con.print(" runs marked (seeded) are not private: their DP noise is reproducible from the seed",
                   markup=False)
+    if any(r.no_dp for r in rows):
+        con.print(" runs marked (no DP) are not private: they trained without differential privacy "
+                  "(privacy: none, the baseline)", markup=False)
     draw_warnings(con, [line for r in rows for line in problem_lines(f"run {r.run_id}", r.problems)])
 
 
@@ -203,13 +206,14 @@ def _spec_lines(s: RunSummary) -> list[str]:
         return lines
     target = (f"target ε {v(priv, 'target_epsilon')}" if priv.get("noise_multiplier") is None
               else f"σ {v(priv, 'noise_multiplier')}")
+    dp = (f"DP-SGD {target}, C {v(priv, 'max_grad_norm')}, accountant {v(priv, 'accountant')}"
+          if priv.get("mechanism") != "none" else "NO DP (not private)")
     where = ("each site's own data" if s.mode == "deployment"
              else f"{v(data, 'source')} ({v(data, 'partitioner')})")
     return [*lines,
             f"  {v(section(spec, 'model'), 'arch')} on {where}, {v(fed, 'sites', s.planned_sites)} sites, "
             f"{v(fed, 'rounds', s.planned_rounds)} rounds, {v(train, 'local_epochs')} local epoch(s), "
-            f"batch {v(train, 'batch_size')}, lr {v(train, 'learning_rate')}; DP-SGD {target}, "
-            f"C {v(priv, 'max_grad_norm')}, accountant {v(priv, 'accountant')}"]
+            f"batch {v(train, 'batch_size')}, lr {v(train, 'learning_rate')}; {dp}"]
 
 
 def _encryption_lines(s: RunSummary) -> list[str]:
@@ -235,7 +239,10 @@ def draw_summary(con: Console, summary: RunSummary) -> None:
                             status_text(s.status, s.problems)))
     if s.error:
         say(con, f"  error: {clean(s.error, LINE)}")
-    if s.not_private:
+    if s.without_dp:
+        con.print("  [bold red]NOT PRIVATE[/]: trained without differential privacy (privacy: none), the "
+                  "non-private baseline; no ε applies to this run")
+    elif s.not_private:
         con.print("  [bold red]NOT PRIVATE[/]: noise reproducible from the seed (--reproducible-noise, for "
                   "simulation research only); the ε below assumes noise nobody else can reproduce")
     elif s.privacy_note:
@@ -266,6 +273,9 @@ def draw_summary(con: Console, summary: RunSummary) -> None:
     if s.epsilon_invalid:
         say(con, " worst-case site ε this run: invalid (some site's stored privacy events fail their "
                        "checks: see the warnings below); no ε of this run can be stated")
+    elif s.without_dp:
+        con.print(" no ε: this run trained without differential privacy (privacy: none); its model and updates "
+                  "protect no record", markup=False)
     elif worst is not None:
         con.print(f" worst-case site ε this run = {worst:.3f} (sample-level DP, each site at its own δ); "
                   "lifetime ε is each site ledger's spend on its data set across runs", markup=False)

@@ -116,16 +116,25 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
     blocks.append(Block("image", text=png_name))
 
     blocks.append(Block("h2", "The privacy mechanism"))
-    target = (f"calibrated per site so that its ε over all planned rounds is at most {_v(priv, 'target_epsilon')}"
-              if priv.get("noise_multiplier") is None else f"fixed at {_v(priv, 'noise_multiplier')}")
-    blocks.append(Block("p",
-        "Each site trained with **DP-SGD** (Opacus): every example's gradient is clipped to L2 norm "
-        f"C = {_v(priv, 'max_grad_norm')}, Gaussian noise of standard deviation σ·C is added to each "
-        "batch's sum of clipped gradients, and batches are drawn by **Poisson sampling** (each record joins "
-        f"each step independently with probability q). The noise multiplier σ was {target}. Each site "
-        "recorded the mechanism it actually ran (σ, q, steps, C, δ) before its update left it, and ε below "
-        "is recomputed from those recorded events."))
-    if s.not_private:
+    if s.without_dp:
+        blocks.append(Block("p", "**None: this run is NOT private.** It trained without differential privacy "
+                                 "(`privacy: none`, the non-private baseline a researcher compares against): "
+                                 "plain SGD, no clipping, no noise, no ε; the sites that took part have no ε "
+                                 "cap in their policy, and nothing was charged to their ledgers."))
+    if not s.without_dp:
+        cap = _v(priv, "target_epsilon")
+        target = (f"calibrated per site so that its ε over all planned rounds is at most {cap}"
+                  if priv.get("noise_multiplier") is None else f"fixed at {_v(priv, 'noise_multiplier')}")
+        blocks.append(Block("p",
+            "Each site trained with **DP-SGD** (Opacus): every example's gradient is clipped to L2 norm "
+            f"C = {_v(priv, 'max_grad_norm')}, Gaussian noise of standard deviation σ·C is added to each "
+            "batch's sum of clipped gradients, and batches are drawn by **Poisson sampling** (each record joins "
+            f"each step independently with probability q). The noise multiplier σ was {target}. Each site "
+            "recorded the mechanism it actually ran (σ, q, steps, C, δ) before its update left it, and ε below "
+            "is recomputed from those recorded events."))
+    if s.without_dp:
+        pass
+    elif s.not_private:
         blocks.append(Block("p", f"**Not private: {s.privacy_note.removeprefix('not private: ')}.** This run "
                                  "drew every site's DP noise and Poisson sampling from the scenario seed "
                                  "(`--reproducible-noise`, for simulation research): anyone who knows the seed "
@@ -183,7 +192,9 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
         "which composes every run it joined; ε of this run alone understates the total when there were "
         "other runs.",
     ]
-    if s.not_private:
+    if s.without_dp:
+        caveats.insert(0, "**This run is not private: it trained without DP.** No ε applies to it.")
+    elif s.not_private:
         caveats.insert(0, "**This run is not private: noise reproducible from the seed.** Its ε describes the "
                           "mechanism's shape only.")
     if s.encryption:

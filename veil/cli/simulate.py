@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
 from veil.cli.common import StoreOpt, echo_summary, end_on_signals, errors, quiet_third_parties
 from veil.errors import BudgetRefusedError, RunFailedError
+
+if TYPE_CHECKING:
+    from veil.spec import Scenario
 
 
 def simulate(
@@ -27,6 +30,9 @@ def simulate(
     reproducible_noise: Annotated[bool, typer.Option(
         "--reproducible-noise", help="research only: draw DP noise and sampling from the seed so the run "
         "replays exactly; NOT private, and recorded as such")] = False,
+    no_dp: Annotated[bool, typer.Option(
+        "--no-dp", help="the non-private baseline: train without DP (privacy: none) and lift the simulated "
+        "sites' shared ε cap for it; NOT private, recorded and shown as such")] = False,
 ) -> None:
     """Run a simulated private federation and record it in the run store."""
     from veil import logs
@@ -41,6 +47,8 @@ def simulate(
             **{"federation.sites": sites, "federation.rounds": rounds, "seed": seed, "device": device,
                "privacy.reproducible_noise": True if reproducible_noise else None}
         )
+        if no_dp:
+            spec = _without_dp(spec)
         if spec.federation.min_sites > spec.federation.sites:  # after --sites shrinks it
             spec = spec.with_overrides(**{"federation.min_sites": spec.federation.sites})
         end_on_signals()  # imports Ray: after a bad scenario is reported
@@ -61,3 +69,16 @@ def simulate(
             raise
         summary = load_summary(run_store, result.run_id)
     echo_summary(summary, output, run_store.safe_url)
+
+
+def _without_dp(spec: Scenario) -> Scenario:
+    """``spec`` as the non-private baseline: ``privacy: none``, and no shared ε cap at the simulated
+    sites (a site with its own cap in ``site_policy_overrides`` keeps it, and refuses)."""
+    from veil.spec import parse_scenario
+
+    raw = spec.model_dump(mode="json")
+    raw["privacy"] = {"mechanism": "none"}
+    raw["site_policy"]["epsilon_cap"] = None
+    typer.echo("--no-dp: training WITHOUT differential privacy (the non-private baseline); the simulated "
+               "sites' shared ε cap is lifted for it, and no ledger is charged", err=True)
+    return parse_scenario(raw, source="--no-dp")

@@ -1,0 +1,115 @@
+"""The labelled non-private baseline (``privacy: none``): sites train without DP only when their
+policy promises no ε, nothing is charged or reported as ε, and the coordinator and every view
+record the run as not private."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from privacy.ledger import SiteLedger
+from privacy.policy import SitePolicy
+from server import checks
+from tests.sitekit import SiteDriver, make_site, task
+from veil import protocol as P
+from veil.errors import ScenarioError
+from veil.spec import parse_scenario
+
+NO_DP = {"noise_multiplier": 0.0, "private": False}
+
+
+def test_privacy_none_is_a_scenario_and_a_task() -> None:
+    s = parse_scenario({"privacy": "none", "site_policy": {"epsilon_cap": None}})
+    assert not s.private and s.privacy.mechanism == "none"
+    t = P.TrainTask.from_scenario(s)
+    assert not t.private and t.noise_multiplier == t.target_epsilon == 0.0
+    assert P.TrainTask.from_config(t.to_config()) == t
+    with pytest.raises(ScenarioError, match="remove target_epsilon"):
+        parse_scenario({"privacy": {"mechanism": "none", "target_epsilon": 8.0}})
+    rec = t.to_config()
+    rec["noise_multiplier"] = 1.0
+    with pytest.raises(ValueError, match="non-private task sets no noise_multiplier"):
+        P.TrainTask.from_config(rec)
+    rec = t.to_config()
+    rec["private"] = "no"
+    with pytest.raises(ValueError, match=r"task\.private must be true or false"):
+        P.TrainTask.from_config(rec)
+
+
+@pytest.mark.parametrize("policy", [SitePolicy(epsilon_cap=20.0), SitePolicy(min_noise_multiplier=0.5)])
+def test_a_site_whose_policy_promises_privacy_refuses_and_charges_nothing(tmp_path: Path,
+                                                                          policy: SitePolicy) -> None:
+    site = make_site(tmp_path / "l", policy)
+    driver = SiteDriver(site)
+    status = driver.query(task(**NO_DP))
+    assert status.refusal is not None and status.refusal.code == "non-private-refused"
+    assert status.affordable_rounds == 0
+    content = driver.train(task(**NO_DP))  # the coordinator sends it anyway
+    refused = P.Refusal.from_config(content[P.REFUSAL])  # type: ignore[arg-type]
+    assert refused.code == "non-private-refused" and P.ARRAYS not in content
+    with SiteLedger(site.ledger) as ledger:
+        assert ledger.entries() == []
+
+
+def test_a_site_without_a_cap_trains_plain_sgd_and_reports_no_epsilon(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "l", SitePolicy())
+    driver = SiteDriver(site)
+    status = driver.query(task(**NO_DP))
+    assert status.refusal is None and status.noise_multiplier == 0.0 and status.affordable_rounds == 3
+    content = driver.train(task(**NO_DP))
+    assert isinstance(content[P.ARRAYS], ArrayRecord) and P.PRIVACY not in content
+    metrics = content[P.METRICS]
+    assert isinstance(metrics, MetricRecord) and P.EPSILON not in metrics and metrics[P.NUM_EXAMPLES] > 0
+    with SiteLedger(site.ledger) as ledger:
+        assert ledger.entries() == []  # no DP event happened, so none is recorded
+    reply = checks.check_train_reply(content, encrypted=False, expected=checks.layout(content[P.ARRAYS]),
+                                     rng="os-entropy", task=task(**NO_DP))
+    assert reply.report is None and reply.num_examples == metrics[P.NUM_EXAMPLES]
+
+
+def test_the_coordinator_rejects_a_privacy_report_in_a_non_private_run(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "l", SitePolicy())
+    private = SiteDriver(site).train(task())  # a DP reply, sent to a run that asked for none
+    assert P.PRIVACY in private
+    with pytest.raises(checks.ReplyRejected, match="non-private run"):
+        checks.check_train_reply(private, encrypted=False, expected=checks.layout(private[P.ARRAYS]),
+                                 rng="os-entropy", task=task(**NO_DP))
+    agg = checks.aggregate_train_metrics(
+        [RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 2, P.TRAIN_LOSS: 1.0})}),
+         RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 2, P.TRAIN_LOSS: 3.0})})], P.NUM_EXAMPLES)
+    assert agg[P.TRAIN_LOSS] == 2.0 and P.EPSILON not in agg
+
+
+@pytest.mark.slow  # Ray simulations
+def test_a_simulated_baseline_is_recorded_and_shown_as_not_private(tmp_path: Path) -> None:
+    from sqlalchemy import func, select
+    from typer.testing import CliRunner
+
+    from server.read.dashboard import list_runs
+    from server.read.summary import load_summary
+    from server.store import RunStore
+    from server.store import schema as S
+    from simulations.simulate import simulate
+    from tests.scenarios import small_scenario
+    from veil.cli.main import app
+    from veil.errors import BudgetRefusedError
+
+    store = RunStore(f"sqlite:///{tmp_path / 'veil.db'}")
+    spec = small_scenario(name="baseline", privacy="none", site_policy={"epsilon_cap": None})
+    run = simulate(parse_scenario(spec), store, tmp_path / "art", progress=False, ledger_dir=tmp_path / "l")
+    summary = load_summary(store, run.run_id)
+    assert summary.status == "completed" and summary.without_dp and summary.not_private
+    assert summary.max_epsilon is None and summary.final is not None and summary.final.accuracy is not None
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(S.PrivacyEvent)) == 0
+    (row,) = list_runs(store)
+    assert row.no_dp
+    shown = CliRunner().invoke(app, ["runs", "--store", store.url])
+    assert shown.exit_code == 0 and "(no DP)" in shown.output and "not private" in shown.output
+    capped = small_scenario(name="baseline-capped", privacy="none", site_policy={"epsilon_cap": 20.0})
+    with pytest.raises(BudgetRefusedError):
+        simulate(parse_scenario(capped), store, tmp_path / "art", progress=False, ledger_dir=tmp_path / "l")
+    refused = load_summary(store, run.run_id + 1)
+    assert refused.status == "refused" and all(m.code == "non-private-refused" for m in refused.refusals)
