@@ -46,7 +46,7 @@ def test_encrypted_scenario_is_the_default_with_ckks_on() -> None:
         ({"privacy": {"noise_multiplier": -0.5}}, ["privacy.noise_multiplier", "got -0.5"]),
         ({"privacy": {"noise_multiplier": 1.0, "delta": 2}}, ["privacy.delta", "less than or equal to 0.1"]),
         ({"federation": {"sites": 2, "min_sites": 3}}, ["min_sites (3) must not exceed"]),
-        ({"model": {"arch": "resnet"}}, ["model.arch", "'cnn' or 'mlp'", "got 'resnet'"]),
+        ({"model": {"arch": "resnet"}}, ["model.arch", "'cnn', 'mlp' or 'linear'", "got 'resnet'"]),
         ({"encryption": {"aggregation": "paillier"}}, ["encryption.aggregation", "'none' or 'ckks'"]),
         ({"encryption": {"aggregation": "ckks", "coeff_mod_bit_sizes": [60, 60]}},
          ["encryption:", "above the 128-bit security bound of 109 bits"]),
@@ -174,7 +174,8 @@ def test_the_model_size_formula_matches_the_models() -> None:
     from veil.models import build_model
 
     for spec in ({"arch": "cnn"}, {"arch": "cnn", "num_classes": 3}, {"arch": "mlp"},
-                 {"arch": "mlp", "in_features": 12, "num_classes": 2}):
+                 {"arch": "mlp", "in_features": 12, "num_classes": 2},
+                 {"arch": "linear", "in_features": 30, "num_classes": 2}, {"arch": "linear"}):
         model = ModelSpec.model_validate(spec)
         assert model.parameters() == sum(p.numel() for p in build_model(model.key).parameters())
 

@@ -47,7 +47,21 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": SmallCNN, "mlp": MLP}
+class Linear(nn.Module):
+    """Multinomial logistic regression: the tabular entry. Few parameters is what DP-SGD rewards
+    (the noise grows with the dimension, the signal does not), so on standardised tabular
+    features a linear model is the usual private baseline (Tramèr & Boneh, ICLR 2021)."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 784) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits for a batch of inputs, flattened to ``in_features`` values each."""
+        return self.net(x)
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": SmallCNN, "mlp": MLP, "linear": Linear}
 
 
 def parse_arch(key: str) -> tuple[str, int, int]:
@@ -68,7 +82,9 @@ def parse_arch(key: str) -> tuple[str, int, int]:
 
 def _make(key: str) -> nn.Module:
     arch, n_in, n_out = parse_arch(key)
-    return MLP(n_out, n_in) if arch == "mlp" else SmallCNN(n_out)
+    if arch == "mlp":
+        return MLP(n_out, n_in)
+    return Linear(n_out, n_in) if arch == "linear" else SmallCNN(n_out)
 
 
 def build_model(arch: str, seed: int | None = None) -> nn.Module:

@@ -90,9 +90,12 @@ class DataSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    """The network every site trains: the cnn (1x28x28 only) or an mlp of any input and class count."""
+    """The network every site trains: the cnn (1x28x28 only), or an mlp or linear model of any input and
+    class count."""
 
-    arch: Literal["cnn", "mlp"] = "cnn"
+    arch: Literal["cnn", "mlp", "linear"] = Field(
+        "cnn", description="cnn: 8k-parameter GroupNorm CNN (1x28x28); mlp: in_features → 128 → classes; "
+        "linear: logistic regression, the tabular entry (standardised features: site.yaml standardize: true)")
     in_features: int = Field(784, ge=1, le=200_000,
                              description="mlp: features per record (784 = 28x28 images; the cnn takes 1x28x28); "
                              "at most 200,000 (a 26M-parameter first layer)")
@@ -108,6 +111,8 @@ class ModelSpec(_Strict):
         """Trainable parameters of this model (``veil.models``: the mlp's hidden layer is 128 wide)."""
         if self.arch == "cnn":
             return 5_152 + (32 * 9 + 1) * self.num_classes  # conv blocks + head
+        if self.arch == "linear":
+            return (self.in_features + 1) * self.num_classes
         return (self.in_features + 1) * 128 + (128 + 1) * self.num_classes
 
     @property
