@@ -46,7 +46,7 @@ def site_history(rng: random.Random, rounds: int) -> list[DpSgdEvent]:
 
 
 def clear_caches() -> None:
-    for fn in (A._epsilon_cached, A._group_pld, A._composed_pld, A._rdp_one_step):
+    for fn in (A._epsilon_cached, A._base_pld, A._group_pld, A._composed_pld, A._rdp_one_step):
         fn.cache_clear()
 
 

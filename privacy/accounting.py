@@ -16,7 +16,11 @@ projection before training equals the ε it records afterwards, in any process.
 Why it is fast: the history only ever grows at its end (the newest group's step count, or a
 new group). Every group's mechanism and every prefix composition are cached, so a new
 round costs one self-composition and one composition (PLD), or one vector addition (RDP),
-however long the history. Each distinct (σ, q) costs one library call, ever.
+however long the history. Each distinct (σ, q) costs one library call, ever: for PLD, the
+one-step subsampled Gaussian is built once per (σ, q, grid) and self-composed for any step
+count, and the groups are composed onto the identity in order: exactly the operations
+dp_accounting's ``PLDAccountant`` performs for the same history, so it reports the same ε to
+the last bit.
 """
 
 from __future__ import annotations
@@ -118,24 +122,34 @@ def _epsilon_cached(history: History, delta: float, accountant: AccountantName, 
     return eps if math.isfinite(eps) else math.inf
 
 
-# -- PLD: cached group mechanisms and prefix compositions -----------------------------------
-@lru_cache(maxsize=512)
-def _group_pld(sigma: float, q: float, steps: int, grid: float) -> PrivacyLossDistribution:
+# -- PLD: cached one-step mechanisms, group self-compositions and prefix compositions ------
+@lru_cache(maxsize=256)
+def _base_pld(sigma: float, q: float, grid: float) -> PrivacyLossDistribution:
+    """One step of the Poisson-subsampled Gaussian on ``grid`` (the expensive part: built once)."""
     from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-    # exactly what dp_accounting's PLDAccountant builds for a self-composed
-    # PoissonSampledDpEvent(q, GaussianDpEvent(σ))
     return pld_lib.from_gaussian_mechanism(
         standard_deviation=sigma, value_discretization_interval=grid, sampling_prob=q
-    ).self_compose(steps)
+    )
+
+
+@lru_cache(maxsize=512)
+def _group_pld(sigma: float, q: float, steps: int, grid: float) -> PrivacyLossDistribution:
+    # exactly what dp_accounting's PLDAccountant builds for a self-composed
+    # PoissonSampledDpEvent(q, GaussianDpEvent(σ)); self_compose returns a new PLD and leaves
+    # the cached one-step PLD as it was
+    return _base_pld(sigma, q, grid).self_compose(steps)
 
 
 @lru_cache(maxsize=512)
 def _composed_pld(history: History, grid: float) -> PrivacyLossDistribution:
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
     last = _group_pld(*history[-1], grid)
-    if len(history) == 1:
-        return last
-    return _composed_pld(history[:-1], grid).compose(last)
+    # composed onto the identity first, in order, as PLDAccountant composes a ComposedDpEvent:
+    # the same floating-point operations, so an auditor's PLDAccountant gets this ε to the bit
+    prefix = _composed_pld(history[:-1], grid) if len(history) > 1 else pld_lib.identity(grid)
+    return prefix.compose(last)
 
 
 # -- RDP: one library call per (σ, q); a history is a weighted sum of vectors ----------------

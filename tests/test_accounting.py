@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from privacy import DpSgdEvent, calibrate_noise_multiplier, default_delta, epsilon
+from privacy import accounting as acct
 from privacy.accounting import ACCOUNTANTS, History, check_accountant, history_epsilon
 from privacy.calibration import SIGMA_MIN
 
@@ -181,8 +182,20 @@ class TestPld(AccountantContract):
 
     @pytest.mark.parametrize(("history", "delta"), WIDE, ids=_ids(WIDE))
     def test_is_dp_accountings_pld_on_the_same_grid(self, history: History, delta: float) -> None:
-        ours = history_epsilon(history, delta, "pld")
-        assert ours == pytest.approx(reference(history, delta, "pld", grid=1e-3), rel=1e-6)
+        # the same operations as PLDAccountant's, in the same order: the same number to the bit
+        assert history_epsilon(history, delta, "pld") == reference(history, delta, "pld", grid=1e-3)
+
+    def test_one_step_pld_is_built_once_and_self_composed_to_dp_accountings_bit(self) -> None:
+        """A site's growing history (5 rounds of 13 steps, then other σ and q): each (σ, q) costs one
+        one-step PLD, and every ε is exactly what a from-scratch PLDAccountant reports."""
+        for fn in (acct._epsilon_cached, acct._base_pld, acct._group_pld, acct._composed_pld):
+            fn.cache_clear()
+        q = 1 / 13
+        histories: list[History] = [((0.76, q, 13 * k),) for k in range(1, 6)]
+        histories += [((0.76, q, 26), (1.2, q, 13)), ((0.76, q, 26), (1.2, q, 13), (0.9, 0.05, 40))]
+        for history in histories:
+            assert history_epsilon(history, DELTA, "pld") == reference(history, DELTA, "pld", grid=1e-3)
+        assert acct._base_pld.cache_info().misses == 3  # (0.76, q), (1.2, q), (0.9, 0.05)
 
 
 class TestRdp(AccountantContract):
