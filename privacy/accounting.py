@@ -21,6 +21,10 @@ one-step subsampled Gaussian is built once per (σ, q, grid) and self-composed f
 count, and the groups are composed onto the identity in order: exactly the operations
 dp_accounting's ``PLDAccountant`` performs for the same history, so it reports the same ε to
 the last bit.
+
+Across processes: PLD and PRV results are also kept on disk (``privacy.accounting_cache``,
+authenticated entries keyed by the history, δ, grid and library version), so a fresh
+process does not rebuild what an earlier one computed.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
+from privacy import accounting_cache
 from privacy.events import DpSgdEvent
 
 if TYPE_CHECKING:
@@ -54,7 +59,10 @@ PLD_DISCRETIZATION = 1e-3
 History = tuple[tuple[float, float, int], ...]
 """Grouped history: ``((σ, q, total steps), ...)`` in order of first appearance."""
 
+_ON_DISK = ("pld", "prv")  # RDP is a vector sum: recomputing it is cheaper than reading a file
 
+
+@lru_cache(maxsize=4)
 def accountant_version(name: AccountantName) -> str:
     """Library and version behind an accountant, for the record (e.g. ``dp-accounting 0.6.0``)."""
     lib = "opacus" if name == "prv" else "dp-accounting"
@@ -106,11 +114,27 @@ def history_epsilon(
     check_accountant(accountant)
     if not history:
         return 0.0
-    return _epsilon_cached(history, delta, accountant, pld_discretization)
+    return _epsilon_cached(history, delta, accountant, pld_discretization if accountant == "pld" else 0.0)
 
 
 @lru_cache(maxsize=65536)
 def _epsilon_cached(history: History, delta: float, accountant: AccountantName, grid: float) -> float:
+    """``_epsilon_computed``, remembered in this process and (PLD, PRV) on disk."""
+    if accountant not in _ON_DISK:
+        return _epsilon_computed(history, delta, accountant, grid)
+    key = {"history": [[float(s), float(q), int(n)] for s, q, n in history], "delta": float(delta),
+           "accountant": accountant, "version": accountant_version(accountant), "grid": float(grid)}
+    stored = accounting_cache.load("epsilon", key)
+    if stored is not None:
+        return stored
+    eps = _epsilon_computed(history, delta, accountant, grid)
+    accounting_cache.save("epsilon", key, eps)
+    return eps
+
+
+@lru_cache(maxsize=4096)
+def _epsilon_computed(history: History, delta: float, accountant: AccountantName, grid: float) -> float:
+    """ε of a grouped history, computed here (never read from disk); ``grid`` is PLD's only."""
     if accountant == "pld":
         eps = float(_composed_pld(history, grid).get_epsilon_for_delta(delta))
     elif accountant == "rdp":

@@ -25,6 +25,7 @@ from privacy import DpSgdEvent, calibrate_noise_multiplier, default_delta, epsil
 from privacy import accounting as acct
 from privacy.accounting import ACCOUNTANTS, History, check_accountant, history_epsilon
 from privacy.calibration import SIGMA_MIN
+from veil.env import ACCOUNTING_CACHE
 
 DELTA = 1e-5
 A = DpSgdEvent(1.5, 0.05, 60, 1.0)  # ε ≈ 1.3 at δ = 1e-5
@@ -185,10 +186,13 @@ class TestPld(AccountantContract):
         # the same operations as PLDAccountant's, in the same order: the same number to the bit
         assert history_epsilon(history, delta, "pld") == reference(history, delta, "pld", grid=1e-3)
 
-    def test_one_step_pld_is_built_once_and_self_composed_to_dp_accountings_bit(self) -> None:
+    def test_one_step_pld_is_built_once_and_self_composed_to_dp_accountings_bit(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A site's growing history (5 rounds of 13 steps, then other σ and q): each (σ, q) costs one
         one-step PLD, and every ε is exactly what a from-scratch PLDAccountant reports."""
-        for fn in (acct._epsilon_cached, acct._base_pld, acct._group_pld, acct._composed_pld):
+        monkeypatch.setenv(ACCOUNTING_CACHE, "off")
+        for fn in (acct._epsilon_cached, acct._epsilon_computed, acct._base_pld, acct._group_pld,
+                   acct._composed_pld):
             fn.cache_clear()
         q = 1 / 13
         histories: list[History] = [((0.76, q, 13 * k),) for k in range(1, 6)]
