@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from privacy import DpSgdEvent, calibrate_noise_multiplier, default_delta, epsilon
 from privacy import accounting as acct
-from privacy.accounting import ACCOUNTANTS, History, check_accountant, history_epsilon
-from privacy.calibration import SIGMA_MIN
+from privacy.accounting import ACCOUNTANTS, PLD_DISCRETIZATION, History, check_accountant, history_epsilon
+from privacy.calibration import SIGMA_MIN, _on_reporting_grid
 from veil.env import ACCOUNTING_CACHE
 
 DELTA = 1e-5
@@ -284,3 +284,49 @@ def test_calibration_never_overshoots(target: float, q: float, steps: int, accou
     # and is not wastefully large: 3% less noise would overshoot (or σ is at its floor)
     lower = sigma / 1.03
     assert lower < SIGMA_MIN or epsilon([DpSgdEvent(lower, q, steps, 1.0)], 1e-5, accountant) > target  # type: ignore[arg-type]
+
+
+CALIBRATIONS = [  # (target ε, δ, q, steps)
+    pytest.param(8.0, 1e-5, 1 / 13, 65, id="400-records-batch-32-5-rounds"),
+    pytest.param(1.0, 1e-5, 0.01, 10_000, id="10k-steps"),  # the search grid over-reports ε ~1.8x here
+    pytest.param(3.0, 1e-5, 256 / 60_000, 14_062, id="mnist-like"),
+    pytest.param(400.0, 1e-5, 0.5, 10, id="floor"),  # met with less noise than SIGMA_MIN
+]
+
+
+@pytest.mark.parametrize(("target", "delta", "q", "steps"), CALIBRATIONS)
+def test_calibration_holds_on_the_reporting_grid_and_is_tight_there(
+        monkeypatch: pytest.MonkeyPatch, target: float, delta: float, q: float, steps: int) -> None:
+    """Searched on a coarse grid, checked on the reporting one: ε(σ) ≤ target there, and 1% less
+    noise would overshoot there (or σ is the floor)."""
+    monkeypatch.setenv(ACCOUNTING_CACHE, "off")
+    sigma = calibrate_noise_multiplier(target, delta, q, steps, "pld", rel_tol=1e-2)
+
+    def eps(s: float) -> float:
+        return history_epsilon(((s, q, steps),), delta, "pld", PLD_DISCRETIZATION)
+
+    assert eps(sigma) <= target
+    assert sigma == SIGMA_MIN or eps(sigma * (1 - 1e-2)) > target
+    assert (sigma == SIGMA_MIN) == (target == 400.0)
+
+
+@pytest.mark.parametrize(("lo", "hi", "target"), [
+    pytest.param(1.5, 1.9, 5.0, id="search-grid-optimistic-at-hi"),
+    pytest.param(3.0, 3.02, 5.0, id="search-grid-pessimistic-at-lo"),
+    pytest.param(1.99, 2.01, 5.0, id="right-first-time"),
+    pytest.param(0.5, 0.505, 40.0, id="down-to-the-floor"),
+])
+def test_a_search_bracket_is_carried_over_to_the_reporting_grid(lo: float, hi: float, target: float) -> None:
+    """Whatever the coarse grid got wrong, the σ returned holds on the reporting grid and is tight there
+    (ε = 10/σ: the target 5 is met from σ = 2 up; the target 40 already at the floor)."""
+    calls: list[float] = []
+
+    def fine(sigma: float) -> float:
+        calls.append(sigma)
+        return 10.0 / sigma
+
+    sigma = _on_reporting_grid(fine, target, lo, hi, 0.01)
+    assert fine(sigma) <= target
+    assert sigma == SIGMA_MIN or fine(sigma * 0.99) > target
+    assert (sigma == SIGMA_MIN) == (target == 40.0)
+    assert all(s >= SIGMA_MIN for s in calls)

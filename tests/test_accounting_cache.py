@@ -7,15 +7,22 @@ its target; the cache's files are private and its location is the user's to choo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from privacy import accounting as acct
 from privacy import accounting_cache as cache
+from privacy import calibrate_noise_multiplier
+from privacy import calibration as calib
 from privacy.accounting import History, accountant_version, history_epsilon
 from veil.env import ACCOUNTING_CACHE
 
+ROOT = Path(__file__).resolve().parent.parent
 Q = 1 / 13  # a 400-record site, batch 32
 HISTORY: History = ((0.9, Q, 65),)
 DELTA = 1e-5
@@ -24,7 +31,7 @@ DELTA = 1e-5
 def _fresh_process() -> None:
     """Forget every in-process result, as a new process would."""
     for fn in (acct._epsilon_cached, acct._epsilon_computed, acct._base_pld, acct._group_pld,
-               acct._composed_pld):
+               acct._composed_pld, calib._calibrate):
         fn.cache_clear()
 
 
@@ -115,6 +122,30 @@ def test_an_entry_under_another_key_or_from_another_cache_is_ignored(
     assert history_epsilon(HISTORY, DELTA) == eps
 
 
+def test_a_stored_sigma_is_checked_before_use(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even an entry that authenticates (a bug, or someone holding the cache's key) cannot make σ
+    overshoot the target, nor waste noise: it is re-checked and, if wrong, recomputed."""
+    sigma = calibrate_noise_multiplier(8.0, DELTA, Q, 65)
+    (entry,) = _entries(cache_dir, "sigma")
+    key = json.loads(json.loads(entry.read_text())["key"])
+    key = {k: v for k, v in key.items() if k not in ("format", "kind")}
+    searches: list[float] = []
+    real_search = calib._search
+
+    def counted(*args: object) -> float:
+        searches.append(1.0)
+        return real_search(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(calib, "_search", counted)
+    _fresh_process()
+    assert calibrate_noise_multiplier(8.0, DELTA, Q, 65) == sigma and searches == []  # the honest entry
+    for forged in (sigma * 0.9, sigma * 1.5, 0.01, 1e5):
+        cache.save("sigma", key, forged)
+        _fresh_process()
+        assert calibrate_noise_multiplier(8.0, DELTA, Q, 65) == sigma
+    assert len(searches) == 4  # each forged value was rejected and the search rerun
+
+
 def test_an_unsafe_cache_directory_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -123,3 +154,26 @@ def test_an_unsafe_cache_directory_is_not_used(tmp_path: Path, monkeypatch: pyte
     _fresh_process()
     assert history_epsilon(HISTORY, DELTA) > 0
     assert list(shared.iterdir()) == []
+
+
+_SITE = textwrap.dedent("""
+    from privacy import calibrate_noise_multiplier
+    from privacy.accounting import _base_pld, history_epsilon
+    sigma = calibrate_noise_multiplier(8.0, 1e-5, 1 / 13, 65)
+    eps = [history_epsilon(((sigma, 1 / 13, 13 * k),), 1e-5) for k in range(1, 6)]
+    print(repr(sigma), repr(eps), _base_pld.cache_info().misses)
+""")
+
+
+def test_results_are_kept_across_processes(cache_dir: Path) -> None:
+    """A second process gets the same σ and ε, building only the two PLDs that check the stored σ."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def site() -> list[str]:
+        out = subprocess.run([sys.executable, "-c", _SITE], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120, check=True)
+        return out.stdout.split(" ")
+
+    first, second = site(), site()
+    assert first[:-1] == second[:-1]
+    assert int(first[-1]) > 5 and int(second[-1]) == 2
