@@ -126,7 +126,9 @@ def train_dp_sgd(
                 batches.append(len(y))
                 x, y = x.to(device), y.to(device)
                 dp_optimizer.zero_grad(set_to_none=True)
-                if len(y) == 0:  # an empty Poisson batch still adds noise: take the step
+                if len(y) == 0:  # an empty Poisson batch still adds noise: take a noise-only step
+                    for p in dp_optimizer.params:  # no records: no rows of per-sample gradients
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     dp_optimizer.step()
                     continue
                 loss = criterion(private_model(x), y)

@@ -120,3 +120,15 @@ def test_batchnorm_model_is_refused_with_the_fix() -> None:
         ensure_privatizable(bad)
     with pytest.raises(ValueError, match="Unknown model"):
         build_model("vit")
+
+
+def test_an_empty_poisson_batch_takes_a_noise_only_step() -> None:
+    """q = 1/20 over 40 steps: this seed draws empty batches; each is still a step, with noise."""
+    n = 20
+    data = TensorDataset(torch.zeros(n, 8), torch.zeros(n, dtype=torch.long))  # every gradient is 0
+    model = _linear()
+    out = train_dp_sgd(model, data, noise_multiplier=1.3, max_grad_norm=0.7, batch_size=1, local_epochs=2,
+                       learning_rate=0.5, momentum=0.0, device=CPU,
+                       randomness=RoundRandomness.from_seed(11, "site-0", 1))
+    assert 0 in out.batch_sizes and len(out.batch_sizes) == out.event.steps == 40
+    assert not torch.equal(model.weight.detach(), _linear().weight)  # only noise could have moved it
