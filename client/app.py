@@ -43,7 +43,7 @@ from client.site import Site, SiteResolver
 from client.training import evaluate, poisson_plan, train_dp_sgd, train_sgd
 from privacy import DpSgdEvent, accountant_version, calibrate_noise_multiplier, default_delta, epsilon
 from privacy.ckks import ReplyBinding, ReplyKind, SecretKey, flatten, unflatten
-from privacy.ledger import BudgetExceeded, SiteLedger, Spent, dataset_id
+from privacy.ledger import BudgetExceeded, LedgerView, SiteLedger, Spent, dataset_id
 from privacy.randomness import RoundRandomness, describe, os_seed
 from privacy.requests import SITE_MAX_AGE_S, RequestRefused, SignedRequest
 from veil import protocol as P
@@ -140,7 +140,7 @@ def _note_new_dataset(site: Site, ledger: SiteLedger) -> None:
                  "(cap_scope: ledger)", site.site_id, dataset_id(site.fingerprint), len(known), ledger.ledger_id)
 
 
-def _ledger_head(ledger: SiteLedger) -> P.LedgerHead:
+def _ledger_head(ledger: SiteLedger | LedgerView) -> P.LedgerHead:
     h = ledger.head()
     return P.LedgerHead(h.ledger_id, h.seq, h.entry_hash, h.predecessor, h.replaced_reason)
 
@@ -205,7 +205,8 @@ def _ledger_ref(task: P.TrainTask, request: SignedRequest | None) -> str:
     return task.run_ref[:150] + (f"|req:{request.nonce}" if request else "")
 
 
-def _replay_refusal(ledger: SiteLedger, task: P.TrainTask, request: SignedRequest | None) -> P.Refusal | None:
+def _replay_refusal(ledger: SiteLedger | LedgerView, task: P.TrainTask, request: SignedRequest | None
+                    ) -> P.Refusal | None:
     """One signed request pays for at most its planned rounds here, under one run: a coordinator
     cannot spend a researcher's signature twice."""
     if request is None:
@@ -321,7 +322,7 @@ def _non_private_refusal(site: Site, task: P.TrainTask) -> P.Refusal | None:
 
 def _non_private_status(site: Site, task: P.TrainTask, refusal: P.Refusal | None) -> P.BudgetStatus:
     """The pre-flight answer to a non-private task: no mechanism (σ 0), nothing to charge."""
-    ledger = open_ledger(site)
+    ledger = open_ledger(site).view()  # one read, one chain verification
     policy = site.policy
     delta = policy.delta_for(len(site.train))
     spent = ledger.spent(site.fingerprint, delta=delta, accountant=policy.accountant,
@@ -493,7 +494,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         planned = _planned_event(task, context, site)
         policy = site.policy
         lifetime_delta = policy.delta_for(len(site.train))
-        ledger = open_ledger(site)
+        ledger = open_ledger(site).view()  # one read, one chain verification, for every question below
         fp, acc, scope = site.fingerprint, policy.accountant, policy.cap_scope
         refusal = refusal or _replay_refusal(ledger, task, request) or _policy_refusal(site, task, planned)
         affordable = 0 if refusal else ledger.affordable_rounds(

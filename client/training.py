@@ -13,6 +13,15 @@ Nothing here touches torch's global generator, so no seed anyone else knows reac
 Noise is drawn with Opacus's secure-mode sampler (2n = 4 Gaussian draws per value, the
 defence against floating-point attacks); Opacus's CSPRNG (torchcsprng) is not available for
 torch 2.13, so the generator itself is torch's (MT19937 / Philox).
+
+Per-sample clipping runs in one of two Opacus modes, chosen per model (``GRAD_SAMPLE_MODES``,
+measured with ``benchmarks/dp_step.py``): ``hooks`` materialises every per-sample gradient;
+``ghost`` (Li et al., 2022, "Large Language Models Can Be Strong Differentially Private
+Learners"; Bu et al., 2023) gets the per-sample gradient norms in a first backward pass and the
+sum of clipped gradients in a second, never storing per-sample gradients. Both compute
+Σᵢ gᵢ·min(1, C/(‖gᵢ‖ + 1e-6)), add the same N(0, σ²C²) noise from the same generator and divide
+by the same expected batch size, over the same Poisson batches: the mechanism, and the event
+returned, are the same in either mode.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +37,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privacy import DpSgdEvent
 from privacy.randomness import RngMode, RoundRandomness
+from veil.models import MLP
+
+GradSampleMode = Literal["hooks", "ghost"]
+GRAD_SAMPLE_MODES: dict[type[nn.Module], GradSampleMode] = {MLP: "ghost"}
+"""Models that train faster with ghost clipping (``benchmarks/dp_step.py``, two runs on the shared
+2-core CPU machine: the MLP's DP step costs 0.25x hooks mode at batch 32, 0.06-0.08x at 128; the
+CNN's costs 1.2-1.5x *more* in ghost mode, whose Conv2d and GroupNorm layers have no ghost norm and
+fall back to per-sample gradients). Every other model uses hooks."""
+
+
+def grad_sample_mode_for(model: nn.Module) -> GradSampleMode:
+    """The Opacus per-sample clipping mode ``train_dp_sgd`` uses for ``model`` (by its class)."""
+    return GRAD_SAMPLE_MODES.get(type(model), "hooks")
 
 
 @dataclass(frozen=True)
@@ -40,6 +63,7 @@ class TrainOutcome:
     rng: RngMode
     # the size of every Poisson batch drawn; stays at the site (it is part of the secret mask)
     batch_sizes: tuple[int, ...] = ()
+    grad_sample_mode: GradSampleMode = "hooks"  # how per-sample clipping was computed (same mechanism)
 
 
 @dataclass(frozen=True)
@@ -79,14 +103,20 @@ def train_dp_sgd(
     momentum: float,
     device: torch.device,
     randomness: RoundRandomness,
+    grad_sample_mode: GradSampleMode | None = None,
 ) -> TrainOutcome:
     """Train ``model`` in place with DP-SGD; return the mechanism actually run.
 
     ``randomness`` seeds the noise and the Poisson mask (``RoundRandomness.from_os()`` for a
-    private round); nothing else in this function draws random numbers."""
+    private round); nothing else in this function draws random numbers. ``grad_sample_mode``
+    (default: ``grad_sample_mode_for(model)``) changes the speed, never the mechanism."""
     from opacus import PrivacyEngine
+    from opacus.optimizers import DPOptimizerFastGradientClipping
 
     start = time.perf_counter()
+    mode = grad_sample_mode or grad_sample_mode_for(model)
+    if mode not in ("hooks", "ghost"):
+        raise ValueError(f"grad_sample_mode must be 'hooks' or 'ghost', got {mode!r}")
     model.to(device).train()
     noise_gen = torch.Generator(device=device)
     noise_gen.manual_seed(randomness.noise_seed)
@@ -100,17 +130,27 @@ def train_dp_sgd(
         # Opacus warns that its secure_mode (torchcsprng) is off; the site logs what it uses instead
         warnings.simplefilter("ignore", UserWarning)
         engine = PrivacyEngine(accountant="rdp")
-        private_model, dp_optimizer, dp_loader = engine.make_private(
+        made = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
+            criterion=criterion,  # used in ghost mode only: it wraps the loss for its two backward passes
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
             noise_generator=noise_gen,
+            grad_sample_mode=mode,
         )
+    if mode == "ghost":  # Opacus wraps the loss: its backward() runs the two passes
+        private_model, dp_optimizer, loss_fn, dp_loader = made
+    else:
+        (private_model, dp_optimizer, dp_loader), loss_fn = made, criterion
     if dp_loader.batch_sampler.generator is not sampling_gen:  # never fall back to the global RNG
         raise RuntimeError("Opacus's Poisson sampler is not using the site's sampling generator")
+    if dp_optimizer.generator is not noise_gen:
+        raise RuntimeError("Opacus's optimizer is not drawing noise from the site's noise generator")
+    if isinstance(dp_optimizer, DPOptimizerFastGradientClipping) != (mode == "ghost"):
+        raise RuntimeError(f"Opacus did not set up {mode} clipping ({type(dp_optimizer).__name__})")
     # Opacus's floating-point defence (secure-mode noise: the sum of 4 draws, divided by 2);
     # the engine's own secure_mode would also demand torchcsprng, which torch 2.13 lacks
     dp_optimizer.secure_mode = True
@@ -126,10 +166,11 @@ def train_dp_sgd(
                 batches.append(len(y))
                 x, y = x.to(device), y.to(device)
                 dp_optimizer.zero_grad(set_to_none=True)
-                if len(y) == 0:  # an empty Poisson batch still adds noise: take the step
+                if len(y) == 0:  # an empty Poisson batch still adds noise: take a noise-only step
+                    _no_records(dp_optimizer, mode)
                     dp_optimizer.step()
                     continue
-                loss = criterion(private_model(x), y)
+                loss = loss_fn(private_model(x), y)
                 loss.backward()
                 dp_optimizer.step()
                 loss_total += float(loss.detach()) * len(y)
@@ -137,7 +178,16 @@ def train_dp_sgd(
     private_model.remove_hooks()
     event = DpSgdEvent(noise_multiplier, sample_rate, steps, max_grad_norm)
     return TrainOutcome(event, len(data), loss_total / max(seen, 1), time.perf_counter() - start,
-                        randomness.mode, tuple(batches))
+                        randomness.mode, tuple(batches), mode)
+
+
+def _no_records(dp_optimizer: Any, mode: GradSampleMode) -> None:
+    """What a batch without records contributes to the clipped sum: nothing (the noise follows)."""
+    for p in dp_optimizer.params:
+        if mode == "ghost":  # the optimizer adds noise to p.grad, which holds the clipped sum
+            p.grad = torch.zeros_like(p)
+        else:  # the optimizer clips and sums p.grad_sample, one row per record: here none
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
 @torch.no_grad()

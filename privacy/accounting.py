@@ -16,7 +16,15 @@ projection before training equals the ε it records afterwards, in any process.
 Why it is fast: the history only ever grows at its end (the newest group's step count, or a
 new group). Every group's mechanism and every prefix composition are cached, so a new
 round costs one self-composition and one composition (PLD), or one vector addition (RDP),
-however long the history. Each distinct (σ, q) costs one library call, ever.
+however long the history. Each distinct (σ, q) costs one library call, ever: for PLD, the
+one-step subsampled Gaussian is built once per (σ, q, grid) and self-composed for any step
+count, and the groups are composed onto the identity in order: exactly the operations
+dp_accounting's ``PLDAccountant`` performs for the same history, so it reports the same ε to
+the last bit.
+
+Across processes: PLD and PRV results are also kept on disk (``privacy.accounting_cache``,
+authenticated entries keyed by the history, δ, grid and library version), so a fresh
+process does not rebuild what an earlier one computed.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
+from privacy import accounting_cache
 from privacy.events import DpSgdEvent
 
 if TYPE_CHECKING:
@@ -50,7 +59,10 @@ PLD_DISCRETIZATION = 1e-3
 History = tuple[tuple[float, float, int], ...]
 """Grouped history: ``((σ, q, total steps), ...)`` in order of first appearance."""
 
+_ON_DISK = ("pld", "prv")  # RDP is a vector sum: recomputing it is cheaper than reading a file
 
+
+@lru_cache(maxsize=4)
 def accountant_version(name: AccountantName) -> str:
     """Library and version behind an accountant, for the record (e.g. ``dp-accounting 0.6.0``)."""
     lib = "opacus" if name == "prv" else "dp-accounting"
@@ -102,11 +114,27 @@ def history_epsilon(
     check_accountant(accountant)
     if not history:
         return 0.0
-    return _epsilon_cached(history, delta, accountant, pld_discretization)
+    return _epsilon_cached(history, delta, accountant, pld_discretization if accountant == "pld" else 0.0)
 
 
 @lru_cache(maxsize=65536)
 def _epsilon_cached(history: History, delta: float, accountant: AccountantName, grid: float) -> float:
+    """``_epsilon_computed``, remembered in this process and (PLD, PRV) on disk."""
+    if accountant not in _ON_DISK:
+        return _epsilon_computed(history, delta, accountant, grid)
+    key = {"history": [[float(s), float(q), int(n)] for s, q, n in history], "delta": float(delta),
+           "accountant": accountant, "version": accountant_version(accountant), "grid": float(grid)}
+    stored = accounting_cache.load("epsilon", key)
+    if stored is not None:
+        return stored
+    eps = _epsilon_computed(history, delta, accountant, grid)
+    accounting_cache.save("epsilon", key, eps)
+    return eps
+
+
+@lru_cache(maxsize=4096)
+def _epsilon_computed(history: History, delta: float, accountant: AccountantName, grid: float) -> float:
+    """ε of a grouped history, computed here (never read from disk); ``grid`` is PLD's only."""
     if accountant == "pld":
         eps = float(_composed_pld(history, grid).get_epsilon_for_delta(delta))
     elif accountant == "rdp":
@@ -118,24 +146,34 @@ def _epsilon_cached(history: History, delta: float, accountant: AccountantName, 
     return eps if math.isfinite(eps) else math.inf
 
 
-# -- PLD: cached group mechanisms and prefix compositions -----------------------------------
-@lru_cache(maxsize=512)
-def _group_pld(sigma: float, q: float, steps: int, grid: float) -> PrivacyLossDistribution:
+# -- PLD: cached one-step mechanisms, group self-compositions and prefix compositions ------
+@lru_cache(maxsize=256)
+def _base_pld(sigma: float, q: float, grid: float) -> PrivacyLossDistribution:
+    """One step of the Poisson-subsampled Gaussian on ``grid`` (the expensive part: built once)."""
     from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-    # exactly what dp_accounting's PLDAccountant builds for a self-composed
-    # PoissonSampledDpEvent(q, GaussianDpEvent(σ))
     return pld_lib.from_gaussian_mechanism(
         standard_deviation=sigma, value_discretization_interval=grid, sampling_prob=q
-    ).self_compose(steps)
+    )
+
+
+@lru_cache(maxsize=512)
+def _group_pld(sigma: float, q: float, steps: int, grid: float) -> PrivacyLossDistribution:
+    # exactly what dp_accounting's PLDAccountant builds for a self-composed
+    # PoissonSampledDpEvent(q, GaussianDpEvent(σ)); self_compose returns a new PLD and leaves
+    # the cached one-step PLD as it was
+    return _base_pld(sigma, q, grid).self_compose(steps)
 
 
 @lru_cache(maxsize=512)
 def _composed_pld(history: History, grid: float) -> PrivacyLossDistribution:
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
     last = _group_pld(*history[-1], grid)
-    if len(history) == 1:
-        return last
-    return _composed_pld(history[:-1], grid).compose(last)
+    # composed onto the identity first, in order, as PLDAccountant composes a ComposedDpEvent:
+    # the same floating-point operations, so an auditor's PLDAccountant gets this ε to the bit
+    prefix = _composed_pld(history[:-1], grid) if len(history) > 1 else pld_lib.identity(grid)
+    return prefix.compose(last)
 
 
 # -- RDP: one library call per (σ, q); a history is a weighted sum of vectors ----------------

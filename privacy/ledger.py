@@ -21,7 +21,9 @@ Rules it keeps:
 * **Refusal exactly at the cap.** A charge whose projected lifetime ε exceeds the cap is
   refused and writes nothing; one that lands exactly on it is accepted.
 * **Tamper-evident.** Entries form a sha256 chain and the meta table holds the head; every
-  open and every charge re-verifies it. A damaged, truncated, edited or unknown-schema file
+  open, every question and every charge re-verifies it (a question with several parts, such
+  as a pre-flight's spend, projection, affordable rounds and head, reads one ``view``: one
+  verification, not one per part). A damaged, truncated, edited or unknown-schema file
   raises ``LedgerError`` and is never reset or repaired automatically.
 * **Bound to its site.** The meta table names the site the ledger belongs to and a random
   ledger id; a deployed site's ``site.yaml`` pins that id. A ledger copied from, or swapped
@@ -218,6 +220,69 @@ class Head:
     entry_hash: str
     predecessor: str | None = None  # the ledger this one explicitly replaced, if any
     replaced_reason: str | None = None
+
+
+class LedgerView:
+    """A ledger as one verification found it: answers several questions from one read.
+
+    A snapshot: a charge made after it was taken is not in it, so take a new view (``SiteLedger.
+    view()``) for each new question. Charging never uses a view: it re-verifies in its own
+    transaction."""
+
+    __slots__ = ("_entries", "_head")
+
+    def __init__(self, head: Head, entries: Sequence[Entry]) -> None:
+        self._head = head
+        self._entries = tuple(entries)
+
+    def head(self) -> Head:
+        """The ledger's id, entry count and chain head when the view was taken."""
+        return self._head
+
+    def entries(self, fingerprint: str | None = None) -> list[Entry]:
+        """Every entry in sequence order (or only those of ``fingerprint``)."""
+        return [e for e in self._entries if fingerprint is None or e.fingerprint == fingerprint]
+
+    def fingerprints(self) -> list[str]:
+        """Fingerprints of the data sets charged here, each once, in order of first charge."""
+        return list(dict.fromkeys(e.fingerprint for e in self._entries))
+
+    def _events(self, fingerprint: str, scope: str) -> list[DpSgdEvent]:
+        return [e.event for e in self._entries if scope == "ledger" or e.fingerprint == fingerprint]
+
+    def spent(self, fingerprint: str, *, delta: float, accountant: AccountantName = "pld",
+              scope: str = "ledger") -> Spend:
+        """Lifetime ε of the whole ledger (``scope="ledger"``) or of ``fingerprint`` only, at δ."""
+        events = self._events(fingerprint, scope)
+        return Spend(history_epsilon(group_events(events), delta, accountant), delta, accountant,
+                     len(events), sum(e.steps for e in events))
+
+    def project(self, fingerprint: str, planned: Sequence[DpSgdEvent], *, delta: float,
+                accountant: AccountantName = "pld", scope: str = "ledger") -> float:
+        """Lifetime ε if ``planned`` were charged after everything already in the ledger."""
+        return history_epsilon(group_events([*self._events(fingerprint, scope), *planned]), delta, accountant)
+
+    def affordable_rounds(self, fingerprint: str, per_round: DpSgdEvent, max_rounds: int, *,
+                          cap: float | None, delta: float, accountant: AccountantName = "pld",
+                          scope: str = "ledger") -> int:
+        """The most rounds of ``per_round`` (≤ ``max_rounds``) that keep lifetime ε ≤ cap."""
+        if cap is None:
+            return max_rounds
+        events = self._events(fingerprint, scope)
+
+        def fits(k: int) -> bool:
+            return history_epsilon(group_events([*events, *[per_round] * k]), delta, accountant) <= cap
+
+        lo, hi = 0, max_rounds  # ε is non-decreasing in k: binary search for the last k that fits
+        if not fits(0):
+            return 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
 def _hash_row(row: dict[str, Any]) -> str:
@@ -486,59 +551,44 @@ class SiteLedger:
             return own.execute(query).scalar()
 
     # -- reading -----------------------------------------------------------------------------
-    def head(self) -> Head:
-        """This ledger's id, entry count and chain head (verified)."""
+    def view(self) -> LedgerView:
+        """The ledger read and its whole chain verified once, to answer several questions from.
+
+        Each method below verifies the chain afresh; a caller with several questions (a
+        pre-flight asks for the spend, a projection, the affordable rounds and the head) takes
+        one view instead, so the file is read and verified once per question, not once each."""
         with self._tx() as conn:
             meta, rows = self._verify(conn)
-        return _head_of(str(meta["ledger_id"]), rows, meta)
+        return LedgerView(_head_of(str(meta["ledger_id"]), rows, meta), [_entry(r) for r in rows])
+
+    def head(self) -> Head:
+        """This ledger's id, entry count and chain head (verified)."""
+        return self.view().head()
 
     def entries(self, fingerprint: str | None = None) -> list[Entry]:
         """Every entry in sequence order (or only those of ``fingerprint``), after verifying the whole chain."""
-        with self._tx() as conn:
-            _, rows = self._verify(conn)
-        return [_entry(r) for r in rows if fingerprint is None or r["fingerprint"] == fingerprint]
+        return self.view().entries(fingerprint)
 
     def fingerprints(self) -> list[str]:
         """Fingerprints of the data sets charged here, each once, in order of first charge."""
-        seen: dict[str, None] = {}
-        for e in self.entries():
-            seen.setdefault(e.fingerprint, None)
-        return list(seen)
+        return self.view().fingerprints()
 
     def spent(self, fingerprint: str, *, delta: float, accountant: AccountantName = "pld",
               scope: str = "ledger") -> Spend:
         """Lifetime ε of the whole ledger (``scope="ledger"``) or of ``fingerprint`` only, at δ."""
-        events = [e.event for e in self.entries() if scope == "ledger" or e.fingerprint == fingerprint]
-        return Spend(history_epsilon(group_events(events), delta, accountant), delta, accountant,
-                     len(events), sum(e.steps for e in events))
+        return self.view().spent(fingerprint, delta=delta, accountant=accountant, scope=scope)
 
     def project(self, fingerprint: str, planned: Sequence[DpSgdEvent], *, delta: float,
                 accountant: AccountantName = "pld", scope: str = "ledger") -> float:
         """Lifetime ε if ``planned`` were charged after everything already in the ledger."""
-        events = [e.event for e in self.entries() if scope == "ledger" or e.fingerprint == fingerprint]
-        return history_epsilon(group_events([*events, *planned]), delta, accountant)
+        return self.view().project(fingerprint, planned, delta=delta, accountant=accountant, scope=scope)
 
     def affordable_rounds(self, fingerprint: str, per_round: DpSgdEvent, max_rounds: int, *,
                           cap: float | None, delta: float, accountant: AccountantName = "pld",
                           scope: str = "ledger") -> int:
         """The most rounds of ``per_round`` (≤ ``max_rounds``) that keep lifetime ε ≤ cap."""
-        if cap is None:
-            return max_rounds
-        events = [e.event for e in self.entries() if scope == "ledger" or e.fingerprint == fingerprint]
-
-        def fits(k: int) -> bool:
-            return history_epsilon(group_events([*events, *[per_round] * k]), delta, accountant) <= cap
-
-        lo, hi = 0, max_rounds  # ε is non-decreasing in k: binary search for the last k that fits
-        if not fits(0):
-            return 0
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return self.view().affordable_rounds(fingerprint, per_round, max_rounds, cap=cap, delta=delta,
+                                             accountant=accountant, scope=scope)
 
     # -- writing -----------------------------------------------------------------------------
     def charge(self, fingerprint: str, ev: DpSgdEvent, *, delta: float, cap: float | None,
@@ -730,8 +780,8 @@ def _spend(label: str, entries: list[Entry]) -> DatasetSpend:
 def ledger_report(path: Path | str) -> LedgerReport:
     """A ledger file read and verified without changing it, its spend recomputed from its entries."""
     with SiteLedger(path, create=False, readonly=True) as ledger:
-        entries = ledger.entries()
-        meta, head = ledger.meta, ledger.head()
+        view, meta = ledger.view(), ledger.meta
+    entries, head = view.entries(), view.head()
     datasets = [_spend(dataset_id(fp), [e for e in entries if e.fingerprint == fp])
                 for fp in dict.fromkeys(e.fingerprint for e in entries)]
     return LedgerReport(head.ledger_id, meta.get("site_id"), meta.get("created_at"), head,

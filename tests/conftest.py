@@ -3,6 +3,9 @@
 PostgreSQL: ``VEIL_TEST_PG_URL`` (default ``postgresql://postgres@127.0.0.1:5432/test``).
 Each test gets its own throwaway database. Without a reachable server the PostgreSQL cases
 skip with the reason, except under ``CI=true``, where they fail.
+
+Accounting results kept across processes (``VEIL_ACCOUNTING_CACHE``) go to a directory of the
+session's own, never the user's cache, for this process and every process a test starts.
 """
 
 from __future__ import annotations
@@ -17,7 +20,20 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from veil.env import ACCOUNTING_CACHE
+
 PG_URL = os.environ.get("VEIL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _accounting_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    before = os.environ.get(ACCOUNTING_CACHE)
+    os.environ[ACCOUNTING_CACHE] = str(tmp_path_factory.mktemp("accounting-cache"))
+    yield
+    if before is None:
+        os.environ.pop(ACCOUNTING_CACHE, None)
+    else:
+        os.environ[ACCOUNTING_CACHE] = before
 
 
 def _pg_admin_engine():  # type: ignore[no-untyped-def]

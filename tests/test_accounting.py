@@ -22,8 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from privacy import DpSgdEvent, calibrate_noise_multiplier, default_delta, epsilon
-from privacy.accounting import ACCOUNTANTS, History, check_accountant, history_epsilon
-from privacy.calibration import SIGMA_MIN
+from privacy import accounting as acct
+from privacy.accounting import ACCOUNTANTS, PLD_DISCRETIZATION, History, check_accountant, history_epsilon
+from privacy.calibration import SIGMA_MIN, _on_reporting_grid
+from veil.env import ACCOUNTING_CACHE
 
 DELTA = 1e-5
 A = DpSgdEvent(1.5, 0.05, 60, 1.0)  # ε ≈ 1.3 at δ = 1e-5
@@ -181,8 +183,23 @@ class TestPld(AccountantContract):
 
     @pytest.mark.parametrize(("history", "delta"), WIDE, ids=_ids(WIDE))
     def test_is_dp_accountings_pld_on_the_same_grid(self, history: History, delta: float) -> None:
-        ours = history_epsilon(history, delta, "pld")
-        assert ours == pytest.approx(reference(history, delta, "pld", grid=1e-3), rel=1e-6)
+        # the same operations as PLDAccountant's, in the same order: the same number to the bit
+        assert history_epsilon(history, delta, "pld") == reference(history, delta, "pld", grid=1e-3)
+
+    def test_one_step_pld_is_built_once_and_self_composed_to_dp_accountings_bit(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A site's growing history (5 rounds of 13 steps, then other σ and q): each (σ, q) costs one
+        one-step PLD, and every ε is exactly what a from-scratch PLDAccountant reports."""
+        monkeypatch.setenv(ACCOUNTING_CACHE, "off")
+        for fn in (acct._epsilon_cached, acct._epsilon_computed, acct._base_pld, acct._group_pld,
+                   acct._composed_pld):
+            fn.cache_clear()
+        q = 1 / 13
+        histories: list[History] = [((0.76, q, 13 * k),) for k in range(1, 6)]
+        histories += [((0.76, q, 26), (1.2, q, 13)), ((0.76, q, 26), (1.2, q, 13), (0.9, 0.05, 40))]
+        for history in histories:
+            assert history_epsilon(history, DELTA, "pld") == reference(history, DELTA, "pld", grid=1e-3)
+        assert acct._base_pld.cache_info().misses == 3  # (0.76, q), (1.2, q), (0.9, 0.05)
 
 
 class TestRdp(AccountantContract):
@@ -267,3 +284,49 @@ def test_calibration_never_overshoots(target: float, q: float, steps: int, accou
     # and is not wastefully large: 3% less noise would overshoot (or σ is at its floor)
     lower = sigma / 1.03
     assert lower < SIGMA_MIN or epsilon([DpSgdEvent(lower, q, steps, 1.0)], 1e-5, accountant) > target  # type: ignore[arg-type]
+
+
+CALIBRATIONS = [  # (target ε, δ, q, steps)
+    pytest.param(8.0, 1e-5, 1 / 13, 65, id="400-records-batch-32-5-rounds"),
+    pytest.param(1.0, 1e-5, 0.01, 10_000, id="10k-steps"),  # the search grid over-reports ε ~1.8x here
+    pytest.param(3.0, 1e-5, 256 / 60_000, 14_062, id="mnist-like"),
+    pytest.param(400.0, 1e-5, 0.5, 10, id="floor"),  # met with less noise than SIGMA_MIN
+]
+
+
+@pytest.mark.parametrize(("target", "delta", "q", "steps"), CALIBRATIONS)
+def test_calibration_holds_on_the_reporting_grid_and_is_tight_there(
+        monkeypatch: pytest.MonkeyPatch, target: float, delta: float, q: float, steps: int) -> None:
+    """Searched on a coarse grid, checked on the reporting one: ε(σ) ≤ target there, and 1% less
+    noise would overshoot there (or σ is the floor)."""
+    monkeypatch.setenv(ACCOUNTING_CACHE, "off")
+    sigma = calibrate_noise_multiplier(target, delta, q, steps, "pld", rel_tol=1e-2)
+
+    def eps(s: float) -> float:
+        return history_epsilon(((s, q, steps),), delta, "pld", PLD_DISCRETIZATION)
+
+    assert eps(sigma) <= target
+    assert sigma == SIGMA_MIN or eps(sigma * (1 - 1e-2)) > target
+    assert (sigma == SIGMA_MIN) == (target == 400.0)
+
+
+@pytest.mark.parametrize(("lo", "hi", "target"), [
+    pytest.param(1.5, 1.9, 5.0, id="search-grid-optimistic-at-hi"),
+    pytest.param(3.0, 3.02, 5.0, id="search-grid-pessimistic-at-lo"),
+    pytest.param(1.99, 2.01, 5.0, id="right-first-time"),
+    pytest.param(0.5, 0.505, 40.0, id="down-to-the-floor"),
+])
+def test_a_search_bracket_is_carried_over_to_the_reporting_grid(lo: float, hi: float, target: float) -> None:
+    """Whatever the coarse grid got wrong, the σ returned holds on the reporting grid and is tight there
+    (ε = 10/σ: the target 5 is met from σ = 2 up; the target 40 already at the floor)."""
+    calls: list[float] = []
+
+    def fine(sigma: float) -> float:
+        calls.append(sigma)
+        return 10.0 / sigma
+
+    sigma = _on_reporting_grid(fine, target, lo, hi, 0.01)
+    assert fine(sigma) <= target
+    assert sigma == SIGMA_MIN or fine(sigma * 0.99) > target
+    assert (sigma == SIGMA_MIN) == (target == 40.0)
+    assert all(s >= SIGMA_MIN for s in calls)

@@ -154,3 +154,48 @@ def test_a_deleted_ledger_with_its_log_left_behind_is_not_recreated(tmp_path: Pa
     assert not path.exists()
     with pytest.raises(LedgerError, match="does not exist"):
         SiteLedger(tmp_path / "other", create=False)
+
+
+def _count_verifications(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = SiteLedger._verify
+
+    def counted(self: SiteLedger, conn: object) -> object:
+        calls.append(1)
+        return real(self, conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SiteLedger, "_verify", counted)
+    return calls
+
+
+def test_one_view_answers_a_preflight_with_one_verification(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pre-flight's questions (spend, projection, affordable rounds, head, past requests) read one
+    verified view, and get the same answers as asking the ledger each time."""
+    path = _filled(tmp_path)
+    with SiteLedger(path) as ledger:
+        calls = _count_verifications(monkeypatch)
+        view = ledger.view()
+        answers = (view.spent(FP_A, delta=1e-5), view.project(FP_A, [EV] * 3, delta=1e-5),
+                   view.affordable_rounds(FP_A, EV, 10, cap=5.0, delta=1e-5), view.head(), view.entries(),
+                   view.fingerprints())
+        assert len(calls) == 1
+        assert answers == (ledger.spent(FP_A, delta=1e-5), ledger.project(FP_A, [EV] * 3, delta=1e-5),
+                           ledger.affordable_rounds(FP_A, EV, 10, cap=5.0, delta=1e-5), ledger.head(),
+                           ledger.entries(), ledger.fingerprints())
+        assert len(calls) == 7  # asked of the ledger itself, each question verifies afresh
+        assert answers[3].seq == 3 and answers[1] == pytest.approx(epsilon([EV] * 6, 1e-5), rel=1e-12)
+
+
+def test_a_tampered_ledger_is_caught_after_a_view(tmp_path: Path) -> None:
+    """A view is a snapshot of one verification: the next question verifies again and sees the edit."""
+    path = _filled(tmp_path)
+    with SiteLedger(path) as ledger:
+        view = ledger.view()
+        assert view.spent(FP_A, delta=1e-5).entries == 3
+        _sql(path, "UPDATE ledger_entries SET noise_multiplier = 50 WHERE seq = 1")  # less spend, on paper
+        for question in (ledger.view, ledger.head, lambda: ledger.spent(FP_A, delta=1e-5),
+                         lambda: _charge(ledger, cap=100.0)):
+            with pytest.raises(LedgerError, match="hash chain broken"):
+                question()
+        assert view.spent(FP_A, delta=1e-5).epsilon == pytest.approx(epsilon([EV] * 3, 1e-5), rel=1e-12)

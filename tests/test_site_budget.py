@@ -138,3 +138,21 @@ def test_encrypted_site_decrypts_before_charging_and_sends_only_ciphertext(tmp_p
     update = key.decrypt(enc)
     assert update[-1] == pytest.approx(len(site.train) / 1000.0, abs=1e-7)  # pre-weighted by n / norm
     assert update.size == init.size + 1 and not np.allclose(update[:-1] / update[-1], init, atol=1e-4)
+
+
+def test_a_preflight_reads_and_verifies_the_ledger_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = make_site(tmp_path / "l", SitePolicy(epsilon_cap=6.0))
+    driver = SiteDriver(site)
+    t = task(noise_multiplier=1.0, batch_size=30)
+    driver.train(t, 1)  # the ledger is open (verified at open) and holds an entry
+    calls: list[int] = []
+    real = SiteLedger._verify
+
+    def counted(self: SiteLedger, conn: object) -> object:
+        calls.append(1)
+        return real(self, conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SiteLedger, "_verify", counted)
+    status = driver.query(t)
+    assert len(calls) == 1
+    assert status.ledger is not None and status.ledger.seq == 1 and status.spent > 0.0

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.training import evaluate, poisson_plan, train_dp_sgd
+from client.training import GradSampleMode, evaluate, grad_sample_mode_for, poisson_plan, train_dp_sgd
+from privacy import DpSgdEvent
 from privacy.randomness import RoundRandomness
 from veil.errors import ModelNotPrivatizableError
 from veil.models import build_model, ensure_privatizable
@@ -120,3 +121,96 @@ def test_batchnorm_model_is_refused_with_the_fix() -> None:
         ensure_privatizable(bad)
     with pytest.raises(ValueError, match="Unknown model"):
         build_model("vit")
+
+
+MODES: list[GradSampleMode] = ["hooks", "ghost"]
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_both_modes_step_by_the_mean_of_per_sample_clipped_gradients(mode: GradSampleMode) -> None:
+    """q = 1 (every record in the one batch), noise ≈ 0, lr 1: the step is minus the mean over the
+    records of gᵢ·min(1, C/(‖gᵢ‖ + 1e-6)), computed here one record at a time."""
+    n, clip = 6, 1.3
+    g = torch.Generator().manual_seed(3)
+    x, y = 3 * torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g)
+    ref = _tiny()
+    expected = [torch.zeros_like(p) for p in ref.parameters()]
+    norms = []
+    for i in range(n):
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(x[i: i + 1]), y[i: i + 1]).backward()
+        grads = [p.grad.detach().clone() for p in ref.parameters()]  # type: ignore[union-attr]
+        norm = float(torch.sqrt(sum((gr ** 2).sum() for gr in grads)))  # type: ignore[arg-type]
+        norms.append(norm)
+        for e, gr in zip(expected, grads, strict=True):
+            e -= gr * min(1.0, clip / (norm + 1e-6)) / n
+    assert min(norms) < clip < max(norms)  # some records are clipped, some are not
+    model = _tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    out = train_dp_sgd(model, TensorDataset(x, y), noise_multiplier=1e-9, max_grad_norm=clip, batch_size=n,
+                       local_epochs=1, learning_rate=1.0, momentum=0.0, device=CPU,
+                       randomness=RoundRandomness.from_os(), grad_sample_mode=mode)
+    assert out.grad_sample_mode == mode and out.batch_sizes == (n,)
+    for p, b, e in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(p.detach() - b, e, atol=1e-6, rtol=1e-5)
+
+
+def test_both_modes_run_the_same_mechanism_with_the_same_randomness() -> None:
+    """Same seeds: the same Poisson batches (empty ones included: noise-only steps), the same event,
+    and, on data whose gradients are all zero, the same noise to the last bit."""
+    n = 20
+    data = TensorDataset(torch.zeros(n, 8), torch.zeros(n, dtype=torch.long))
+    outs, weights = {}, {}
+    for mode in MODES:
+        model = _linear()
+        outs[mode] = train_dp_sgd(model, data, noise_multiplier=1.3, max_grad_norm=0.7, batch_size=1,
+                                  local_epochs=2, learning_rate=0.5, momentum=0.9, device=CPU,
+                                  randomness=RoundRandomness.from_seed(11, "site-0", 1), grad_sample_mode=mode)
+        weights[mode] = model.weight.detach()
+    hooks, ghost = outs["hooks"], outs["ghost"]
+    assert 0 in hooks.batch_sizes  # q = 1/20 over 40 steps: this seed draws empty batches
+    assert hooks.batch_sizes == ghost.batch_sizes and hooks.event == ghost.event
+    assert hooks.event == DpSgdEvent(1.3, 1 / 20, 40, 0.7)
+    assert torch.equal(weights["hooks"], weights["ghost"]) and not torch.equal(weights["hooks"], _linear().weight)
+
+
+@pytest.mark.parametrize(("arch", "mode"), [("mlp", "ghost"), ("mlp-12x2", "ghost"), ("cnn", "hooks")])
+def test_the_mode_chosen_per_model_is_the_one_used_and_recorded(
+        monkeypatch: pytest.MonkeyPatch, arch: str, mode: str) -> None:
+    from opacus import PrivacyEngine
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    used: list[tuple[str, bool]] = []
+    real = PrivacyEngine.make_private
+
+    def spy(self: PrivacyEngine, **kw: object) -> object:
+        made = real(self, **kw)
+        used.append((str(kw["grad_sample_mode"]), isinstance(made[1], DPOptimizerFastGradientClipping)))
+        return made
+
+    monkeypatch.setattr(PrivacyEngine, "make_private", spy)
+    model = build_model(arch, seed=0)
+    n_in = 12 if arch == "mlp-12x2" else 784
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(16, n_in, generator=g), torch.randint(0, 2, (16,), generator=g))
+    assert grad_sample_mode_for(model) == mode
+    out = train_dp_sgd(model, data, noise_multiplier=1.0, max_grad_norm=1.0, batch_size=8, local_epochs=1,
+                       learning_rate=0.1, momentum=0.0, device=CPU, randomness=RoundRandomness.from_os())
+    assert out.grad_sample_mode == mode and used == [(mode, mode == "ghost")]
+
+
+def test_an_empty_poisson_batch_takes_a_noise_only_step() -> None:
+    """q = 1/20 over 40 steps: this seed draws empty batches; each is still a step, with noise."""
+    n = 20
+    data = TensorDataset(torch.zeros(n, 8), torch.zeros(n, dtype=torch.long))  # every gradient is 0
+    model = _linear()
+    out = train_dp_sgd(model, data, noise_multiplier=1.3, max_grad_norm=0.7, batch_size=1, local_epochs=2,
+                       learning_rate=0.5, momentum=0.0, device=CPU,
+                       randomness=RoundRandomness.from_seed(11, "site-0", 1))
+    assert 0 in out.batch_sizes and len(out.batch_sizes) == out.event.steps == 40
+    assert not torch.equal(model.weight.detach(), _linear().weight)  # only noise could have moved it

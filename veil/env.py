@@ -20,6 +20,9 @@ LOG_LEVEL = "VEIL_LOG_LEVEL"
 SITE_WORKER = "VEIL_SITE_WORKER"
 """``off``: ``veil site start`` runs no long-lived worker, and every Flower message is answered
 in its own process (slow: the way Flower runs apps; for measuring, ``benchmarks/deployment.py``)."""
+ACCOUNTING_CACHE = "VEIL_ACCOUNTING_CACHE"
+"""Directory of accounting results kept across processes (``privacy.accounting_cache``; default
+``~/.cache/veil/accounting``); ``off`` disables it."""
 
 DEFAULT_STORE_URL = "sqlite:///veil.db"
 DEFAULT_ARTIFACTS = "veil-artifacts"
