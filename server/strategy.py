@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from privacy.ckks import CoordinatorContext
 from privacy.randomness import RngMode
 from server import checks, robust
-from server.budget import ParticipationPlan
+from server.budget import ParticipationPlan, with_site_rounds
 from server.checks import Layout, Model, array_bytes, model_key
 from server.robust import RobustRule
 from server.rounds import RoundWriter
@@ -113,7 +113,10 @@ class RecordingStrategy:
         if self.cipher is not None:
             config[P.ENC_RUN] = self.reply_run
         record = RecordDict({model_key(arrays): arrays, P.TASK: config})
-        messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+        rounds = self.plan.site_rounds() if self.plan else {}  # refuse mode: each site's planned rounds
+        messages = [Message(content=RecordDict({model_key(arrays): arrays,
+                                                P.TASK: with_site_rounds(config, rounds[n])}) if n in rounds
+                            else record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
         if isinstance(arrays, ArrayRecord):
             self._layout = checks.layout(arrays)
             self._sent = arrays
