@@ -36,7 +36,8 @@ def format_progress(info: dict[str, float | int | None]) -> str:
     """One progress line per round: accuracy and loss (or encrypted), max ε, sites trained, seconds."""
     parts = [f"round {info['round']}/{info['rounds']}:"]
     if info["accuracy"] is not None:
-        parts.append(f"accuracy {info['accuracy']:.4f}, loss {info['loss']:.4f},")
+        on = f" (on the {info['sites_evaluated']} sites sampled)" if info.get("sites_evaluated") else ""
+        parts.append(f"accuracy {info['accuracy']:.4f}, loss {info['loss']:.4f}{on},")
     elif info.get("encrypted"):
         parts.append("evaluation encrypted,")
     if info["max_epsilon"] is not None:
@@ -58,6 +59,8 @@ class RoundLog:
     examples: int = 0
     train_loss: float | None = None
     max_epsilon: float | None = None
+    evaluated: int = 0  # sites whose evaluation was accepted
+    evaluation_sampled: bool = False  # only this round's sampled sites evaluated (a large federation)
 
 
 class RoundWriter:
@@ -161,6 +164,7 @@ class RoundWriter:
     def evaluated(self, s: Session, server_round: int, node: int, reply: EvalReply, bytes_down: int) -> None:
         """A usable plaintext evaluation: participation and the site's loss and accuracy."""
         self.node_sites[node] = reply.info.site_id
+        self.round.evaluated += 1
         site = self.store.site_row(s, self.run_id, reply.info.site_id)
         site.num_test = reply.num_examples
         s.add(S.Participation(
@@ -176,6 +180,7 @@ class RoundWriter:
                             enc: EncryptedVector, bytes_down: int) -> None:
         """A usable encrypted evaluation: participation only (its sums are unreadable here)."""
         self.node_sites[node] = info.site_id
+        self.round.evaluated += 1
         site = self.store.site_row(s, self.run_id, info.site_id)
         s.add(S.Participation(
             run_id=self.run_id, round_number=server_round, site_id=site.id, phase="evaluate",
@@ -244,4 +249,5 @@ class RoundWriter:
             self.on_round({"round": server_round, "rounds": self.num_rounds, "accuracy": accuracy,
                            "loss": loss, "max_epsilon": r.max_epsilon, "sites_ok": r.ok,
                            "sites_sampled": len(r.sampled), "seconds": seconds,
-                           "encrypted": int(encrypted)})
+                           "encrypted": int(encrypted),
+                           "sites_evaluated": r.evaluated if r.evaluation_sampled else None})
