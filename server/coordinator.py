@@ -161,7 +161,7 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
     answered = sum(1 for st in asked_now if st.status is not None)
     if eager and answered < min_sites:  # sites broken, not refusing: a failure, not a budget decision
         failures = "; ".join(f"{st.site_id}: {st.failure}" for st in standings.values() if st.failure)
-        message = (f"pre-flight: only {answered} of {len(asked_now)} sites asked answered the budget "
+        message = (f"pre-flight: only {answered} of {len(asked_now)} sites answered the budget "
                    f"question (min_sites {min_sites}): {failures}")
         log.error("run %d %s", run_id, message)
         end_run(store, run_id, "failed", message)
