@@ -31,6 +31,7 @@ under-report.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import fields
 
@@ -200,9 +201,45 @@ def _evaluation_refusal(site: Site, config: ConfigRecord) -> P.Refusal | None:
     return None
 
 
-def _ledger_ref(task: P.TrainTask, request: SignedRequest | None) -> str:
-    """What the ledger records as the run: the coordinator's run reference plus the signed nonce."""
-    return task.run_ref[:150] + (f"|req:{request.nonce}" if request else "")
+def _ledger_ref(task: P.TrainTask, request: SignedRequest | None, rounds: int) -> str:
+    """What the ledger records as the run: the coordinator's run reference, the rounds planned for
+    this site when fewer than all (so a run cannot re-plan them halfway), plus the signed nonce."""
+    planned = f"|rounds:{rounds}" if rounds < task.planned_rounds else ""
+    return task.run_ref[:150] + planned + (f"|req:{request.nonce}" if request else "")
+
+
+def _same_run(ledger_ref: str, task: P.TrainTask, request: SignedRequest | None) -> bool:
+    """Whether a ledger entry's run reference is this run's, whatever rounds it planned for the site."""
+    head, tail = task.run_ref[:150], (f"|req:{request.nonce}" if request else "")
+    if not (ledger_ref.startswith(head) and ledger_ref.endswith(tail)) or len(ledger_ref) < len(head + tail):
+        return False
+    return re.fullmatch(r"(\|rounds:\d+)?", ledger_ref[len(head):len(ledger_ref) - len(tail)]) is not None
+
+
+def site_rounds(task: P.TrainTask, config: ConfigRecord) -> int | P.Refusal:
+    """The rounds this run plans for this site (``P.SITE_ROUNDS``; absent: all ``planned_rounds``),
+    bounded by the rounds the task (and the researcher's signature) planned for the run."""
+    value = config.get(P.SITE_ROUNDS, task.planned_rounds)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= task.planned_rounds:
+        return P.Refusal("task-mismatch", f"{P.SITE_ROUNDS} must be a whole number from 1 to the run's "
+                         f"{task.planned_rounds} planned rounds, got {str(value)[:40]!r}")
+    return value
+
+
+def _rounds_refusal(ledger: SiteLedger | LedgerView, task: P.TrainTask, request: SignedRequest | None,
+                    rounds: int) -> P.Refusal | None:
+    """A run trains here at most the ``rounds`` it planned for this site, and never re-plans them:
+    σ was calibrated for those rounds, so one more (or a σ for a different count) could pass the
+    run's target ε. (With a signed request the ledger's claim enforces this atomically too.)"""
+    mine = _ledger_ref(task, request, rounds)
+    same_run = [e.run_ref for e in ledger.entries() if _same_run(e.run_ref, task, request)]
+    if any(ref != mine for ref in same_run):
+        return P.Refusal("rounds-exhausted", f"this run already trained here under another plan of rounds "
+                         f"for this site, now {rounds} of {task.planned_rounds}: a run cannot re-plan them")
+    if len(same_run) >= rounds:
+        return P.Refusal("rounds-exhausted", f"this run planned {rounds} of its {task.planned_rounds} rounds "
+                         f"for this site (its σ is calibrated for them) and all {rounds} are trained")
+    return None
 
 
 def _replay_refusal(ledger: SiteLedger | LedgerView, task: P.TrainTask, request: SignedRequest | None
@@ -218,7 +255,7 @@ def _replay_refusal(ledger: SiteLedger | LedgerView, task: P.TrainTask, request:
             request.check_fresh(max_age=SITE_MAX_AGE_S)
         except RequestRefused as err:
             return P.Refusal("replayed-request", err.detail)
-    if any(ref != _ledger_ref(task, request) for ref in spent):
+    if not all(_same_run(ref, task, request) for ref in spent):
         return P.Refusal("replayed-request", "this signed request was already charged here under another run")
     if len(spent) >= task.planned_rounds:
         return P.Refusal("replayed-request", f"this signed request has paid for all {task.planned_rounds} "
@@ -263,20 +300,18 @@ def _append_history(context: Context, event: DpSgdEvent) -> None:
     )
 
 
-def _noise_multiplier(task: P.TrainTask, context: Context, n: int, delta: float) -> float:
-    """The task's σ, or σ calibrated once per run so ε over all planned rounds ≤ target."""
+def _noise_multiplier(task: P.TrainTask, context: Context, n: int, delta: float, rounds: int) -> float:
+    """The task's σ, or σ calibrated once per run so ε over the ``rounds`` planned for this site ≤ target."""
     if task.noise_multiplier > 0:
         return task.noise_multiplier
     q, steps = poisson_plan(n, task.batch_size, task.local_epochs)
     # the calibration is remembered for exactly its inputs: a query for another target (even a
     # refused one) can never set the σ a later task trains with
-    key = f"{task.target_epsilon!r}|{delta!r}|{q!r}|{steps * task.planned_rounds}|{task.accountant}"
+    key = f"{task.target_epsilon!r}|{delta!r}|{q!r}|{steps * rounds}|{task.accountant}"
     rec = context.state.get(_SIGMA)
     if isinstance(rec, ConfigRecord) and rec.get("key") == key and "sigma" in rec:
         return float(rec["sigma"])  # type: ignore[arg-type]
-    sigma = calibrate_noise_multiplier(
-        task.target_epsilon, delta, q, steps * task.planned_rounds, task.accountant
-    )
+    sigma = calibrate_noise_multiplier(task.target_epsilon, delta, q, steps * rounds, task.accountant)
     context.state[_SIGMA] = ConfigRecord({"sigma": sigma, "key": key})
     return sigma
 
@@ -289,10 +324,11 @@ def _run_delta(task: P.TrainTask, site: Site) -> float:
     return delta
 
 
-def _planned_event(task: P.TrainTask, context: Context, site: Site) -> DpSgdEvent:
-    """The exact mechanism one round of this task runs on this site (charged before it runs)."""
+def _planned_event(task: P.TrainTask, context: Context, site: Site, rounds: int) -> DpSgdEvent:
+    """The exact mechanism one round of this task runs on this site (charged before it runs), with
+    σ for the ``rounds`` the run planned for this site."""
     n = len(site.train)
-    sigma = _noise_multiplier(task, context, n, _run_delta(task, site))
+    sigma = _noise_multiplier(task, context, n, _run_delta(task, site), rounds)
     q, steps = poisson_plan(n, task.batch_size, task.local_epochs)
     return DpSgdEvent(sigma, q, steps, task.max_grad_norm)
 
@@ -491,14 +527,18 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         if not task.private:
             status = _non_private_status(site, task, refusal or _non_private_refusal(site, task))
             return Message(content=RecordDict({P.BUDGET: status.to_config()}), reply_to=msg)
-        planned = _planned_event(task, context, site)
+        rounds = site_rounds(task, config)
+        if isinstance(rounds, P.Refusal):
+            refusal, rounds = refusal or rounds, task.planned_rounds
+        planned = _planned_event(task, context, site, rounds)
         policy = site.policy
         lifetime_delta = policy.delta_for(len(site.train))
         ledger = open_ledger(site).view()  # one read, one chain verification, for every question below
         fp, acc, scope = site.fingerprint, policy.accountant, policy.cap_scope
-        refusal = refusal or _replay_refusal(ledger, task, request) or _policy_refusal(site, task, planned)
+        refusal = (refusal or _replay_refusal(ledger, task, request)
+                   or _rounds_refusal(ledger, task, request, rounds) or _policy_refusal(site, task, planned))
         affordable = 0 if refusal else ledger.affordable_rounds(
-            fp, planned, task.planned_rounds, cap=policy.epsilon_cap, delta=lifetime_delta,
+            fp, planned, rounds, cap=policy.epsilon_cap, delta=lifetime_delta,
             accountant=acc, scope=scope)
         if refusal is None and affordable == 0:
             refusal = P.Refusal("budget-exhausted",
@@ -511,11 +551,19 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             spent=ledger.spent(fp, delta=lifetime_delta, accountant=acc, scope=scope).epsilon,
             noise_multiplier=planned.noise_multiplier, sample_rate=planned.sample_rate,
             steps_per_round=planned.steps,
-            projected=ledger.project(fp, [planned] * task.planned_rounds, delta=lifetime_delta,
+            projected=ledger.project(fp, [planned] * rounds, delta=lifetime_delta,
                                      accountant=acc, scope=scope),
             affordable_rounds=affordable, refusal=refusal, ledger=head,
         )
         return Message(content=RecordDict({P.BUDGET: status.to_config()}), reply_to=msg)
+
+    @app.query("identity")
+    @functools.partial(answers_with_a_sentence, resolve_site=resolve_site)
+    def identity(msg: Message, context: Context) -> Message:
+        """Which site this is, before any budget question: its ``site`` record and nothing else."""
+        site: Site = resolve_site(context)
+        info = P.SiteInfo(site.site_id, site.device.type, 0.0, 0)
+        return Message(content=RecordDict({P.SITE: info.to_config()}), reply_to=msg)
 
     @app.train()
     @functools.partial(answers_with_a_sentence, resolve_site=resolve_site)
@@ -538,7 +586,10 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             content = _train_non_private(msg, site, task, model)
             _attach_update(content, model.cpu(), site, config, server_round, opt, opt_state)
             return Message(content=content, reply_to=msg)
-        planned = _planned_event(task, context, site)
+        rounds = site_rounds(task, config)
+        if isinstance(rounds, P.Refusal):
+            return _refuse(msg, site, rounds)
+        planned = _planned_event(task, context, site, rounds)
         refusal = _policy_refusal(site, task, planned)
         if refusal:
             return _refuse(msg, site, refusal)
@@ -552,14 +603,14 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         randomness = RoundRandomness.for_round(task.rng, task.seed, site.site_id, server_round)
         policy = site.policy
         ledger = open_ledger(site)
-        refusal = _replay_refusal(ledger, task, request)
+        refusal = _replay_refusal(ledger, task, request) or _rounds_refusal(ledger, task, request, rounds)
         if refusal:
             return _refuse(msg, site, refusal)
         charge = ledger.charge(
             site.fingerprint, planned, delta=policy.delta_for(n), cap=policy.epsilon_cap,
-            accountant=policy.accountant, scope=policy.cap_scope, run_ref=_ledger_ref(task, request),
+            accountant=policy.accountant, scope=policy.cap_scope, run_ref=_ledger_ref(task, request, rounds),
             round_number=server_round, rng=randomness.mode,
-            claim=(f"|req:{request.nonce}", task.planned_rounds) if request else None,  # atomic with the charge
+            claim=(f"|req:{request.nonce}", rounds) if request else None,  # atomic with the charge
         )
         if isinstance(charge, Spent):
             return _refuse(msg, site, P.Refusal("replayed-request", charge.detail))

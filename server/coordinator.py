@@ -10,7 +10,7 @@ The run record itself is made and ended by ``server.lifecycle``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -24,6 +24,7 @@ from server.budget import ParticipationPlan, TooFewSites, ask_budgets, check_led
 from server.checkpoints import save_checkpoint, save_encrypted_checkpoint
 from server.checks import Model, aggregate_train_metrics
 from server.delivery import send_and_receive
+from server.directory import check_directory, site_names
 from server.lifecycle import end_run, first_failure
 from server.robust import RobustRule
 from server.rounds import ProgressFn, RoundWriter
@@ -50,13 +51,16 @@ def load_coordinator_context(scenario: Scenario, coordinator_key: Path | None) -
 
 def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
                    artifacts_dir: Path, on_round: ProgressFn | None = None,
-                   coordinator_key: Path | None = None, request: SignedRequest | None = None) -> Model | None:
+                   coordinator_key: Path | None = None, request: SignedRequest | None = None,
+                   known_sites: Callable[[], Mapping[int, str]] | None = None) -> Model | None:
     """Run ``scenario`` on ``grid`` and record it all under ``run_id``.
 
-    Order: budget pre-flight (every site answers from its own ledger and policy), then the
-    participation plan, then the rounds. A run the plan cannot honour is marked ``refused``
-    before anything trains and returns None; a run whose sites run out of budget midway
-    (``on_budget_exhausted: drop``) stops early and is marked ``stopped`` with the reason.
+    Order: each node's site id (``server.directory``; ``known_sites`` may already know them), the
+    participation plan, the budget pre-flight (each site asked answers from its own ledger and
+    policy: in refuse mode the scheduled sites, up front, each for its planned rounds; in drop
+    mode each round's sampled sites, when first sampled), then the rounds. A run the plan cannot
+    honour is marked ``refused`` before anything trains and returns None; a run whose sites run
+    out of budget midway (``on_budget_exhausted: drop``) stops early and is marked ``stopped`` with the reason.
     """
     fed = scenario.federation
     model = build_model(scenario.model.key, seed=scenario.seed)
@@ -118,16 +122,39 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
     except TooFewSites as err:
         end_run(store, run_id, "failed", str(err))
         return None
-    standings = ask_budgets(grid, nodes, task_config(), fed.round_timeout_s)
-    check_names(store, standings)  # before the ledgers: a wrong name must not touch another site's witness
-    check_ledgers(store, run_id, standings)
+    # who is who first (no budget question yet): refuse mode draws its schedule now, so only the
+    # scheduled sites are asked, each for the rounds planned for it
+    standings = site_names(grid, store, nodes, fed.round_timeout_s, known=known_sites() if known_sites else None)
     plan = ParticipationPlan(standings, rounds=fed.rounds, per_round=scenario.sites_per_round(),
                              min_sites=min_sites, mode=fed.on_budget_exhausted, seed=scenario.seed)
+    writer = RoundWriter(store, run_id, num_rounds=fed.rounds, min_sites=min_sites, on_round=on_round)
+    writer.preflight({n: st for n, st in standings.items() if st.failure})  # no name: never drawn
+
+    def preflight(asked: list[int], server_round: int) -> None:
+        """The budget question to ``asked`` (before ``server_round``), checked, admitted, recorded."""
+        answers = ask_budgets(grid, asked, task_config(), fed.round_timeout_s, rounds=plan.site_rounds())
+        for n, answer in answers.items():
+            standings[n].take(answer)
+        these = {n: standings[n] for n in asked}
+        check_directory(these)
+        check_names(store, these)  # before the ledgers: a wrong name must not touch another site's witness
+        check_ledgers(store, run_id, these)
+        plan.admit(asked)
+        writer.preflight(these, server_round)
+
+    # drop mode asks each round's sampled sites as they come up; refuse mode (and CKKS, whose
+    # weight norm must cover every site that may train) asks everyone who may train, up front
+    eager = plan.mode == "refuse" or cipher is not None
+    if eager:
+        asked = sorted(plan.joins()) if plan.mode == "refuse" else [n for n, st in standings.items()
+                                                                      if not st.asked]
+        preflight(asked, 0)
+    else:
+        plan.ask = preflight
     if cipher is not None:  # sites weight by n / norm: every weighted sum stays within max |value|
         public[P.ENC_WEIGHT_NORM] = float(max(1, sum(st.status.num_examples for st in standings.values()
                                                      if st.status is not None)))
         public[P.ENC_EVAL] = enc.evaluation == "ckks"
-    writer = RoundWriter(store, run_id, num_rounds=fed.rounds, min_sites=min_sites, on_round=on_round)
     optimizer = scenario.server_optimizer.optimizer()
     params = count_parameters(model)
     strategy = RecordingStrategy(
@@ -138,11 +165,11 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
                           scenario.robustness.trim_fraction),
         optimizer=optimizer,
     )
-    writer.preflight(standings)
-    answered = sum(1 for st in standings.values() if st.status is not None)
-    if answered < min_sites:  # sites broken, not refusing: a failure, not a budget decision
+    asked_now = [st for st in standings.values() if st.asked and st.name is not None]
+    answered = sum(1 for st in asked_now if st.status is not None)
+    if eager and answered < min_sites:  # sites broken, not refusing: a failure, not a budget decision
         failures = "; ".join(f"{st.site_id}: {st.failure}" for st in standings.values() if st.failure)
-        message = (f"pre-flight: only {answered} of {len(standings)} sites answered the budget "
+        message = (f"pre-flight: only {answered} of {len(asked_now)} sites answered the budget "
                    f"question (min_sites {min_sites}): {failures}")
         log.error("run %d %s", run_id, message)
         end_run(store, run_id, "failed", message)
@@ -153,12 +180,12 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         log.warning("run %d %s", run_id, message)
         end_run(store, run_id, "refused", message)
         return None
-    for st in sorted(standings.values(), key=lambda st: st.site_id):
+    for st in sorted(asked_now, key=lambda st: st.site_id):
         if st.status is not None:
             b = st.status
             log.info("pre-flight %s: spent ε=%.3f, cap %s, σ=%.3f, q=%.4f, can afford %d of %d rounds%s",
                      b.site_id, b.spent, "none" if b.cap is None else f"{b.cap:g}", b.noise_multiplier,
-                     b.sample_rate, b.affordable_rounds, fed.rounds,
+                     b.sample_rate, b.affordable_rounds, st.planned_rounds or fed.rounds,
                      f"; refuses: {b.refusal}" if b.refusal else "")
         else:
             log.warning("pre-flight node %d: %s", st.node, st.failure)
@@ -205,15 +232,18 @@ def train_rounds(grid: Grid, strategy: RecordingStrategy, initial: Model, task_c
 
 def build_server_app(scenario: Scenario, store_url: str, run_id: int, artifacts_dir: Path,
                      on_round: ProgressFn | None = None, coordinator_key: Path | None = None,
-                     request: SignedRequest | None = None) -> ServerApp:
-    """The ServerApp ``veil simulate`` runs: ``run_federation`` on an already recorded run."""
+                     request: SignedRequest | None = None,
+                     known_sites: Callable[[], Mapping[int, str]] | None = None) -> ServerApp:
+    """The ServerApp ``veil simulate`` runs: ``run_federation`` on an already recorded run;
+    ``known_sites``: the simulation engine's own node → site map, once it has made the nodes."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         store = RunStore(store_url)
         try:
-            run_federation(grid, scenario, store, run_id, artifacts_dir, on_round, coordinator_key, request)
+            run_federation(grid, scenario, store, run_id, artifacts_dir, on_round, coordinator_key, request,
+                           known_sites)
         finally:
             store.close()
 

@@ -36,7 +36,8 @@ def format_progress(info: dict[str, float | int | None]) -> str:
     """One progress line per round: accuracy and loss (or encrypted), max ε, sites trained, seconds."""
     parts = [f"round {info['round']}/{info['rounds']}:"]
     if info["accuracy"] is not None:
-        parts.append(f"accuracy {info['accuracy']:.4f}, loss {info['loss']:.4f},")
+        on = f" (on the {info['sites_evaluated']} sites sampled)" if info.get("sites_evaluated") else ""
+        parts.append(f"accuracy {info['accuracy']:.4f}, loss {info['loss']:.4f}{on},")
     elif info.get("encrypted"):
         parts.append("evaluation encrypted,")
     if info["max_epsilon"] is not None:
@@ -58,6 +59,8 @@ class RoundLog:
     examples: int = 0
     train_loss: float | None = None
     max_epsilon: float | None = None
+    evaluated: int = 0  # sites whose evaluation was accepted
+    evaluation_sampled: bool = False  # only this round's sampled sites evaluated (a large federation)
 
 
 class RoundWriter:
@@ -164,6 +167,7 @@ class RoundWriter:
     def evaluated(self, s: Session, server_round: int, node: int, reply: EvalReply, bytes_down: int) -> None:
         """A usable plaintext evaluation: participation and the site's loss and accuracy."""
         self.node_sites[node] = reply.info.site_id
+        self.round.evaluated += 1
         site = self.store.site_row(s, self.run_id, reply.info.site_id)
         site.num_test = reply.num_examples
         s.add(S.Participation(
@@ -179,6 +183,7 @@ class RoundWriter:
                             enc: EncryptedVector, bytes_down: int) -> None:
         """A usable encrypted evaluation: participation only (its sums are unreadable here)."""
         self.node_sites[node] = info.site_id
+        self.round.evaluated += 1
         site = self.store.site_row(s, self.run_id, info.site_id)
         s.add(S.Participation(
             run_id=self.run_id, round_number=server_round, site_id=site.id, phase="evaluate",
@@ -195,20 +200,22 @@ class RoundWriter:
             sites=sites, ciphertext=blob, sha256=hashlib.sha256(blob).hexdigest(),
         ))
 
-    def preflight(self, standings: dict[int, SiteStanding]) -> None:
-        """Each site's budget answer on the record (round 0, phase ``preflight``)."""
+    def preflight(self, standings: dict[int, SiteStanding], server_round: int = 0) -> None:
+        """Each site's budget answer on the record (phase ``preflight``; round 0 when asked before
+        training, else the round it was first sampled for), with the rounds planned for it."""
         with self.store.session() as s:
             for node, st in standings.items():
                 if st.status is None:
-                    if st.reported_id:  # it could not answer, but said who it is
-                        self.node_sites[node] = st.reported_id
-                    self.participation(s, 0, node, "preflight", "no-reply" if "timeout" in
+                    if st.reported_id or st.name:  # it could not answer, but its name is known
+                        self.node_sites[node] = st.reported_id or st.name or ""
+                    self.participation(s, server_round, node, "preflight", "no-reply" if "timeout" in
                                        (st.failure or "") else "failed",
                                        reason=st.failure or "no answer", bytes_down=0)
                     continue
                 b = st.status
                 self.node_sites[node] = b.site_id
                 site = self.store.site_row(s, self.run_id, b.site_id)
+                site.planned_rounds = st.planned_rounds
                 site.dataset_id, site.epsilon_cap = b.dataset_id, b.cap
                 site.budget_delta, site.budget_accountant = b.delta, b.accountant
                 site.spent_before, site.projected_epsilon = b.spent, b.projected
@@ -216,13 +223,13 @@ class RoundWriter:
                 if b.ledger is not None:
                     site.ledger_id, site.ledger_seq = b.ledger.ledger_id, b.ledger.seq
                 if st.rejection is not None:
-                    self.participation(s, 0, node, "preflight", "rejected", reason=str(st.rejection),
+                    self.participation(s, server_round, node, "preflight", "rejected", reason=str(st.rejection),
                                        bytes_down=0, code=st.rejection.code)
                 elif b.refusal is not None:
-                    self.participation(s, 0, node, "preflight", "refused", reason=str(b.refusal),
+                    self.participation(s, server_round, node, "preflight", "refused", reason=str(b.refusal),
                                        bytes_down=0, code=b.refusal.code)
                 else:
-                    s.add(S.Participation(run_id=self.run_id, round_number=0, site_id=site.id,
+                    s.add(S.Participation(run_id=self.run_id, round_number=server_round, site_id=site.id,
                                           phase="preflight", status="ok", bytes_down=0))
 
     def close_round(self, server_round: int, accuracy: float | None, loss: float | None,
@@ -245,4 +252,5 @@ class RoundWriter:
             self.on_round({"round": server_round, "rounds": self.num_rounds, "accuracy": accuracy,
                            "loss": loss, "max_epsilon": r.max_epsilon, "sites_ok": r.ok,
                            "sites_sampled": len(r.sampled), "seconds": seconds,
-                           "encrypted": int(encrypted)})
+                           "encrypted": int(encrypted),
+                           "sites_evaluated": r.evaluated if r.evaluation_sampled else None})

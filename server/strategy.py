@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from privacy.ckks import CoordinatorContext, flatten, unflatten
 from privacy.randomness import RngMode
 from server import checks, robust
-from server.budget import ParticipationPlan
+from server.budget import ParticipationPlan, with_site_rounds
 from server.checks import Layout, Model, array_bytes, model_key
 from server.robust import RobustRule
 from server.rounds import RoundWriter
@@ -38,6 +38,7 @@ from veil.names import Phase
 from veil.server_opt import ServerOptimizer, ServerState, server_step
 
 log = get_logger("server")
+EVALUATE_ALL_UP_TO = 50  # sites: a larger federation evaluates on each round's sampled sites only
 
 
 class RecordingStrategy:
@@ -120,7 +121,10 @@ class RecordingStrategy:
         if self.cipher is not None:
             config[P.ENC_RUN] = self.reply_run
         record = RecordDict({model_key(arrays): arrays, P.TASK: config})
-        messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+        rounds = self.plan.site_rounds() if self.plan else {}  # refuse mode: each site's planned rounds
+        messages = [Message(content=RecordDict({model_key(arrays): arrays,
+                                                P.TASK: with_site_rounds(config, rounds[n])}) if n in rounds
+                            else record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
         if isinstance(arrays, ArrayRecord):
             self._layout = checks.layout(arrays)
             self._sent = arrays
@@ -243,13 +247,19 @@ class RecordingStrategy:
     # -- evaluate ------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: Model, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Every node evaluates the current global model (plaintext or encrypted)."""
+        """The current global model evaluated (plaintext or encrypted) by every node, or, in a
+        federation of more than ``EVALUATE_ALL_UP_TO`` sites, by the sites sampled to train this
+        round (their held-out test sets): a round then costs its sampled sites, not all of them.
+        Each evaluating site has its own ``participation`` row, so the record says who evaluated."""
         config["server-round"] = server_round
         if self.cipher is not None:
             config[P.ENC_RUN] = self.reply_run
+        nodes = sorted(grid.get_node_ids())
+        if self.plan is not None and len(nodes) > EVALUATE_ALL_UP_TO:
+            nodes = sorted(self.writer.round.sampled)
+            self.writer.round.evaluation_sampled = True
         messages = [Message(content=RecordDict({model_key(arrays): arrays, P.TASK: config}),
-                            message_type=MessageType.EVALUATE, dst_node_id=n)
-                    for n in sorted(grid.get_node_ids())]
+                            message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
         self._eval_sampled = [m.metadata.dst_node_id for m in messages]
         self._eval_bytes = array_bytes(arrays)
         self.writer.round.bytes_down += self._eval_bytes * len(messages)

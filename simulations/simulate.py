@@ -24,7 +24,8 @@ from server.coordinator import build_server_app
 from server.lifecycle import first_failure, record_run
 from server.rounds import format_progress
 from server.store import RunStore
-from simulations.federation import SimulatedSites
+from simulations.engine import seams
+from simulations.federation import SimulatedSites, site_id
 from veil.config import clean
 from veil.errors import BudgetRefusedError, EncryptionError, LedgerError, RunFailedError, ScenarioError, VeilError
 from veil.files import file_kind, resolved, temp_beside
@@ -165,15 +166,17 @@ def simulate(scenario: Scenario, store: RunStore, artifacts_dir: Path,
     signer = request.verify({}, accept_ephemeral=True)
     with record_run(store, scenario, researcher=signer) as run_id:
         keys = prepare_keys(scenario, resolved(artifacts_dir) / f"run-{run_id}" / "keys")
-        server_app = build_server_app(scenario, store.url, run_id, artifacts_dir, on_round,
-                                      coordinator_key=keys.coordinator if keys else None, request=request)
-        client_app = build_client_app(replace(sites, keys=str(keys.secret)) if keys else sites)
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=scenario.federation.sites,
-            backend_config=backend_config(scenario),  # type: ignore[arg-type]
-        )
+        with seams(site_id) as nodes:  # a round costs its sampled sites, not every node (simulations.engine)
+            server_app = build_server_app(scenario, store.url, run_id, artifacts_dir, on_round,
+                                          coordinator_key=keys.coordinator if keys else None, request=request,
+                                          known_sites=nodes.sites)
+            client_app = build_client_app(replace(sites, keys=str(keys.secret)) if keys else sites)
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=scenario.federation.sites,
+                backend_config=backend_config(scenario),  # type: ignore[arg-type]
+            )
         run = store.get_run(run_id)
         if run.status == "refused":
             raise BudgetRefusedError(f"run {run_id} {run.error}", run_id=run_id)

@@ -72,3 +72,48 @@ def test_deterministic_in_seed() -> None:
 def test_too_many_sites_is_a_clear_error() -> None:
     with pytest.raises(DataError, match="cannot split 1000 records across 2000 sites"):
         partition_sites(LABELS, 2000, DataSpec(partitioner="iid"), seed=0)
+
+
+MNIST_LIKE = np.repeat(np.arange(10), 500)  # 5,000 records, like mnist-5k
+
+
+def _top_share(parts, labels: np.ndarray) -> float:  # type: ignore[no-untyped-def]
+    """Mean share of each site's most common label (1.0: every site holds one label)."""
+    tops = []
+    for p in parts:
+        counts = np.bincount(labels[np.concatenate([p.train, p.test])], minlength=10)
+        tops.append(counts.max() / counts.sum())
+    return float(np.mean(tops))
+
+
+def test_dirichlet_at_1000_sites_gives_every_site_its_minimum_and_keeps_label_skew() -> None:
+    spec = DataSpec(partitioner="dirichlet", alpha=0.1, min_site_examples=5)
+    parts = partition_sites(MNIST_LIKE, 1000, spec, seed=2)
+    _check_cover(parts, len(MNIST_LIKE))
+    sizes = [len(p.train) + len(p.test) for p in parts]
+    assert len(parts) == 1000 and min(sizes) >= 5 and sum(sizes) == len(MNIST_LIKE)
+    skewed = _top_share(parts, MNIST_LIKE)
+    mixed = _top_share(partition_sites(MNIST_LIKE, 1000, DataSpec(partitioner="dirichlet", alpha=100.0,
+                                                                  min_site_examples=5), seed=2), MNIST_LIKE)
+    assert skewed > 0.6 and skewed > mixed + 0.25, (skewed, mixed)  # α still controls the skew here
+    again = partition_sites(MNIST_LIKE, 1000, spec, seed=2)
+    assert all(np.array_equal(a.train, b.train) for a, b in zip(parts, again, strict=True))
+    other = partition_sites(MNIST_LIKE, 1000, spec, seed=3)
+    assert not all(np.array_equal(a.train, b.train) for a, b in zip(parts, other, strict=True))
+
+
+def test_dirichlet_at_100_sites_with_the_default_minimum_works() -> None:
+    parts = partition_sites(MNIST_LIKE, 100, DataSpec(partitioner="dirichlet"), seed=0)  # min 20 each
+    _check_cover(parts, len(MNIST_LIKE))
+    assert min(len(p.train) + len(p.test) for p in parts) >= 20
+
+
+def test_a_minimum_the_records_cannot_cover_names_the_setting() -> None:
+    with pytest.raises(DataError, match=r"set data\.min_site_examples to at most 5"):
+        partition_sites(MNIST_LIKE, 1000, DataSpec(partitioner="dirichlet", min_site_examples=6), seed=0)
+
+
+def test_iid_at_1000_sites_is_balanced() -> None:
+    parts = partition_sites(MNIST_LIKE, 1000, DataSpec(partitioner="iid"), seed=0)
+    _check_cover(parts, len(MNIST_LIKE))
+    assert {len(p.train) + len(p.test) for p in parts} == {5}

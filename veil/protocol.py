@@ -35,6 +35,10 @@ SITE = "site"
 BUDGET = "budget"
 REFUSAL = "refusal"
 BUDGET_QUERY = "query.budget"  # message type of the coordinator's pre-flight budget question
+IDENTITY_QUERY = "query.identity"  # message type of "which site are you?" (answered with a SITE record)
+# task-config key, one value per site: the rounds this run plans for that site (1..planned_rounds;
+# absent means all of them). The site calibrates its σ for these and refuses any round beyond them.
+SITE_ROUNDS = "site-rounds"
 ENC_MODEL = "enc-model"  # coordinator -> sites: the encrypted aggregate (global model)
 ENC_UPDATE = "enc-update"  # site -> coordinator: its pre-weighted, encrypted update
 ENC_METRICS = "enc-metrics"  # site -> coordinator: its encrypted evaluation sums
@@ -308,6 +312,8 @@ REFUSAL_CODES = (
     "unsigned-run", "untrusted-researcher", "bad-signature", "task-mismatch", "replayed-request",
     # the site's records do not fit the run's model (features, classes): said at the pre-flight
     "model-mismatch",
+    # a training round beyond the rounds this run planned for the site (its σ was calibrated for those)
+    "rounds-exhausted",
     # the site could not do what was asked (its ledger, data, keys...): its one-line reason
     "site-error",
 )

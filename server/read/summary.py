@@ -104,6 +104,7 @@ class SiteRow:
     epsilon_cap: float | None = None
     ledger_accountant: str | None = None
     mechanism: SiteMechanism | None = None  # None: no events, or events that failed their checks
+    planned_rounds: int | None = None  # the rounds the run planned for it (refuse mode); None: all
     problems: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -294,7 +295,8 @@ def _site_row(site: S.Site, joined: int, spend: SiteEpsilon | None, last: S.Priv
         nonneg(check, "lifetime_epsilon", last.lifetime_epsilon if last else site.spent_before),
         lifetime_delta=delta(check, "lifetime_delta", last.lifetime_delta if last else site.budget_delta),
         epsilon_cap=cap, ledger_accountant=ledger_accountant,
-        mechanism=spend.mechanism if spend else None, problems=check.problems,
+        mechanism=spend.mechanism if spend else None,
+        planned_rounds=check.opt_count("planned_rounds", site.planned_rounds), problems=check.problems,
     )
 
 

@@ -100,6 +100,8 @@ class Site(Base):
     spent_before: Mapped[float | None] = mapped_column(Float)
     projected_epsilon: Mapped[float | None] = mapped_column(Float)
     affordable_rounds: Mapped[int | None] = mapped_column(Integer)
+    # the rounds the run planned for this site at the pre-flight (refuse mode; None: all of them)
+    planned_rounds: Mapped[int | None] = mapped_column(Integer)
     # the run's ε for this site, recomputed by the coordinator from the stored privacy events
     # with the site's accountant when the run ended, over ``derived_events`` events (a later
     # event makes it stale, and readers recompute)

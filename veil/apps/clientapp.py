@@ -74,5 +74,6 @@ def handle(msg: Message, context: Context) -> Message:
 
 app = ClientApp()
 app.query("budget")(handle)
+app.query("identity")(handle)
 app.train()(handle)
 app.evaluate()(handle)

@@ -308,7 +308,9 @@ def _site_cells(site: SiteRow) -> list[Any]:
     bad = site.problems
     cap = f"{site.epsilon_cap:g}" if site.epsilon_cap is not None else "none"
     return [site.site, site.dataset_id or "-", checked(bad, "num_train", str(site.num_train or 0)),
-            checked(bad, "num_test", str(site.num_test or 0)), site.rounds_joined,
+            checked(bad, "num_test", str(site.num_test or 0)),
+            site.rounds_joined if site.planned_rounds is None  # refuse mode: trained / planned for it
+            else checked(bad, "planned_rounds", f"{site.rounds_joined}/{site.planned_rounds}"),
             checked(bad, "noise_multiplier", fmt(site.noise_multiplier)),
             checked(bad, "epsilon", eps(site.epsilon)),
             checked(bad, "delta", exp(site.delta)), _accountant(site.accountant, bad),
