@@ -7,7 +7,7 @@ own training, calibration and server step, without Flower). One line per setting
 held-out accuracy, the worst site's ε recomputed from its events, seconds. With ``--seeds``,
 the median over seeds.
 
-    python benchmarks/sweep.py [--only mlp|cnn] [--seeds 0] [--out sweep.jsonl]
+    python benchmarks/sweep.py [--only mlp|mlp2|mlp3|cnn] [--seeds 0] [--out sweep.jsonl]
 """
 
 from __future__ import annotations
@@ -53,6 +53,27 @@ def grid(only: str | None) -> list[Setting]:
         with_server(replace(base, batch_size=64, learning_rate=1.0), "fedavgm", 0.5, 0.9),
         with_server(replace(base, batch_size=64, learning_rate=1.0), "fedadam", 0.01),
     ]
+    best = replace(base, batch_size=64, learning_rate=1.0)  # the first stage's best
+    mlp2 = [  # second stage, around it: server learning rates and momentum, batch 128, more rounds
+        with_server(best, "fedavgm", 2.0, 0.0),
+        with_server(replace(best, learning_rate=0.5), "fedavgm", 2.0, 0.0),
+        with_server(best, "fedavgm", 0.2, 0.9),
+        with_server(best, "fedadam", 0.1),
+        replace(best, rounds=40, batch_size=128, learning_rate=2.0),
+        replace(best, rounds=40, max_grad_norm=0.5, learning_rate=2.0),
+    ]
+    lr2 = with_server(replace(best, learning_rate=0.5), "fedavgm", 2.0, 0.0)  # the second stage's best
+    mlp3 = [  # third stage, 3 seeds: a larger server step, smaller local steps
+        best,
+        lr2,
+        with_server(replace(best, learning_rate=0.25), "fedavgm", 4.0, 0.0),
+        with_server(replace(best, learning_rate=0.25), "fedavgm", 2.0, 0.0),
+        with_server(replace(best, learning_rate=0.5), "fedavgm", 3.0, 0.0),
+        replace(lr2, batch_size=128, rounds=40),
+        replace(lr2, rounds=50),
+        replace(lr2, max_grad_norm=0.5, learning_rate=1.0),
+        replace(lr2, local_epochs=2),
+    ]
     cnn_base = replace(base, arch="cnn", learning_rate=1.0)
     cnn = [
         cnn_base,
@@ -61,13 +82,13 @@ def grid(only: str | None) -> list[Setting]:
         with_server(cnn_base, "fedavgm", 0.5, 0.9),
         with_server(cnn_base, "fedadam", 0.01),
     ]
-    return mlp if only == "mlp" else cnn if only == "cnn" else mlp + cnn
+    return {"mlp": mlp, "mlp2": mlp2, "mlp3": mlp3, "cnn": cnn}.get(only or "", mlp + mlp2 + mlp3 + cnn)
 
 
 def main() -> None:
     """Run the grid and print one line per setting (also appended to ``--out`` as JSON lines)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["mlp", "cnn"])
+    ap.add_argument("--only", choices=["mlp", "mlp2", "mlp3", "cnn"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--out", type=Path)

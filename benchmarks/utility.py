@@ -11,13 +11,15 @@ comes from OS entropy):
   SGD, or Opacus DP-SGD with Poisson sampling calibrated to the same ε and δ), best of a few
   settings, so the reference is not a weak one;
 * federated, non-private: FedAvg without DP (``privacy: none``) through ``veil simulate``;
-* Veil default: ``veil simulate`` on the default scenario, plaintext and CKKS;
-* Veil best: the best setting of ``benchmarks/sweep.py``, plaintext and CKKS.
+* the old default (5 rounds, batch 32, lr 0.5, FedAvg) and the new one in one process
+  (``benchmarks/federated.py``: the same arithmetic without Flower);
+* Veil default: ``veil simulate`` on the default scenario (the best setting of
+  ``benchmarks/sweep.py``), plaintext and CKKS.
 
 The ``veil simulate`` rows run the real thing (Flower's simulation engine, ledgers, store, CKKS);
 ``--veil-seeds`` sets how many seeds they get (each is a few minutes on 2 cores).
 
-    python benchmarks/utility.py [--seeds 0 1 2] [--veil-seeds 0 1 2] [--skip-ckks]
+    python benchmarks/utility.py [--seeds 0 1 2] [--veil-seeds 0 1 2] [--ckks-seeds 0]
 """
 
 from __future__ import annotations
@@ -33,15 +35,24 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from federated import Setting, centralized, site_data
+from federated import Setting, centralized, federated, site_data
 
 from veil.spec import Scenario, load_scenario, parse_scenario
 
-BEST = Setting(rounds=30, local_epochs=1, batch_size=64, learning_rate=1.0)
-"""The best setting ``benchmarks/sweep.py`` found (median of 3 seeds); see the README's table."""
-CENTRAL_DP = [dict(epochs=30, batch_size=64, learning_rate=1.0),
-              dict(epochs=40, batch_size=128, learning_rate=2.0)]
+OLD_DEFAULT = Setting(rounds=5, local_epochs=1, batch_size=32, learning_rate=0.5)
+"""The default scenario before the sweep (issue 16 measured it at 0.705)."""
+CENTRAL_DP = [dict(epochs=20, batch_size=512, learning_rate=8.0),
+              dict(epochs=20, batch_size=256, learning_rate=2.0),
+              dict(epochs=30, batch_size=256, learning_rate=4.0)]
 CENTRAL_PLAIN = [dict(epochs=30, batch_size=32, learning_rate=0.1)]
+
+
+def default_setting(s: Scenario) -> Setting:
+    """The scenario's training settings as a ``Setting`` (for the in-process replica)."""
+    t = s.training
+    return Setting(rounds=s.federation.rounds, local_epochs=t.local_epochs, batch_size=t.batch_size,
+                   learning_rate=t.learning_rate, momentum=t.momentum, max_grad_norm=s.privacy.max_grad_norm,
+                   server=s.server_optimizer.optimizer(), arch=s.model.arch)
 
 
 def veil_run(scenario: Scenario, workdir: Path) -> float:
@@ -88,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--veil-seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--skip-ckks", action="store_true")
+    ap.add_argument("--ckks-seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--epsilon", type=float, default=8.0)
     args = ap.parse_args()
     base = load_scenario()
@@ -97,46 +108,50 @@ def main() -> None:
     data = site_data(base)
     rows: list[tuple[str, list[float], str]] = []
 
+    def report(label: str, accs: list[float], how: str) -> None:
+        rows.append((label, accs, how))
+        print(f"  {label}: {statistics.median(accs):.4f} {[round(a, 4) for a in accs]} ({how})", flush=True)
+
     def central(label: str, configs: list[dict[str, Any]], eps: float | None) -> None:
         best: tuple[float, list[float], str] | None = None
         for c in configs:
             accs = [centralized(data, arch="mlp", max_grad_norm=1.0, target_epsilon=eps, seed=s, **c)["accuracy"]
                     for s in args.seeds]
-            how = f"{c['epochs']} epochs, B={c['batch_size']}, lr {c['learning_rate']:g}"
+            how = f"{c['epochs']} epochs, B={c['batch_size']}, lr {c['learning_rate']:g}, best of {len(configs)}"
             if best is None or statistics.median(accs) > best[0]:
                 best = (statistics.median(accs), accs, how)
         assert best is not None
-        rows.append((label, best[1], best[2]))
-        print(f"  {label}: {best[0]:.4f} ({best[2]})", flush=True)
+        report(label, best[1], best[2])
+
+    def veil(label: str, seeds: list[int], **kw: bool) -> None:
+        accs = []
+        for seed in seeds:
+            with tempfile.TemporaryDirectory(prefix="veil-utility-") as tmp:
+                accs.append(veil_run(_scenario(base, None, seed=seed, **kw), Path(tmp)))
+        report(label, accs, default_setting(base).label())
 
     start = time.perf_counter()
     central("centralized non-private (pooled, MLP)", CENTRAL_PLAIN, None)
     central(f"centralized DP-SGD (Opacus, pooled, MLP, ε ≤ {args.epsilon:g})", CENTRAL_DP, args.epsilon)
-    veil_rows: list[tuple[str, Setting | None, dict[str, bool]]] = [
-        ("federated non-private FedAvg (veil simulate, privacy: none)", BEST, {"no_dp": True}),
-        ("Veil default (veil simulate, default scenario)", None, {}),
-        ("Veil best (veil simulate, sweep's best)", BEST, {}),
-    ]
-    if not args.skip_ckks:
-        veil_rows += [("Veil default, CKKS", None, {"ckks": True}), ("Veil best, CKKS", BEST, {"ckks": True})]
-    for label, setting, kw in veil_rows:
-        accs = []
-        for seed in args.veil_seeds:
-            with tempfile.TemporaryDirectory(prefix="veil-utility-") as tmp:
-                accs.append(veil_run(_scenario(base, setting, seed=seed, **kw), Path(tmp)))
-        how = setting.label() if setting is not None else "as simulations/scenarios/default.yaml"
-        rows.append((label, accs, how))
-        print(f"  {label}: {statistics.median(accs):.4f} {accs}", flush=True)
+    veil("federated non-private (veil simulate, privacy: none)", args.veil_seeds[:1], no_dp=True)
+    old = [federated(data, OLD_DEFAULT, target_epsilon=args.epsilon, seed=s)["accuracy"] for s in args.seeds]
+    report("old default, in one process (benchmarks/federated.py)", old, OLD_DEFAULT.label())
+    new = [federated(data, default_setting(base), target_epsilon=args.epsilon, seed=s)["accuracy"]
+           for s in args.seeds]
+    report("Veil default, in one process (benchmarks/federated.py)", new, default_setting(base).label())
+    veil("Veil default (veil simulate)", args.veil_seeds)
+    if args.ckks_seeds:
+        veil("Veil default, CKKS (veil simulate)", args.ckks_seeds, ckks=True)
     central_dp = statistics.median(rows[1][1])
     print()
     print(f"ε = {args.epsilon:g}, δ = 1e-5, {base.federation.sites} sites, Dirichlet α = {base.data.alpha:g}, "
-          f"{sum(len(s) for s in data.sites)} training / {len(data.test)} held-out digits; "
+          f"{sum(len(s) for s in data.sites)} training / {len(data.test)} held-out digits, MLP; "
           f"{time.perf_counter() - start:.0f} s in all")
     print("| setting | accuracy (median) | runs | vs centralized DP | how |")
     print("|---|---|---|---|---|")
     for label, accs, how in rows:
         med = statistics.median(accs)
-        gap = "" if "centralized" in label else f"{100 * (med - central_dp):+.1f} pts"
+        gap = "" if label.startswith("centralized") else f"{100 * (med - central_dp):+.1f} pts"
         print(f"| {label} | {med:.3f} | {', '.join(f'{a:.3f}' for a in accs)} | {gap} | {how} |")
 
 

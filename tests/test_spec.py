@@ -23,7 +23,8 @@ from veil.spec import DEFAULT_SCENARIO, MAX_PLANNED_STEPS, ModelSpec, Scenario, 
 
 def test_default_scenario_is_the_main_job() -> None:
     s = load_scenario(DEFAULT_SCENARIO)
-    assert (s.federation.sites, s.federation.rounds, s.data.source) == (10, 5, "mnist-5k")
+    assert (s.federation.sites, s.federation.rounds, s.data.source) == (10, 30, "mnist-5k")
+    assert s.server_optimizer.rule == "fedavgm" and s.private  # the sweep's best (benchmarks/sweep.py)
     assert not s.encryption.enabled
 
 
