@@ -21,6 +21,9 @@ SITE_WORKER = "VEIL_SITE_WORKER"
 """``off``: ``veil site start`` runs no long-lived worker, and every Flower message is answered
 in its own process (slow: the way Flower runs apps; for measuring, ``benchmarks/deployment.py``)."""
 
+CACHE_DIR = "VEIL_CACHE_DIR"
+"""Where parsed built-in data sets are cached (default ``$XDG_CACHE_HOME/veil``, else ``~/.cache/veil``)."""
+
 DEFAULT_STORE_URL = "sqlite:///veil.db"
 DEFAULT_ARTIFACTS = "veil-artifacts"
 
