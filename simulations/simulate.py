@@ -134,7 +134,7 @@ def check_runnable(scenario: Scenario, ledger_dir: Path | str, artifacts_dir: Pa
     refused before any site is charged."""
     ledgers = usable_dir(ledger_dir, "--ledger-dir", LedgerError, make=False)
     usable_dir(artifacts_dir, "--artifacts-dir", VeilError, make=False)
-    sites = SimulatedSites(scenario, str(ledgers), allow_seeded_noise=True)
+    sites = SimulatedSites(scenario, str(ledgers), allow_seeded_noise=True).with_partitions()
     parts = sites.partitions()
     log.info("partitioned %s into %d sites (%s): train sizes %s", scenario.data.source,
              len(parts), scenario.data.partitioner, [len(p.train) for p in parts])
