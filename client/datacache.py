@@ -24,6 +24,7 @@ import os
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,8 +113,10 @@ def write_cache(path: Path, source_sha256: str, arrays: Mapping[str, np.ndarray]
     """Cache ``arrays`` at ``path``, whole or not at all; a failure is logged, never raised."""
     if _SOURCE_KEY in arrays or _ARRAYS_KEY in arrays:
         raise ValueError(f"array names {_SOURCE_KEY!r} and {_ARRAYS_KEY!r} are reserved by the cache")
+    payload: dict[str, Any] = {**arrays, _SOURCE_KEY: np.array(source_sha256),
+                               _ARRAYS_KEY: np.array(arrays_sha256(arrays))}
     buf = io.BytesIO()
-    np.savez(buf, **arrays, **{_SOURCE_KEY: np.array(source_sha256), _ARRAYS_KEY: np.array(arrays_sha256(arrays))})
+    np.savez(buf, **payload)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(path, buf.getvalue(), mode=0o600)
