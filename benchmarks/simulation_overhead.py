@@ -133,8 +133,8 @@ def main() -> None:
     print(f"| `veil simulate`, round 1 (each worker's first DP-SGD step) | {med['round1']:.1f} |")
     if args.rounds > 1:
         print(f"| `veil simulate`, mean of later rounds | {med['later']:.1f} |")
-    print(f"| `veil simulate`, outside rounds (imports, data, Ray start-up, pre-flight with σ calibration, store, teardown) | "
-          f"{med['outside']:.1f} |")
+    print("| `veil simulate`, outside rounds (imports, data, Ray start-up, pre-flight with σ calibration, "
+          f"store, teardown) | {med['outside']:.1f} |")
     print(f"\nratio veil simulate / plain loop (whole processes): {med['ratio']:.2f}x (goal <= 1.25x)")
     print(f"final accuracy {med['accuracy']:.4f}, worst site ε {med['epsilon']:.3f}")
 
