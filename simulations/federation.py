@@ -1,13 +1,14 @@
 """Simulated sites: one partition of the built-in data set per Flower node.
 
-``SimulatedSites`` is a small picklable callable (it holds only the scenario); each Ray
-worker partitions the data once, deterministically from the scenario seed, and serves the
-node's slice by its ``partition-id``.
+``SimulatedSites`` is a small picklable callable (the scenario, and the partition's row
+indices once ``with_partitions`` has made them); each Ray worker serves the node's slice by
+its ``partition-id``. Handed the driver's partition, a worker only loads the (cached) data
+set; without it, it partitions the data itself, deterministically from the scenario seed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,11 +42,20 @@ class SimulatedSites:
     keys: str | None = None  # the run's CKKS secret key file, when encryption is on
     # only `veil simulate` sets this: its sites accept a (labelled, non-private) seeded-noise task
     allow_seeded_noise: bool = False
+    # the split made by with_partitions(): row indices only, a few bytes per record
+    parts: tuple[SitePartition, ...] | None = field(default=None, compare=False, repr=False)
 
     def partitions(self) -> tuple[SitePartition, ...]:
         """Every site's train/test split, made once per process, deterministically from the scenario seed."""
+        if self.parts is not None:
+            return self.parts
         s = self.scenario
         return _partitions(s.data, s.federation.sites, s.seed)
+
+    def with_partitions(self) -> SimulatedSites:
+        """The same sites carrying their split, so a process they are sent to (a Ray worker)
+        reads its slice instead of loading flwr-datasets and partitioning again."""
+        return replace(self, parts=self.partitions())
 
     def site(self, index: int) -> Site:
         """Simulated site ``index``: its partition as tensors, device, ledger file, policy and CKKS key."""

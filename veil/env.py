@@ -24,6 +24,9 @@ ACCOUNTING_CACHE = "VEIL_ACCOUNTING_CACHE"
 """Directory of accounting results kept across processes (``privacy.accounting_cache``; default
 ``~/.cache/veil/accounting``); ``off`` disables it."""
 
+CACHE_DIR = "VEIL_CACHE_DIR"
+"""Where parsed built-in data sets are cached (default ``$XDG_CACHE_HOME/veil``, else ``~/.cache/veil``)."""
+
 DEFAULT_STORE_URL = "sqlite:///veil.db"
 DEFAULT_ARTIFACTS = "veil-artifacts"
 
