@@ -31,6 +31,7 @@ under-report.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable
 from dataclasses import fields
@@ -113,6 +114,15 @@ def _encrypted_update(model: torch.nn.Module, key: SecretKey, weight: float, bin
     arrays = [t.detach().cpu().numpy() for t in model.state_dict().values()]
     enc = key.encrypt(np.append(np.concatenate([flatten(arrays), state]) * weight, weight))
     return P.encrypted_record(enc, key.tag(enc, binding))
+
+
+def _check_state_headroom(key: SecretKey, opt: ServerOptimizer, state: ServerState, weight: float) -> None:
+    """The optimiser state this site appends must fit CKKS's headroom once weighted (the model
+    itself is checked when it is encrypted, after training)."""
+    peak = float(np.max(np.abs(state.to_stream(opt)))) * weight
+    if peak > key.params.headroom / 2:
+        raise ValueError(f"the {opt.rule} state reaches {peak:.3g} once weighted, beyond the CKKS headroom "
+                         f"(±{key.params.headroom / 2:g}); nothing was charged: use a larger data prime")
 
 
 def open_ledger(site: Site) -> SiteLedger:
@@ -338,6 +348,17 @@ def _policy_refusal(site: Site, task: P.TrainTask, planned: DpSgdEvent) -> P.Ref
     return P.Refusal(*found) if found else _rng_refusal(site, task)
 
 
+def _exhausted(ledger: SiteLedger | LedgerView, site: Site) -> str:
+    """Why not even one round fits: the budget, or a round this scope released without DP."""
+    policy = site.policy
+    view = ledger.view() if isinstance(ledger, SiteLedger) else ledger
+    plain = view.without_dp(site.fingerprint, policy.cap_scope)
+    if plain:
+        return (f"this site's ledger records {plain} round(s) released without DP in the scope of its ε cap "
+                f"({policy.cap_scope}): no finite lifetime ε holds any more, so the cap refuses every charge")
+    return "not even one round of this task fits in the remaining budget"
+
+
 def _non_private_refusal(site: Site, task: P.TrainTask) -> P.Refusal | None:
     """A task without DP (the labelled baseline) is for sites whose policy promises no ε: a cap or a
     minimum σ refuses it, and so does a site that only releases encrypted updates to a plaintext run."""
@@ -356,9 +377,10 @@ def _non_private_refusal(site: Site, task: P.TrainTask) -> P.Refusal | None:
     return _rng_refusal(site, task)
 
 
-def _non_private_status(site: Site, task: P.TrainTask, refusal: P.Refusal | None) -> P.BudgetStatus:
-    """The pre-flight answer to a non-private task: no mechanism (σ 0), nothing to charge."""
-    ledger = open_ledger(site).view()  # one read, one chain verification
+def _non_private_status(site: Site, task: P.TrainTask, ledger: LedgerView, refusal: P.Refusal | None,
+                        rounds: int) -> P.BudgetStatus:
+    """The pre-flight answer to a non-private task: no mechanism (σ 0), no ε to charge (each round
+    it trains is still written to the ledger, as a release without DP)."""
     policy = site.policy
     delta = policy.delta_for(len(site.train))
     spent = ledger.spent(site.fingerprint, delta=delta, accountant=policy.accountant,
@@ -368,14 +390,16 @@ def _non_private_status(site: Site, task: P.TrainTask, refusal: P.Refusal | None
         site_id=site.site_id, dataset_id=dataset_id(site.fingerprint), num_examples=len(site.train),
         delta=delta, accountant=policy.accountant, cap=policy.epsilon_cap, spent=spent, noise_multiplier=0.0,
         sample_rate=q, steps_per_round=steps, projected=spent,
-        affordable_rounds=0 if refusal else task.planned_rounds, refusal=refusal, ledger=_ledger_head(ledger))
+        affordable_rounds=0 if refusal else rounds, refusal=refusal, ledger=_ledger_head(ledger))
 
 
 def _train_non_private(msg: Message, site: Site, task: P.TrainTask, model: torch.nn.Module) -> RecordDict:
-    """One round of plain SGD: the NOT private baseline. Nothing is charged (there is no ε to
-    charge); the reply carries no privacy report, and the coordinator records it as not private."""
+    """One round of plain SGD: the NOT private baseline, already written to the ledger as a
+    release without DP (no ε); the reply carries no privacy report, and the coordinator records
+    it as not private."""
     log.warning("%s trains WITHOUT differential privacy (privacy.mechanism: none): this round's update is "
-                "NOT private; its policy has no ε cap, so it accepts", site.site_id)
+                "NOT private; its policy has no ε cap, so it accepts, and its ledger records the round as "
+                "released without DP", site.site_id)
     out = train_sgd(model, site.train, batch_size=task.batch_size, local_epochs=task.local_epochs,
                     learning_rate=task.learning_rate, momentum=task.momentum, device=site.device,
                     seed=os_seed())
@@ -524,12 +548,15 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
                 _check_fit(task.arch, site)
             except ModelMismatch as err:
                 refusal = P.Refusal("model-mismatch", str(err))
-        if not task.private:
-            status = _non_private_status(site, task, refusal or _non_private_refusal(site, task))
-            return Message(content=RecordDict({P.BUDGET: status.to_config()}), reply_to=msg)
         rounds = site_rounds(task, config)
         if isinstance(rounds, P.Refusal):
             refusal, rounds = refusal or rounds, task.planned_rounds
+        if not task.private:
+            view = open_ledger(site).view()  # one read, one chain verification
+            refusal = (refusal or _non_private_refusal(site, task) or _replay_refusal(view, task, request)
+                       or _rounds_refusal(view, task, request, rounds))
+            status = _non_private_status(site, task, view, refusal, rounds)
+            return Message(content=RecordDict({P.BUDGET: status.to_config()}), reply_to=msg)
         planned = _planned_event(task, context, site, rounds)
         policy = site.policy
         lifetime_delta = policy.delta_for(len(site.train))
@@ -541,8 +568,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             fp, planned, rounds, cap=policy.epsilon_cap, delta=lifetime_delta,
             accountant=acc, scope=scope)
         if refusal is None and affordable == 0:
-            refusal = P.Refusal("budget-exhausted",
-                                "not even one round of this task fits in the remaining budget")
+            refusal = P.Refusal("budget-exhausted", _exhausted(ledger, site))
         head = _ledger_head(ledger)
         status = P.BudgetStatus(
             site_id=site.site_id, dataset_id=dataset_id(site.fingerprint),
@@ -577,28 +603,21 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         refusal, request = _request_check(site, task, config)  # before anything else: whose run is it?
         if refusal:
             return _refuse(msg, site, refusal)
-        if not task.private:
-            refusal = _non_private_refusal(site, task)
-            if refusal:
-                return _refuse(msg, site, refusal)
-            opt = task.server_optimizer()
-            model, opt_state = _model_from(msg, task.arch, site, opt)
-            content = _train_non_private(msg, site, task, model)
-            _attach_update(content, model.cpu(), site, config, server_round, opt, opt_state)
-            return Message(content=content, reply_to=msg)
         rounds = site_rounds(task, config)
         if isinstance(rounds, P.Refusal):
             return _refuse(msg, site, rounds)
-        planned = _planned_event(task, context, site, rounds)
-        refusal = _policy_refusal(site, task, planned)
+        planned = _planned_event(task, context, site, rounds) if task.private else None
+        refusal = _policy_refusal(site, task, planned) if planned else _non_private_refusal(site, task)
         if refusal:
             return _refuse(msg, site, refusal)
-        if task.encrypted:  # no key, a bad weight norm or no run reference: said before any charge
+        opt = task.server_optimizer()
+        if task.encrypted:  # no key, a bad weight norm, no run reference, no room: said before any charge
             site_key(site, config.get(P.ENC_KEY_ID))
             _weight(config, n)
             _reply_binding(config, site, server_round, "update")
-        opt = task.server_optimizer()
         model, opt_state = _model_from(msg, task.arch, site, opt)  # a model that cannot be read costs no budget
+        if task.encrypted and opt_state is not None:  # a state CKKS cannot carry: said before any charge
+            _check_state_headroom(site_key(site, config.get(P.ENC_KEY_ID)), opt, opt_state, _weight(config, n))
         # the round's secret seeds, drawn before the charge: no entropy, no charge, no training
         randomness = RoundRandomness.for_round(task.rng, task.seed, site.site_id, server_round)
         policy = site.policy
@@ -606,16 +625,26 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         refusal = _replay_refusal(ledger, task, request) or _rounds_refusal(ledger, task, request, rounds)
         if refusal:
             return _refuse(msg, site, refusal)
+        q, steps = poisson_plan(n, task.batch_size, task.local_epochs)
         charge = ledger.charge(
             site.fingerprint, planned, delta=policy.delta_for(n), cap=policy.epsilon_cap,
             accountant=policy.accountant, scope=policy.cap_scope, run_ref=_ledger_ref(task, request, rounds),
             round_number=server_round, rng=randomness.mode,
             claim=(f"|req:{request.nonce}", rounds) if request else None,  # atomic with the charge
+            without_dp=(q, steps),
         )
         if isinstance(charge, Spent):
             return _refuse(msg, site, P.Refusal("replayed-request", charge.detail))
         if isinstance(charge, BudgetExceeded):
-            return _refuse(msg, site, P.Refusal("budget-exhausted", charge.detail))
+            if planned is None:
+                return _refuse(msg, site, P.Refusal("non-private-refused", "this site's policy caps its ε: it "
+                                                    "only trains privately"))
+            return _refuse(msg, site, P.Refusal("budget-exhausted", charge.detail if math.isfinite(
+                charge.projected) else _exhausted(ledger.view(), site)))
+        if planned is None:  # the labelled baseline: on the ledger as a release without DP, then plain SGD
+            content = _train_non_private(msg, site, task, model)
+            _attach_update(content, model.cpu(), site, config, server_round, opt, opt_state)
+            return Message(content=content, reply_to=msg)
         # the spend is on disk: from here on, a crash can only over-count
         log.info("%s round %d: charged ledger %s entry %d (σ=%.4g, q=%.4g, %d steps): lifetime ε %.4f of "
                  "cap %s (%s, δ=%g); DP noise and Poisson sampling %s", site.site_id, server_round,

@@ -363,6 +363,14 @@ def main(load_site: Callable[[Path], Any], inputs: Callable[[Path], list[Path]],
         return build_client_app(lambda _context: fresh)
 
     worker = Worker(app, args.socket, site.site_id, refresh)
+
+    def stop(_signum: int, _frame: Any) -> None:
+        worker.close()
+
+    # before bind(): a caller can reach the socket (and the keeper call it ready) as soon as it
+    # listens, and a SIGTERM from then on must remove it rather than kill the process outright
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         worker.bind()
     except OSError as err:  # a path too long for a socket, a directory others can enter, no permission
@@ -371,12 +379,6 @@ def main(load_site: Callable[[Path], Any], inputs: Callable[[Path], list[Path]],
     log.info("site worker for %s ready in %.1f s (pid %d): %d training / %d test records on %s, answering at %s",
              site.site_id, time.monotonic() - started, os.getpid(), len(site.train), len(site.test),
              site.device.type, args.socket)
-
-    def stop(_signum: int, _frame: Any) -> None:
-        worker.close()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
         worker.serve_forever()
     finally:
@@ -429,6 +431,8 @@ class WorkerKeeper:
         if proc is not None and proc.poll() is None:
             stop_group(proc, grace)
         self._thread.join(timeout=grace + 5)
+        if proc is None or proc.poll() is not None:  # a worker killed after ``grace`` leaves its socket
+            self.path.unlink(missing_ok=True)
         self._set(state="stopped", pid=None)
 
     def _set(self, **kw: Any) -> None:

@@ -33,6 +33,13 @@ Rules it keeps:
   ledger restored over a newer one no longer contains the witnessed head and is refused.
   The coordinator keeps the same kind of witness for every site it has heard from.
 
+* **Rounds without DP are on it too.** A site whose policy has no cap may train the labelled
+  non-private baseline (``privacy: none``): each such round is an entry with mechanism
+  ``none`` (σ 0). It counts for replay and rounds checks like any other, the lifetime ε
+  reported is the DP entries' composition *with* the count of rounds released without DP
+  beside it (the data set's lifetime guarantee no longer holds), and a cap set later refuses
+  every further charge in that scope: no finite ε can be promised after a non-private release.
+
 The chain detects accidents, bugs and naive edits. It is not a defence against the site's
 own administrator rewriting the whole chain and both witnesses: the ledger protects the data
 from everyone *else*, and the site is the party enforcing it.
@@ -143,14 +150,15 @@ def dataset_id(fingerprint: str) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One verified ledger entry: a DP-SGD event charged to one data set, and the lifetime ε recorded after it."""
+    """One verified ledger entry: a DP-SGD event charged to one data set, and the lifetime ε recorded
+    after it; or (``event`` None, mechanism ``none``) a round released without DP."""
 
     seq: int
     entry_id: str
     fingerprint: str
     run_ref: str
     round: int
-    event: DpSgdEvent
+    event: DpSgdEvent | None
     delta: float
     accountant: str
     accountant_version: str
@@ -159,16 +167,23 @@ class Entry:
     created_at: str
     rng: str | None = None  # None: written by schema 1, before the mode was recorded
 
+    @property
+    def private(self) -> bool:
+        """Whether the round ran DP-SGD (False: the labelled non-private baseline)."""
+        return self.event is not None
+
 
 @dataclass(frozen=True)
 class Spend:
-    """A data set's lifetime spend as the ledger measures it."""
+    """A data set's lifetime spend as the ledger measures it: ε of its DP entries, and how many
+    rounds were released without DP (any: the lifetime guarantee no longer holds)."""
 
     epsilon: float
     delta: float
     accountant: str
     entries: int
     steps: int
+    without_dp: int = 0
 
 
 @dataclass(frozen=True)
@@ -247,15 +262,23 @@ class LedgerView:
         """Fingerprints of the data sets charged here, each once, in order of first charge."""
         return list(dict.fromkeys(e.fingerprint for e in self._entries))
 
+    def _scope(self, fingerprint: str, scope: str) -> list[Entry]:
+        return [e for e in self._entries if scope == "ledger" or e.fingerprint == fingerprint]
+
     def _events(self, fingerprint: str, scope: str) -> list[DpSgdEvent]:
-        return [e.event for e in self._entries if scope == "ledger" or e.fingerprint == fingerprint]
+        return [e.event for e in self._scope(fingerprint, scope) if e.event is not None]
+
+    def without_dp(self, fingerprint: str, scope: str = "ledger") -> int:
+        """Rounds released without DP in the scope (the labelled non-private baseline)."""
+        return sum(1 for e in self._scope(fingerprint, scope) if e.event is None)
 
     def spent(self, fingerprint: str, *, delta: float, accountant: AccountantName = "pld",
               scope: str = "ledger") -> Spend:
-        """Lifetime ε of the whole ledger (``scope="ledger"``) or of ``fingerprint`` only, at δ."""
+        """Lifetime ε of the whole ledger (``scope="ledger"``) or of ``fingerprint`` only, at δ:
+        the DP entries composed, with the count of rounds released without DP beside it."""
         events = self._events(fingerprint, scope)
         return Spend(history_epsilon(group_events(events), delta, accountant), delta, accountant,
-                     len(events), sum(e.steps for e in events))
+                     len(events), sum(e.steps for e in events), self.without_dp(fingerprint, scope))
 
     def project(self, fingerprint: str, planned: Sequence[DpSgdEvent], *, delta: float,
                 accountant: AccountantName = "pld", scope: str = "ledger") -> float:
@@ -268,6 +291,8 @@ class LedgerView:
         """The most rounds of ``per_round`` (≤ ``max_rounds``) that keep lifetime ε ≤ cap."""
         if cap is None:
             return max_rounds
+        if self.without_dp(fingerprint, scope):  # no finite ε holds after a release without DP
+            return 0
         events = self._events(fingerprint, scope)
 
         def fits(k: int) -> bool:
@@ -591,11 +616,15 @@ class SiteLedger:
                                              accountant=accountant, scope=scope)
 
     # -- writing -----------------------------------------------------------------------------
-    def charge(self, fingerprint: str, ev: DpSgdEvent, *, delta: float, cap: float | None,
+    def charge(self, fingerprint: str, ev: DpSgdEvent | None, *, delta: float, cap: float | None,
                accountant: AccountantName = "pld", scope: str = "ledger", run_ref: str = "",
-               round_number: int = 0, rng: RngMode = "os-entropy", claim: tuple[str, int] | None = None
-               ) -> Charge | BudgetExceeded | Spent:
+               round_number: int = 0, rng: RngMode = "os-entropy", claim: tuple[str, int] | None = None,
+               without_dp: tuple[float, int] = (1.0, 0)) -> Charge | BudgetExceeded | Spent:
         """Commit ``ev`` durably, or refuse it (writing nothing) if it would pass ``cap``.
+
+        ``ev=None`` records a round released *without* DP (the labelled baseline; ``without_dp``
+        is its batch fraction and step count, for audit): refused under any cap, and once on the
+        ledger it refuses every later capped charge in its scope. Its ε does not change.
 
         ``claim = (mark, limit)``: the charge spends a signed request whose entries' ``run_ref``
         end with ``mark``; it is refused if that request was charged under another ``run_ref`` or
@@ -618,20 +647,29 @@ class SiteLedger:
                     return Spent("this signed request was already charged here under another run")
                 if len(spent) >= limit:
                     return Spent(f"this signed request has paid for all {limit} of its rounds here")
-            events = [_entry(r).event for r in rows if scope == "ledger" or r["fingerprint"] == fingerprint]
+            scoped = [_entry(r) for r in rows if scope == "ledger" or r["fingerprint"] == fingerprint]
+            events = [e.event for e in scoped if e.event is not None]
             before = history_epsilon(group_events(events), delta, accountant)
-            after = history_epsilon(group_events([*events, ev]), delta, accountant)
+            after = before if ev is None else history_epsilon(group_events([*events, ev]), delta, accountant)
+            if cap is not None and (ev is None or len(events) < len(scoped)):
+                # a release without DP voids every finite promise: a capped scope takes neither it
+                # nor, after one, anything else
+                return BudgetExceeded(before, math.inf, cap, delta, accountant)
             if cap is not None and not after <= cap:  # NaN/inf never pass
                 return BudgetExceeded(before, after, cap, delta, accountant)
             if not math.isfinite(after):
                 raise ValueError(f"refusing to charge an event with unbounded ε ({ev})")
             seq = len(rows) + 1
+            # σ, q, steps, C (a round without DP: σ 0 and C 0, its batch fraction and steps for audit)
+            mech = (0.0, *without_dp, 0.0) if ev is None else (
+                ev.noise_multiplier, ev.sample_rate, ev.steps, ev.max_grad_norm)
             row: dict[str, Any] = {
                 "seq": seq, "entry_id": uuid.uuid4().hex, "fingerprint": fingerprint,
-                "run_ref": run_ref[:200], "round": int(round_number), "mechanism": "dp-sgd",
-                "sampling": "poisson", "noise_multiplier": float(ev.noise_multiplier),
-                "sample_rate": float(ev.sample_rate), "steps": int(ev.steps),
-                "max_grad_norm": float(ev.max_grad_norm), "delta": float(delta),
+                "run_ref": run_ref[:200], "round": int(round_number),
+                "mechanism": "none" if ev is None else "dp-sgd",
+                "sampling": "shuffled" if ev is None else "poisson",
+                "noise_multiplier": float(mech[0]), "sample_rate": float(mech[1]), "steps": int(mech[2]),
+                "max_grad_norm": float(mech[3]), "delta": float(delta),
                 "accountant": accountant, "accountant_version": accountant_version(accountant),
                 "epsilon_after": float(after), "epsilon_cap": None if cap is None else float(cap),
                 "created_at": datetime.now(UTC).isoformat(),
@@ -655,7 +693,8 @@ def _entry(r: dict[str, Any]) -> Entry:
     return Entry(
         seq=r["seq"], entry_id=r["entry_id"], fingerprint=r["fingerprint"], run_ref=r["run_ref"],
         round=r["round"],
-        event=DpSgdEvent(r["noise_multiplier"], r["sample_rate"], r["steps"], r["max_grad_norm"]),
+        event=None if r["mechanism"] == "none"
+        else DpSgdEvent(r["noise_multiplier"], r["sample_rate"], r["steps"], r["max_grad_norm"]),
         delta=r["delta"], accountant=r["accountant"], accountant_version=r["accountant_version"],
         epsilon_after=r["epsilon_after"], epsilon_cap=r["epsilon_cap"], created_at=r["created_at"],
         rng=r.get("rng"),
@@ -743,11 +782,12 @@ class DatasetSpend:
     cap: float | None
     last_charge: str
     seeded_entries: int = 0  # charges made with reproducible (seeded, not private) noise
+    without_dp: int = 0  # rounds released without DP: the lifetime guarantee no longer holds
 
     @property
     def remaining(self) -> float | None:
-        """Lifetime ε left under the cap (None without a cap)."""
-        return remaining_budget(self.cap, self.epsilon)
+        """Lifetime ε left under the cap (None without a cap; 0 once a round went out without DP)."""
+        return remaining_budget(self.cap, math.inf if self.without_dp else self.epsilon)
 
 
 @dataclass(frozen=True)
@@ -771,10 +811,12 @@ class LedgerReport:
 def _spend(label: str, entries: list[Entry]) -> DatasetSpend:
     last = entries[-1]
     acc = last.accountant if last.accountant in ("pld", "rdp", "prv") else "pld"
-    eps = history_epsilon(group_events(e.event for e in entries), last.delta, acc)  # type: ignore[arg-type]
+    events = [e.event for e in entries if e.event is not None]
+    eps = history_epsilon(group_events(events), last.delta, acc)  # type: ignore[arg-type]
     return DatasetSpend(label, len(entries), len({e.run_ref for e in entries}),
-                        sum(e.event.steps for e in entries), eps, last.delta, acc, last.epsilon_cap,
-                        last.created_at, sum(1 for e in entries if e.rng == "seeded"))
+                        sum(e.steps for e in events), eps, last.delta, acc, last.epsilon_cap,
+                        last.created_at, sum(1 for e in entries if e.rng == "seeded"),
+                        sum(1 for e in entries if e.event is None))
 
 
 def ledger_report(path: Path | str) -> LedgerReport:

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from privacy.ledger import SiteLedger
 from privacy.policy import SitePolicy
 from server import checks
-from tests.sitekit import SiteDriver, make_site, task
+from tests.sitekit import SiteDriver, make_site, refusal, task
 from veil import protocol as P
 from veil.errors import ScenarioError
 from veil.spec import parse_scenario
@@ -62,11 +62,71 @@ def test_a_site_without_a_cap_trains_plain_sgd_and_reports_no_epsilon(tmp_path: 
     assert isinstance(content[P.ARRAYS], ArrayRecord) and P.PRIVACY not in content
     metrics = content[P.METRICS]
     assert isinstance(metrics, MetricRecord) and P.EPSILON not in metrics and metrics[P.NUM_EXAMPLES] > 0
-    with SiteLedger(site.ledger) as ledger:
-        assert ledger.entries() == []  # no DP event happened, so none is recorded
+    with SiteLedger(site.ledger) as ledger:  # the round is on the ledger, as a release without DP
+        (entry,) = ledger.entries()
+        spend = ledger.spent(site.fingerprint, delta=1e-5)
+    assert not entry.private and entry.event is None and entry.round == 1 and entry.epsilon_after == 0.0
+    assert spend.without_dp == 1 and spend.epsilon == 0.0 and spend.entries == 0
     reply = checks.check_train_reply(content, encrypted=False, expected=checks.layout(content[P.ARRAYS]),
                                      rng="os-entropy", task=task(**NO_DP))
     assert reply.report is None and reply.num_examples == metrics[P.NUM_EXAMPLES]
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_non_private_task_is_held_to_its_rounds_and_its_signature(tmp_path: Path, signed: bool) -> None:
+    """The same replay and rounds checks as a DP task: one signed request trains one run, for its
+    planned rounds only, and each round is on the site's ledger."""
+    from privacy.requests import ephemeral_request
+    from tests.test_site_rounds import _train
+
+    scenario = parse_scenario({"name": "nodp", "privacy": "none", "site_policy": {"epsilon_cap": None},
+                               "federation": {"sites": 2, "rounds": 2}, "training": {"batch_size": 30}})
+    extra = {"researchers": (), "accept_ephemeral": True} if signed else {}
+    driver = SiteDriver(make_site(tmp_path / "site.ledger", **extra))  # type: ignore[arg-type]
+    request = ephemeral_request(scenario.model_dump(mode="json")) if signed else None
+    t = P.TrainTask.from_scenario(scenario).for_run("veil-run-1:abc")
+    assert not t.private and t.planned_rounds == 2
+    assert P.REFUSAL not in _train(driver, t, 1, None, request)
+    if signed:  # the same signature, spent on another run
+        other = t.for_run("veil-run-2:def")
+        assert refusal(_train(driver, other, 1, None, request)).code == "replayed-request"
+        assert driver.query(other, request).refusal.code == "replayed-request"  # type: ignore[union-attr]
+    assert refusal(_train(driver, t, 2, 1, request)).code == "rounds-exhausted"  # never re-planned
+    assert P.REFUSAL not in _train(driver, t, 2, None, request)
+    assert refusal(_train(driver, t, 3, None, request)).code in ("rounds-exhausted", "replayed-request")
+    assert driver.query(t, request).refusal is not None
+    with SiteLedger(driver.site.ledger) as ledger:
+        entries = ledger.entries()
+    assert [e.round for e in entries] == [1, 2] and not any(e.private for e in entries)
+
+
+def test_after_a_release_without_dp_a_cap_refuses_every_charge(tmp_path: Path) -> None:
+    """No finite lifetime ε holds once a round went out without DP: a site that sets a cap later
+    is refused every further charge in the cap's scope, and its ledger report says why."""
+    from dataclasses import replace
+
+    from privacy.ledger import ledger_report
+
+    site = make_site(tmp_path / "l", SitePolicy())
+    assert P.REFUSAL not in SiteDriver(site).train(task(**NO_DP))
+    assert P.REFUSAL not in SiteDriver(site).train(task(run_ref="run-b"))  # no cap: DP rounds go on
+    capped = replace(site, policy=SitePolicy(epsilon_cap=50.0))
+    driver = SiteDriver(capped)
+    status = driver.query(task(run_ref="run-c"))
+    assert status.refusal is not None and status.refusal.code == "budget-exhausted"
+    assert "released without DP" in status.refusal.detail
+    out = refusal(driver.train(task(run_ref="run-c")))
+    assert out.code == "budget-exhausted" and "released without DP" in out.detail
+    report = ledger_report(site.ledger)
+    assert report.head.seq == 2 and report.datasets[0].without_dp == 1 and report.datasets[0].entries == 2
+    assert 0 < report.datasets[0].epsilon < 50  # the DP round's ε, with the release without DP beside it
+    from typer.testing import CliRunner
+
+    from veil.cli.main import app
+
+    shown = CliRunner().invoke(app, ["budget", "--ledger", str(site.ledger)], env={"COLUMNS": "250"})
+    assert shown.exit_code == 0 and "NOT PRIVATE" in shown.output
+    assert "released without differential" in shown.output
 
 
 def test_the_coordinator_rejects_a_privacy_report_in_a_non_private_run(tmp_path: Path) -> None:

@@ -119,7 +119,28 @@ def test_state_stream_round_trips_and_carries_sqrt_v() -> None:
         decode_aggregate(opt, stream, 2)
 
 
-@pytest.mark.parametrize("rule", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+@pytest.mark.parametrize(("rule", "momentum", "vectors"), [("fedavgm", 0.9, 2), ("fedavgm", 0.0, 1),
+                                                      ("fedadam", 0.9, 3), ("fedyogi", 0.0, 2)])
+def test_the_stream_carries_m_only_with_momentum_and_t_within_the_headroom(rule: str, momentum: float,
+                                                                          vectors: int) -> None:
+    """β = 0 never reads m, so it does not travel (the encrypted default sends 2x, not 3x); t
+    travels scaled, so the spec's 10,000 rounds stay inside CKKS's ±64 (t = 65 once failed)."""
+    opt = ServerOptimizer(rule, 0.5, momentum)  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    state = ServerState.initial(opt, rng.normal(size=5))
+    for _ in range(3):
+        _, state = server_step(opt, state, state.x + rng.normal(scale=0.1, size=5))
+    state.t = 10_000
+    stream = state.to_stream(opt)
+    assert stream.size == opt.state_values(5) == vectors * 5 + 1 and abs(stream[-1]) < 64
+    back = ServerState.from_stream(opt, stream + 1e-6, 5)  # a decrypted mean is rounded, not exact
+    assert back.t == 10_000 and np.allclose(back.x, state.x, atol=1e-5)
+    assert np.allclose(back.m, state.m if momentum else 0.0, atol=1e-5)
+    nxt = state.x + 0.01
+    assert np.allclose(server_step(opt, back, nxt)[0], server_step(opt, state, nxt)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "fedavgm", "fedavgm-0", "fedadam", "fedyogi"])
 def test_encrypted_protocol_gives_the_plaintext_model_within_ckks_precision(rule: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Four rounds, three sites with different weights, one site missing round 3 (it reads the
     state back from the aggregate): the coordinator only adds ciphertexts, each site decrypts
@@ -128,8 +149,9 @@ def test_encrypted_protocol_gives_the_plaintext_model_within_ckks_precision(rule
 
     made = create_keyset(tmp_path / "keys")
     secret, coordinator = SecretKey.load(made.secret), CoordinatorContext.load(made.coordinator)
-    opt = ServerOptimizer(rule, *{"fedavg": (1.0, 0.0), "fedavgm": (0.8, 0.9), "fedadam": (0.05, 0.9),  # type: ignore[arg-type]
-                                  "fedyogi": (0.05, 0.9)}[rule])
+    opt = ServerOptimizer(rule.removesuffix("-0"), *{"fedavg": (1.0, 0.0), "fedavgm": (0.8, 0.9),  # type: ignore[arg-type]
+                                                    "fedavgm-0": (2.0, 0.0), "fedadam": (0.05, 0.9),
+                                                    "fedyogi": (0.05, 0.9)}[rule])
     params, weights = 300, {"a": 0.2, "b": 0.3, "c": 0.5}
     rng = np.random.default_rng(1)
     x0 = rng.normal(size=params)

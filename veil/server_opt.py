@@ -17,7 +17,11 @@ it could read, and a round without enough replies keeps the previous aggregate, 
 reader decodes to the same model.
 
 √v, not v, travels: decryption releases values rounded to 2^-28, which is a large error on
-v ≈ 1e-8 but a negligible one on √v next to τ.
+v ≈ 1e-8 but a negligible one on √v next to τ. t travels as t / 256: every encrypted value must
+stay within ±64 once weighted, and 10,000 rounds (the spec's limit) stay below 40 this way
+while the rounding error (≈ 1e-6 · 256) is far from the 0.5 that would change t. m travels
+only when the momentum (β, β1) is above 0: with β = 0 the step's m is Δ itself, so FedAvgM
+with β = 0 costs one extra model-sized vector (x), not two.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import numpy as np
 
 ServerRule = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 SERVER_RULES: tuple[ServerRule, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+T_SCALE = 1.0 / 256
+"""The step count t travels as t · T_SCALE (see the module's docstring)."""
 DEFAULT_LEARNING_RATE: dict[str, float] = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.1, "fedyogi": 0.01}
 """Flower's defaults: FedAvgM's server_learning_rate, FedAdam's and FedYogi's eta."""
 
@@ -62,12 +68,21 @@ class ServerOptimizer:
         """Whether the step needs more than the mean (plain FedAvg: the mean is the model)."""
         return self.rule != "fedavg"
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether the rule keeps a second moment v (FedAdam, FedYogi)."""
+        return self.rule in ("fedadam", "fedyogi")
+
+    @property
+    def keeps_momentum(self) -> bool:
+        """Whether m must travel: with β (β1) = 0 the step's m is the round's Δ itself."""
+        return self.stateful and self.momentum > 0
+
     def state_values(self, params: int) -> int:
-        """Values the state adds to an encrypted stream: x, m (and √v), then t."""
+        """Values the state adds to an encrypted stream: x, m (when β > 0), √v (FedAdam, FedYogi), then t."""
         if not self.stateful:
             return 0
-        vectors = 3 if self.rule in ("fedadam", "fedyogi") else 2
-        return vectors * params + 1
+        return (1 + int(self.keeps_momentum) + int(self.adaptive)) * params + 1
 
     def describe(self) -> str:
         """One line for logs and summaries."""
@@ -92,25 +107,29 @@ class ServerState:
     def initial(cls, opt: ServerOptimizer, x: np.ndarray) -> ServerState:
         """The state before the first round: zero moments, no steps."""
         x = np.asarray(x, dtype=np.float64)
-        return cls(x.copy(), np.zeros_like(x), np.zeros_like(x) if opt.rule in ("fedadam", "fedyogi") else None)
+        return cls(x.copy(), np.zeros_like(x), np.zeros_like(x) if opt.adaptive else None)
 
     def to_stream(self, opt: ServerOptimizer) -> np.ndarray:
-        """x, m, √v, t as one float64 stream (empty for plain FedAvg)."""
+        """x, m (when β > 0), √v, t · T_SCALE as one float64 stream (empty for plain FedAvg)."""
         if not opt.stateful:
             return np.zeros(0)
-        parts = [self.x, self.m] + ([np.sqrt(self.v)] if self.v is not None else [])
-        return np.concatenate([*parts, np.array([float(self.t)])])
+        parts = [self.x, *([self.m] if opt.keeps_momentum else [])]
+        if self.v is not None:
+            parts.append(np.sqrt(self.v))
+        return np.concatenate([*parts, np.array([float(self.t) * T_SCALE])])
 
     @classmethod
     def from_stream(cls, opt: ServerOptimizer, stream: np.ndarray, params: int) -> ServerState:
-        """Inverse of ``to_stream``, from a decrypted (rounded) mean: t is rounded to an integer and
-        a √v slot that came back slightly negative counts as 0."""
+        """Inverse of ``to_stream``, from a decrypted (rounded) mean: t is rounded to an integer, a
+        √v slot that came back slightly negative counts as 0, and an m that did not travel is 0 (β = 0
+        never reads it)."""
         if stream.size != opt.state_values(params):
             raise ValueError(f"the {opt.rule} state holds {opt.state_values(params)} values, got {stream.size}")
-        x, m = stream[:params].copy(), stream[params:2 * params].copy()
-        adaptive = opt.rule in ("fedadam", "fedyogi")
-        v = np.square(np.maximum(stream[2 * params:3 * params], 0.0)) if adaptive else None
-        t = round(float(stream[-1]))
+        slots = iter(range(0, stream.size - 1, params))
+        x = stream[next(slots):][:params].copy()
+        m = stream[next(slots):][:params].copy() if opt.keeps_momentum else np.zeros(params)
+        v = np.square(np.maximum(stream[next(slots):][:params], 0.0)) if opt.adaptive else None
+        t = round(float(stream[-1]) / T_SCALE)
         if t < 0:
             raise ValueError(f"the server optimiser's step count is {t}: the aggregate is broken")
         return cls(x, m, v, t)

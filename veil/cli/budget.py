@@ -45,15 +45,21 @@ def budget(
                 spends = [*rep.datasets, *([rep.whole] if rep.whole and len(rep.datasets) > 1 else [])]
                 con.print(table(
                     ["data set", "entries", "runs", "steps", "lifetime ε", "cap", "remaining", "δ", "accountant",
-                     "seeded"],
+                     "seeded", "without DP"],
                     ((d.dataset_id if d.dataset_id != "all" else "all (cap_scope: ledger)", d.entries, d.runs,
-                      d.steps, f"{d.epsilon:.3f}", f"{d.cap:g}" if d.cap is not None else "none",
+                      d.steps, f"{d.epsilon:.3f}" + (" NOT PRIVATE" if d.without_dp else ""),
+                      f"{d.cap:g}" if d.cap is not None else "none",
                       f"{d.remaining:.3f}" if d.remaining is not None else "-", f"{d.delta:.0e}", d.accountant,
-                      d.seeded_entries)
+                      d.seeded_entries, d.without_dp)
                      for d in spends)) if spends else "  (no charges yet)")
                 if any(d.seeded_entries for d in rep.datasets):
                     con.print("  'seeded' counts charges whose noise was reproducible from a seed (simulation "
                               "research; not private)", markup=False)
+                if any(d.without_dp for d in rep.datasets):
+                    con.print("  'without DP' counts rounds trained with privacy: none (the labelled baseline): "
+                              "their updates were released without differential privacy, so no lifetime ε "
+                              "holds for that data; the ε shown composes its DP rounds only, and a cap refuses "
+                              "every further charge", markup=False)
             return
         from server.read.dashboard import open_store, require_runs
         from server.read.summary import budget_rows
