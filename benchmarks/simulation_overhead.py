@@ -1,7 +1,9 @@
 """Wall time of `veil simulate` over a plain single-process loop doing the same DP work.
 
-Both sides run the default scenario (10 sites x 5 rounds, Opacus DP-SGD, σ calibrated per
-site, ε from the event history with the same accountant, FedAvg, per-site evaluation). The
+Both sides run the default scenario's settings cut to 10 sites x 5 rounds (Opacus DP-SGD, σ
+calibrated per site for those rounds, ε from the event history with the same accountant, the
+weighted mean (the plain loop leaves out the default's FedAvgM step, one vector add), per-site
+evaluation). The
 plain loop has no Flower, no Ray and no store. Both read the digits from the parsed-data
 cache (``client.datacache``), warmed once before timing: what every run after the first on a
 machine sees. With ``--repeat N`` the two alternate N times and the table shows medians (the
@@ -124,7 +126,8 @@ def main() -> None:
                   flush=True)
     med = {k: statistics.median(p[k] for p in pairs) for k in pairs[0]}
     what = "median of " + str(args.repeat) + " runs" if args.repeat > 1 else "one run"
-    print(f"\nsimulation overhead: {args.sites} sites x {args.rounds} rounds, DP-SGD, default scenario ({what})\n")
+    print(f"\nsimulation overhead: {args.sites} sites x {args.rounds} rounds, DP-SGD, "
+          f"the default scenario's settings ({what})\n")
     print("| measure | seconds |")
     print("|---|---|")
     print(f"| plain loop, whole process (imports + data + DP work) | {med['plain_total']:.1f} |")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from federated import Setting, centralized, federated, site_data
 
-from veil.spec import Scenario, load_scenario, parse_scenario
+from veil.spec import Scenario, load_scenario, non_private_baseline, parse_scenario
 
 OLD_DEFAULT = Setting(rounds=5, local_epochs=1, batch_size=32, learning_rate=0.5)
 """The default scenario before the sweep (issue 16 measured it at 0.705)."""
@@ -46,9 +46,6 @@ CENTRAL_DP = [dict(epochs=20, batch_size=512, learning_rate=8.0),
               dict(epochs=20, batch_size=256, learning_rate=2.0),
               dict(epochs=30, batch_size=256, learning_rate=4.0)]
 CENTRAL_PLAIN = [dict(epochs=30, batch_size=32, learning_rate=0.1)]
-NON_PRIVATE_TRAINING = {"batch_size": 32, "learning_rate": 0.1}
-"""Federated non-private FedAvg's local training: plain SGD's usual step (without clipping and noise,
-the DP default's lr 1 and server step 2 overshoot: 0.61 measured)."""
 
 
 def default_setting(s: Scenario) -> Setting:
@@ -92,12 +89,8 @@ def _scenario(base: Scenario, setting: Setting | None, *, ckks: bool = False, no
             node[leaf] = value
     if ckks:
         raw["encryption"] = {"aggregation": "ckks", "evaluation": "ckks"}
-    if no_dp:  # the baseline: no DP, at sites that promise no ε (each row has fresh ledgers), trained
-        raw["privacy"] = {"mechanism": "none"}  # the way non-private FedAvg is (a DP-tuned step overshoots)
-        raw["site_policy"]["epsilon_cap"] = None
-        raw["training"].update(NON_PRIVATE_TRAINING)
-        raw["server_optimizer"] = {"rule": "fedavg"}
-    return parse_scenario(raw, source="benchmarks/utility.py")
+    spec = parse_scenario(raw, source="benchmarks/utility.py")
+    return non_private_baseline(spec) if no_dp else spec  # what `veil simulate --no-dp` runs
 
 
 def main() -> None:
@@ -142,7 +135,7 @@ def main() -> None:
     start = time.perf_counter()
     central("centralized non-private (pooled, MLP)", CENTRAL_PLAIN, None)
     central(f"centralized DP-SGD (Opacus, pooled, MLP, ε ≤ {args.epsilon:g})", CENTRAL_DP, args.epsilon)
-    veil("federated non-private (veil simulate, privacy: none)", 1, no_dp=True)
+    veil("federated non-private (veil simulate --no-dp)", 1, no_dp=True)
     old = [federated(data, OLD_DEFAULT, target_epsilon=args.epsilon, seed=s)["accuracy"] for s in args.seeds]
     report("old default, in one process (benchmarks/federated.py)", old, OLD_DEFAULT.label())
     new = [federated(data, default_setting(base), target_epsilon=args.epsilon, seed=s)["accuracy"]

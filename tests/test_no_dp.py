@@ -38,6 +38,26 @@ def test_privacy_none_is_a_scenario_and_a_task() -> None:
         P.TrainTask.from_config(rec)
 
 
+def test_no_dp_is_the_same_federation_with_plain_fedavg_and_refuses_reproducible_noise(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from veil.cli.main import app
+    from veil.spec import NON_PRIVATE_TRAINING, load_scenario, non_private_baseline
+
+    dp = load_scenario()
+    base = non_private_baseline(dp)
+    assert not base.private and base.site_policy.epsilon_cap is None
+    assert base.server_optimizer.rule == "fedavg"
+    assert base.training.batch_size == NON_PRIVATE_TRAINING["batch_size"]
+    assert (base.data, base.model, base.federation) == (dp.data, dp.model, dp.federation)  # the same federation
+    with pytest.raises(ScenarioError, match=r"drop privacy\.reproducible_noise"):
+        non_private_baseline(dp.with_overrides(**{"privacy.reproducible_noise": True}))
+    out = CliRunner().invoke(app, ["simulate", "--no-dp", "--reproducible-noise", "--store",
+                                   f"sqlite:///{tmp_path / 'v.db'}"])
+    assert out.exit_code != 0 and "drop privacy.reproducible_noise" in out.output
+    assert not (tmp_path / "v.db").exists()  # refused before anything is stored
+
+
 @pytest.mark.parametrize("policy", [SitePolicy(epsilon_cap=20.0), SitePolicy(min_noise_multiplier=0.5)])
 def test_a_site_whose_policy_promises_privacy_refuses_and_charges_nothing(tmp_path: Path,
                                                                           policy: SitePolicy) -> None:
