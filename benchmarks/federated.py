@@ -64,7 +64,7 @@ class Setting:
                 "training.momentum": self.momentum, "privacy.max_grad_norm": self.max_grad_norm,
                 "model.arch": self.arch, "server_optimizer": {
                     "rule": s.rule, "learning_rate": None if s.rule == "fedavg" else s.learning_rate,
-                    "momentum": s.momentum if s.rule != "fedavg" else 0.9, "beta2": s.beta2, "tau": s.tau}}
+                    "momentum": s.momentum if s.rule != "fedavg" else None, "beta2": s.beta2, "tau": s.tau}}
 
 
 @dataclass(frozen=True)

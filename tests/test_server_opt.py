@@ -190,6 +190,10 @@ def test_scenario_server_optimizer_defaults_and_errors() -> None:
     assert P.TrainTask.from_config(task.to_config()).server_optimizer() == s.server_optimizer.optimizer()
     with pytest.raises(ScenarioError, match="plain fedavg takes the mean"):
         parse_scenario({"server_optimizer": {"rule": "fedavg", "learning_rate": 0.5}})
+    assert parse_scenario({"server_optimizer": {"rule": "fedavgm"}}).server_optimizer.optimizer().momentum == 0.0
+    assert parse_scenario({"server_optimizer": {"rule": "fedyogi"}}).server_optimizer.optimizer().momentum == 0.9
+    with pytest.raises(ScenarioError, match="plain fedavg keeps no momentum"):
+        parse_scenario({"server_optimizer": {"rule": "fedavg", "momentum": 0.9}})
     with pytest.raises(ScenarioError, match=r"server_optimizer\.rule"):
         parse_scenario({"server_optimizer": {"rule": "sgd"}})
     rec = task.to_config()

@@ -37,6 +37,8 @@ T_SCALE = 1.0 / 256
 """The step count t travels as t · T_SCALE (see the module's docstring)."""
 DEFAULT_LEARNING_RATE: dict[str, float] = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.1, "fedyogi": 0.01}
 """Flower's defaults: FedAvgM's server_learning_rate, FedAdam's and FedYogi's eta."""
+DEFAULT_MOMENTUM: dict[str, float] = {"fedavg": 0.0, "fedavgm": 0.0, "fedadam": 0.9, "fedyogi": 0.9}
+"""Flower's defaults: FedAvgM's server_momentum, FedAdam's and FedYogi's beta_1."""
 
 
 @dataclass(frozen=True)

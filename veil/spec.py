@@ -28,7 +28,7 @@ from privacy.policy import SitePolicy
 from veil import config
 from veil.config import Text
 from veil.errors import ScenarioError
-from veil.server_opt import DEFAULT_LEARNING_RATE, ServerOptimizer, ServerRule
+from veil.server_opt import DEFAULT_LEARNING_RATE, DEFAULT_MOMENTUM, ServerOptimizer, ServerRule
 
 REPRODUCIBLE_REFUSED = (
     "privacy.reproducible_noise: seeded, reproducible noise is not private and exists for `veil simulate` "
@@ -259,12 +259,16 @@ class ServerOptimizerSpec(_Strict):
     learning_rate: float | None = Field(
         None, gt=0.0, le=100.0, description="server learning rate η; default: Flower's (fedavgm 1.0, fedadam "
         "0.1, fedyogi 0.01); plain fedavg has none")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm: server momentum β; fedadam/fedyogi: β1")
+    momentum: float | None = Field(None, ge=0.0, lt=1.0, description="fedavgm: server momentum β; fedadam/"
+                                   "fedyogi: β1; default: Flower's (fedavgm 0.0, fedadam and fedyogi 0.9)")
     beta2: float = Field(0.99, ge=0.0, lt=1.0, description="fedadam/fedyogi: second-moment decay β2")
     tau: float = Field(1e-3, gt=0.0, lt=1.0, description="fedadam/fedyogi: adaptivity τ added to √v")
 
     @model_validator(mode="after")
     def _fedavg_has_no_rate(self) -> ServerOptimizerSpec:
+        if self.rule == "fedavg" and self.momentum not in (None, 0.0):
+            raise ValueError(f"server_optimizer.momentum {self.momentum}: plain fedavg keeps no momentum; use "
+                             "rule: fedavgm")
         if self.rule == "fedavg" and self.learning_rate not in (None, 1.0):
             raise ValueError(f"server_optimizer.learning_rate {self.learning_rate}: plain fedavg takes the mean "
                              "as the model; for a server learning rate use rule: fedavgm (momentum: 0 for none)")
@@ -273,8 +277,8 @@ class ServerOptimizerSpec(_Strict):
     def optimizer(self) -> ServerOptimizer:
         """The step's parameters (``veil.server_opt``), with the rule's default learning rate."""
         lr = self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.rule]
-        return ServerOptimizer(self.rule, lr, self.momentum if self.rule != "fedavg" else 0.0, self.beta2,
-                               self.tau)
+        momentum = self.momentum if self.momentum is not None else DEFAULT_MOMENTUM[self.rule]
+        return ServerOptimizer(self.rule, lr, momentum if self.rule != "fedavg" else 0.0, self.beta2, self.tau)
 
 
 _CKKS_PARAM_FIELDS = frozenset({"poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "release_bits"})
