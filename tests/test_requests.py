@@ -212,6 +212,32 @@ def test_a_site_trains_only_what_a_trusted_researcher_signed(keys: Path, tmp_pat
     assert driver.entries() == [f"veil-run-1:abc|req:{good.nonce}"]
 
 
+def test_an_evaluation_is_answered_only_for_the_signed_server_optimiser(keys: Path, tmp_path: Path) -> None:
+    """Each site steps the model itself when CKKS is on, so the step's rule is part of what an
+    evaluation must match: a coordinator cannot have sites evaluate (or decode) under another one."""
+    from veil.server_opt import ServerOptimizer
+
+    scenario = {**SCENARIO, "server_optimizer": {"rule": "fedadam", "learning_rate": 0.05}}
+    signed = _signed(keys, scenario=scenario)
+    driver = Driver(tmp_path, researchers=tuple(load_researchers([keys / "alice.pub"]).values()))
+    opt = parse_scenario(scenario).server_optimizer.optimizer()
+
+    def evaluate(optimizer: ServerOptimizer, **extra: object) -> RecordDict:
+        config = ConfigRecord({"arch": "mlp", "server-round": 1, P.RUN_REQUEST: signed.to_json(),
+                               **P.server_fields(optimizer), **extra})  # type: ignore[dict-item]
+        arrays = ArrayRecord(build_model("mlp", seed=0).state_dict())
+        return driver.app(incoming(RecordDict({P.ARRAYS: arrays, P.TASK: config}), "evaluate"),
+                          driver.context).content
+
+    assert _refusal(evaluate(opt)) is None and P.METRICS in evaluate(opt)
+    for other in (ServerOptimizer("fedadam", 0.5, opt.momentum), ServerOptimizer("fedavgm", 0.05, 0.9),
+                  ServerOptimizer()):
+        reply = evaluate(other)
+        assert _refusal(reply) == "task-mismatch" and P.METRICS not in reply, other
+        assert "server optimiser is not what the researcher signed" in reply[P.REFUSAL]["detail"]  # type: ignore[index]
+    assert _refusal(evaluate(opt, server_momentum=1.5)) == "task-mismatch"  # not a valid optimiser at all
+
+
 def test_a_signed_request_pays_for_its_rounds_once_and_never_for_another_run(keys: Path, tmp_path: Path) -> None:
     driver = Driver(tmp_path, researchers=tuple(load_researchers([keys / "alice.pub"]).values()))
     good = _signed(keys)  # two rounds
