@@ -4,7 +4,9 @@ record the run as not private."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
@@ -12,6 +14,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from privacy.ledger import SiteLedger
 from privacy.policy import SitePolicy
 from server import checks
+from server.store import RunStore
 from tests.sitekit import SiteDriver, make_site, refusal, task
 from veil import protocol as P
 from veil.errors import ScenarioError
@@ -160,6 +163,143 @@ def test_the_coordinator_rejects_a_privacy_report_in_a_non_private_run(tmp_path:
         [RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 2, P.TRAIN_LOSS: 1.0})}),
          RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 2, P.TRAIN_LOSS: 3.0})})], P.NUM_EXAMPLES)
     assert agg[P.TRAIN_LOSS] == 2.0 and P.EPSILON not in agg
+
+
+# -- the read views: a store written as the coordinator writes one (no simulation) ----------------
+def _stored_run(store: RunStore, spec: dict[str, Any]) -> int:
+    """A completed two-site, two-round run of ``spec`` written through the coordinator's own writer:
+    privacy events and ledger heads for a DP run, none for ``privacy: none``."""
+    from privacy.accounting import epsilon
+    from privacy.events import DpSgdEvent
+    from server.checks import EvalReply, TrainReply
+    from server.lifecycle import create_run, end_run
+    from server.rounds import RoundWriter
+
+    scenario = parse_scenario(spec)
+    run_id = create_run(store, scenario, "simulation")
+    writer = RoundWriter(store, run_id, num_rounds=2, min_sites=1)
+    event = DpSgdEvent(1.0, 0.05, 20, 1.0)
+    for rn in (1, 2):
+        writer.open_round(rn, [0, 1], 1000)
+        eps = epsilon([event] * rn, 1e-5, "pld")
+        with store.session() as s:
+            for node, site in enumerate(("site-0", "site-1")):
+                info = P.SiteInfo(site, "cpu", 0.1, 100)
+                if scenario.private:
+                    life = P.LifetimeSpend(f"ds{node}", f"e{rn}", eps, 1e-5, "pld", 50.0)
+                    report = P.PrivacyReport(event, 1e-5, "pld", "dp-accounting x", eps, lifetime=life)
+                    reply = TrainReply(info, report, life, P.LedgerHead(f"ledger{node}", rn, "a" * 64), 500, 1000)
+                else:
+                    reply = TrainReply(info, None, None, None, 500, 1000)
+                writer.trained(s, rn, node, reply, 1000, {"train-loss": 0.5})
+                writer.evaluated(s, rn, node, EvalReply(info, 100, 0.4, 0.8), 1000)
+        writer.round.ok, writer.round.train_loss = 2, 0.5
+        writer.round.max_epsilon = eps if scenario.private else None
+        writer.close_round(rn, 0.8, 0.4)
+    end_run(store, run_id, "completed")
+    return run_id
+
+
+@pytest.fixture
+def views(tmp_path: Path) -> tuple[RunStore, int, int]:
+    """A store holding a run without DP (fedavg, the default) and a DP run with FedAdam."""
+    from tests.scenarios import small_scenario
+
+    store = RunStore(f"sqlite:///{tmp_path / 'veil.db'}")
+    no_dp = _stored_run(store, small_scenario(name="baseline", privacy="none", site_policy={"epsilon_cap": None}))
+    adam = _stored_run(store, small_scenario(name="adam", server_optimizer={"rule": "fedadam"}))
+    return store, no_dp, adam
+
+
+def _cli(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from veil.cli.main import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_runs_show_says_not_private_and_names_the_server_optimiser(views: tuple[RunStore, int, int]) -> None:
+    store, no_dp, adam = views
+    shown = _cli("runs", "show", str(no_dp), "--store", store.url)
+    assert "NOT PRIVATE" in shown and "NO DP (not private)" in shown and "worst-case site ε" not in shown
+    assert "  server optimiser: fedavg\n" in shown
+    shown = _cli("runs", "show", str(adam), "--store", store.url)
+    assert "  server optimiser: fedadam (η=0.1, β1=0.9, β2=0.99, τ=0.001)\n" in shown
+    assert "worst-case site ε this run" in shown
+
+    data = json.loads(_cli("runs", "show", str(no_dp), "--store", store.url, "--format", "json"))
+    assert data["no_dp"] is True and data["not_private"] is True and data["max_epsilon"] is None
+    assert data["server_optimizer"] == "fedavg"
+    data = json.loads(_cli("runs", "show", str(adam), "--store", store.url, "--format", "json"))
+    assert data["no_dp"] is False and data["not_private"] is False and data["max_epsilon"] > 0
+    assert data["server_optimizer"].startswith("fedadam (η=0.1")
+
+
+def test_compare_flags_the_run_without_dp_and_shows_each_server_optimiser(
+        views: tuple[RunStore, int, int]) -> None:
+    store, no_dp, adam = views
+    rows = json.loads(_cli("compare", str(no_dp), str(adam), "--store", store.url, "--format", "json"))
+    assert [(r["no_dp"], r["max_epsilon"] is None) for r in rows] == [(True, True), (False, False)]
+    assert [r["server_optimizer"] for r in rows] == ["fedavg", "fedadam (η=0.1, β1=0.9, β2=0.99, τ=0.001)"]
+    shown = _cli("compare", str(no_dp), str(adam), "--store", store.url)
+    (eps_line,) = [line for line in shown.splitlines() if line.lstrip().startswith("max site ε")]
+    assert "not private (no DP)" in eps_line and eps_line.rstrip()[-5:].replace(".", "").isdigit()
+    (opt_line,) = [line for line in shown.splitlines() if line.lstrip().startswith("server optimiser")]
+    assert "fedavg" in opt_line and "fedadam (η=0.1, β1=0.9, β2=0.99, τ=0.001)" in opt_line
+    assert "runs marked (no DP) are not private" in shown
+
+
+def test_report_of_a_run_without_dp_states_no_epsilon(views: tuple[RunStore, int, int], tmp_path: Path) -> None:
+    store, no_dp, adam = views
+    _cli("report", str(no_dp), "--out", str(tmp_path / "r"), "--store", store.url)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "This run is NOT private" in md and "What this run does not protect" in md
+    assert "No ε or δ applies to it" in md and "| site-0 | 500 | 2 | none (not private) |" in md
+    for dp_only in ("over all planned rounds", "holds at that site's δ", "δ·n", "sample-level", "Accountant",
+                    "run ε", "Worst-case site", "No site trained", "DP-SGD model update", "expected batch"):
+        assert dp_only not in md, dp_only
+    assert "Server optimiser: fedavg (the weighted mean of the sites' models is the new model)." in md
+
+    _cli("report", str(adam), "--out", str(tmp_path / "a"), "--store", store.url)
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert ("Server optimiser: fedadam (η=0.1, β1=0.9, β2=0.99, τ=0.001) (the coordinator applied this step "
+            "to each round's weighted mean).") in md
+    assert "NOT private" not in md and "Worst-case site: **ε = " in md and "sample-level" in md
+
+
+def test_a_png_of_a_run_without_dp_draws_no_epsilon_panel(views: tuple[RunStore, int, int],
+                                                          tmp_path: Path) -> None:
+    from server.read.dashboard import metric_series
+    from veil.cli.plots import png
+
+    store, no_dp, _ = views
+    titles = png(metric_series(store, no_dp), tmp_path / "m.png", without_dp=True)
+    assert titles[-1] == "no ε (not private)" and "run ε per site" not in titles
+
+
+def test_a_run_stored_without_a_server_optimiser_section_ran_fedavg(views: tuple[RunStore, int, int]) -> None:
+    """Runs from before server optimisers have no section: they took the mean, and say so; a section
+    this Veil rejects is shown as invalid, with the reason as a warning."""
+    from sqlalchemy import update
+
+    from server.store import schema as S
+
+    store, _, adam = views
+    with store.session() as s:
+        spec = json.loads(store.get_run(adam).spec_json)
+        del spec["server_optimizer"]
+        s.execute(update(S.Run).where(S.Run.id == adam).values(spec_json=json.dumps(spec)))
+    assert "  server optimiser: fedavg\n" in _cli("runs", "show", str(adam), "--store", store.url)
+    with store.session() as s:
+        spec["server_optimizer"] = {"rule": "fedsgd\x1b[2J"}
+        s.execute(update(S.Run).where(S.Run.id == adam).values(spec_json=json.dumps(spec)))
+    shown = _cli("runs", "show", str(adam), "--store", store.url)
+    assert "  server optimiser: invalid\n" in shown and "warning: run " in shown and "\x1b[" not in shown
+    compared = _cli("compare", str(adam), str(adam), "--store", store.url)
+    assert "server optimiser" in compared and "invalid" in compared
 
 
 @pytest.mark.slow  # Ray simulations

@@ -253,6 +253,9 @@ class CompareRow:
     wall_seconds: float | None
     bytes_moved: int
     examples: int
+    no_dp: bool = False  # trained without DP (privacy: none): the labelled non-private baseline, no ε
+    noise_seeded: bool = False  # some site's DP noise was reproducible from the seed: not private
+    server_optimizer: str | None = None  # ``ServerOptimizer.describe()`` of the stored spec (fedavg if none)
     problems: dict[str, str] = field(default_factory=dict)  # measures whose stored inputs failed a check
 
 
@@ -264,7 +267,8 @@ def compare_row(summary: RunSummary) -> CompareRow:
     accountants = {site.accountant for site in trained if site.accountant}
     sigmas = [site.noise_multiplier for site in trained if site.noise_multiplier]
     enc = summary.encryption
-    problems = {name: why for name, why in summary.problems.items() if name in ("status", "wall_seconds")}
+    problems = {name: why for name, why in summary.problems.items()
+                if name in ("status", "wall_seconds", "server_optimizer")}
     for name in ("accuracy", "loss"):
         if final and name in final.problems:
             problems[f"final_{name}"] = f"round {final.number}: {final.problems[name]}"
@@ -284,7 +288,8 @@ def compare_row(summary: RunSummary) -> CompareRow:
         summary.max_epsilon, max(deltas) if deltas else None, ",".join(sorted(accountants)) or None,
         None if "mean_noise" in problems else sum(sigmas) / len(sigmas) if sigmas else None,
         (f"ckks {'+'.join(k for k in ('aggregation', 'evaluation') if enc.get(k) == 'ckks')}" if enc else None),
-        summary.wall_seconds, summary.bytes_moved, summary.examples, problems,
+        summary.wall_seconds, summary.bytes_moved, summary.examples, summary.without_dp,
+        summary.not_private and not summary.without_dp, summary.server_optimizer, problems,
     )
 
 

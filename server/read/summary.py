@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, get_args
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from privacy.events import remaining_budget
@@ -162,6 +163,9 @@ class RunSummary:
     researcher: str | None = None  # who signed the request that started the run: "name (key id)"
     flower_run_id: str | None = None  # Flower's own id of the run (`flwr ls`), deployments
     owner: str | None = None  # the process that ran it: "pid N on HOST"
+    # the server optimiser as ``ServerOptimizer.describe()`` says it ("fedavg", "fedadam (η=0.1, ...)"); a
+    # stored spec without the section ran fedavg; None: no spec stored, or one that fails its check
+    server_optimizer: str | None = None
     problems: dict[str, str] = field(default_factory=dict)  # the run row's own fields
 
     @property
@@ -227,6 +231,28 @@ class RunSummary:
         records += [(f"site {s.site}", s.problems) for s in self.sites]
         records += [(f"site {m.site} round {m.round}", m.problems) for m in self.missed]
         return list(dict.fromkeys(line for where, problems in records for line in problem_lines(where, problems)))
+
+
+def server_optimizer(check: Checker, spec: dict[str, Any]) -> str | None:
+    """The stored spec's server optimiser, as ``ServerOptimizer.describe()`` says it.
+
+    A spec stored before server optimisers existed has no ``server_optimizer`` section: those runs
+    took the weighted mean as the model, which is ``fedavg``. No spec at all gives None; a section
+    the current spec model rejects gives None and a problem (field ``server_optimizer``)."""
+    from veil.spec import ServerOptimizerSpec
+
+    if not spec:
+        return None
+    raw = spec.get("server_optimizer", {})
+    try:
+        return ServerOptimizerSpec.model_validate(raw).optimizer().describe()
+    except ValidationError as err:
+        why = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'the section'}: {e['msg']}"
+                        for e in err.errors()[:2])
+        check.problems["server_optimizer"] = f"not a server optimiser this Veil runs ({why[:200]})"
+    except ValueError as err:  # ServerOptimizer's own bounds
+        check.problems["server_optimizer"] = f"not a server optimiser this Veil runs ({str(err)[:200]})"
+    return None
 
 
 def section(spec: dict[str, Any], name: str) -> dict[str, Any]:
@@ -321,6 +347,7 @@ def _run_fields(run: S.Run) -> tuple[Checker, dict[str, Any]]:
         "code_version": text(run.code_version), "researcher": researcher,
         "flower_run_id": opt_text(run.flower_run_id),
         "owner": f"pid {run.owner_pid} on {text(run.owner_host)}" if run.owner_pid is not None else None,
+        "server_optimizer": server_optimizer(check, spec),
     }
 
 

@@ -94,8 +94,11 @@ def echo_summary(summary: RunSummary, output: str, url: str) -> None:
 
 
 def summary_json(summary: RunSummary) -> dict[str, Any]:
-    """The summary as JSON-ready data, with the derived totals."""
+    """The summary as JSON-ready data, with the derived totals and whether the run was private
+    (``no_dp``: trained without DP, as ``veil runs`` and ``veil compare`` name it; ``not_private``:
+    that, or DP noise reproducible from the seed)."""
     return asdict(summary) | {
+        "no_dp": summary.without_dp, "not_private": summary.not_private, "privacy_note": summary.privacy_note,
         "max_epsilon": summary.max_epsilon, "bytes_moved": summary.bytes_moved, "examples": summary.examples,
         "sites": [asdict(site) | {"remaining": site.remaining} for site in summary.sites]}
 

@@ -78,8 +78,10 @@ def terminal_plot(series: MetricSeries, metric: str, *, width: int, height: int,
     return str(plt.build())
 
 
-def png(series: MetricSeries, path: Path) -> list[str]:
-    """Accuracy, loss and per-site ε per round in one image; returns the panel titles drawn."""
+def png(series: MetricSeries, path: Path, *, without_dp: bool = False) -> list[str]:
+    """Accuracy, loss and per-site ε per round in one image; returns the panel titles drawn.
+
+    A run trained ``without_dp`` has no ε: its third panel says so instead of drawing empty axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +106,7 @@ def png(series: MetricSeries, path: Path) -> list[str]:
     ax.legend(loc="upper right", fontsize=8)
     titles.append("loss")
     ax = axes[2]
-    lines = site_lines(series)
+    lines = {} if without_dp else site_lines(series)
     for site, values in lines.items():
         xs, ys = _points(series.rounds, values)
         if xs:
@@ -112,9 +114,12 @@ def png(series: MetricSeries, path: Path) -> list[str]:
     if series.epsilon_cap is not None:
         ax.axhline(series.epsilon_cap, color="tab:red", linestyle="--", linewidth=1,
                    label="lifetime ε cap (ledger)")
-    if len(lines) <= MAX_SITE_LINES:
+    if without_dp:
+        ax.text(0.5, 0.5, "NOT private:\ntrained without DP (privacy: none)", ha="center", va="center",
+                transform=ax.transAxes)
+    elif len(lines) <= MAX_SITE_LINES:
         ax.legend(loc="upper left", fontsize=7, ncol=2)
-    titles.append("run ε per site")
+    titles.append("no ε (not private)" if without_dp else "run ε per site")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title)
         ax.set_xlabel("round")

@@ -213,7 +213,14 @@ def _spec_lines(s: RunSummary) -> list[str]:
     return [*lines,
             f"  {v(section(spec, 'model'), 'arch')} on {where}, {v(fed, 'sites', s.planned_sites)} sites, "
             f"{v(fed, 'rounds', s.planned_rounds)} rounds, {v(train, 'local_epochs')} local epoch(s), "
-            f"batch {v(train, 'batch_size')}, lr {v(train, 'learning_rate')}; {dp}"]
+            f"batch {v(train, 'batch_size')}, lr {v(train, 'learning_rate')}; {dp}",
+            f"  server optimiser: {server_optimizer_text(s.server_optimizer, s.problems)}"]
+
+
+def server_optimizer_text(described: str | None, problems: dict[str, str]) -> str:
+    """A run's server optimiser (``ServerOptimizer.describe()``), ``invalid`` when its stored section
+    failed its check, ``-`` when no spec was stored."""
+    return checked(problems, "server_optimizer", clean(described, 80) if described else "-")
 
 
 def _encryption_lines(s: RunSummary) -> list[str]:
@@ -360,11 +367,12 @@ def draw_compare(con: Console, rows: list[CompareRow]) -> None:
                                              else fmt(r.final_accuracy, 4))),
         ("final loss", lambda r: checked(r.problems, "final_loss", "encrypted" if r.accuracy_encrypted
                                          else fmt(r.final_loss, 4))),
-        ("max site ε", lambda r: checked(r.problems, "max_epsilon", eps(r.max_epsilon))),
+        ("max site ε", _compare_epsilon),
         ("δ", lambda r: checked(r.problems, "delta", exp(r.delta))),
         ("accountant", lambda r: _accountant(r.accountant, r.problems)),
         ("noise σ (mean)", lambda r: checked(r.problems, "mean_noise", fmt(r.mean_noise))),
         ("encryption", lambda r: r.encryption or "none"),
+        ("server optimiser", lambda r: server_optimizer_text(r.server_optimizer, r.problems)),
         ("wall time", lambda r: checked(r.problems, "wall_seconds", seconds(r.wall_seconds))),
         ("bytes moved", lambda r: mb(r.bytes_moved)),
         ("examples", lambda r: str(r.examples)),
@@ -373,7 +381,21 @@ def draw_compare(con: Console, rows: list[CompareRow]) -> None:
     for label, get in fields:
         t.add_row(label, *(v if isinstance(v, Text) else Text(clean(v, CELL)) for v in (get(r) for r in rows)))
     con.print(t)
+    if any(r.no_dp for r in rows):
+        con.print(" runs marked (no DP) are not private: they trained without differential privacy "
+                  "(privacy: none, the baseline)", markup=False)
+    if any(r.noise_seeded for r in rows):
+        con.print(" runs marked (seeded) are not private: their DP noise is reproducible from the seed",
+                  markup=False)
     draw_warnings(con, [line for r in rows for line in problem_lines(f"run {r.run_id}", r.problems)])
+
+
+def _compare_epsilon(r: CompareRow) -> str:
+    """A run's worst-case site ε for ``veil compare``; a run without DP has none, and says so."""
+    if r.no_dp:
+        return "not private (no DP)"
+    shown = checked(r.problems, "max_epsilon", eps(r.max_epsilon))
+    return f"{shown} (seeded)" if r.noise_seeded else shown
 
 
 # -- veil metrics ---------------------------------------------------------------------------

@@ -80,11 +80,14 @@ def _v(table: dict[str, Any], key: str) -> str:
 
 def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str],
           mechanisms: dict[str, SiteMechanism]) -> list[Block]:
-    """The report's blocks for one run: what was trained, the DP mechanism and ε per site, encryption, caveats."""
+    """The report's blocks for one run: what was trained, the DP mechanism and ε per site, encryption, caveats.
+
+    A run without DP (``privacy: none``) gets no ε, δ, accountant or mechanism anywhere: it is said
+    to be not private at the top, in its mechanism section and in its caveats."""
     from server.read.summary import section
 
     s, spec = summary, summary.spec
-    data, train, priv = (section(spec, k) for k in ("data", "training", "privacy"))
+    data, train = section(spec, "data"), section(spec, "training")
     trained = [site for site in s.sites if site.rounds_joined > 0]
     final = s.final
     status = f"invalid ({md(s.status, 24)})" if "status" in s.problems else md(s.status, 24)
@@ -92,6 +95,9 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
     blocks.append(Block("p", f"Status **{status}**; {md(s.mode, 24)}; created {s.created_at} (UTC); "
                              f"seed {s.seed}; spec sha256 {code(s.spec_hash)}; Veil {md(s.code_version, 64)}; "
                              f"requested by {md(s.researcher) if s.researcher else 'nobody recorded'}."))
+    if s.without_dp:
+        blocks.append(Block("p", "**This run is NOT private.** It trained without differential privacy (the "
+                                 "non-private baseline): no ε or δ applies to it, and this report states none."))
     if s.error:
         blocks.append(Block("p", f"Error recorded: {md(s.error, LINE)}"))
 
@@ -108,8 +114,10 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
         f"Model: {code(section(spec, 'model').get('arch', '?'))}; {data_line}",
         f"Sites: {len(trained)} trained of {s.planned_sites} planned; rounds: "
         f"{sum(1 for r in s.rounds if r.status == 'completed')} completed of {s.planned_rounds} planned.",
-        f"Local training: {_v(train, 'local_epochs')} epoch(s) per round, expected batch "
-        f"{_v(train, 'batch_size')}, SGD learning rate {_v(train, 'learning_rate')}.",
+        f"Local training: {_v(train, 'local_epochs')} epoch(s) per round, "
+        f"{'batch' if s.without_dp else 'expected batch'} {_v(train, 'batch_size')}, "
+        f"SGD learning rate {_v(train, 'learning_rate')}.",
+        f"Server optimiser: {_server_optimizer(s)}.",
         f"Final evaluation accuracy: {acc}; examples trained: {s.examples}; bytes moved: {mb(s.bytes_moved)}; "
         f"wall time {checked(s.problems, 'wall_seconds', f'{s.wall_seconds or 0:.1f}s')}.",
     ]))
@@ -120,21 +128,79 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
         blocks.append(Block("p", "**None: this run is NOT private.** It trained without differential privacy "
                                  "(`privacy: none`, the non-private baseline a researcher compares against): "
                                  "plain SGD, no clipping, no noise, no ε; the sites that took part have no ε "
-                                 "cap in their policy, and nothing was charged to their ledgers."))
-    if not s.without_dp:
-        cap = _v(priv, "target_epsilon")
-        target = (f"calibrated per site so that its ε over all planned rounds is at most {cap}"
-                  if priv.get("noise_multiplier") is None else f"fixed at {_v(priv, 'noise_multiplier')}")
+                                 "cap in their policy, and their ledgers record each round as a release "
+                                 "without DP, charging no ε."))
+        blocks.append(Block("table", header=["site", "train records", "rounds", "privacy"], rows=[
+            [site.site, checked(site.problems, "num_train", str(site.num_train or 0)), str(site.rounds_joined),
+             "none (not private)"] for site in s.sites]))
+    else:
+        blocks += _dp_blocks(s, trained, accountant_versions, mechanisms)
+    if s.missed:
+        blocks.append(Block("h2", "Sites that did not take part"))
+        blocks.append(Block("table", header=["site", "where", "status", "reason"], rows=[
+            [m.site, "pre-flight" if m.phase == "preflight" else f"round {m.round} ({m.phase})",
+             checked(m.problems, "status", m.status), clean(m.reason or m.code or "-", 200)] for m in s.missed]))
+
+    blocks.append(Block("h2", "Encryption"))
+    if s.encryption:
+        e = s.encryption
+        params = e.get("params")
+        p: dict[str, Any] = params if isinstance(params, dict) else {}
+        on = " and ".join(k for k in ("aggregation", "evaluation") if e.get(k) == "ckks")
         blocks.append(Block("p",
-            "Each site trained with **DP-SGD** (Opacus): every example's gradient is clipped to L2 norm "
-            f"C = {_v(priv, 'max_grad_norm')}, Gaussian noise of standard deviation σ·C is added to each "
-            "batch's sum of clipped gradients, and batches are drawn by **Poisson sampling** (each record joins "
-            f"each step independently with probability q). The noise multiplier σ was {target}. Each site "
-            "recorded the mechanism it actually ran (σ, q, steps, C, δ) before its update left it, and ε below "
-            "is recomputed from those recorded events."))
+            f"CKKS (TenSEAL) on {on}: key set {code(e.get('key_id', '?'))}, ring degree N = "
+            f"{_v(p, 'poly_modulus_degree')}, moduli {_v(p, 'coeff_mod_bit_sizes')} bits, scale "
+            f"2^{_v(p, 'scale_bits')}, released values rounded to 2^-{_v(p, 'release_bits')} after noise "
+            "flooding. The coordinator held the parameters only, never a secret key, and only added ciphertexts."))
+    else:
+        update = "model update (plain SGD, no DP)" if s.without_dp else "DP-SGD model update"
+        blocks.append(Block("p", f"None: the coordinator saw each site's {update} and evaluation metrics in "
+                                 "plaintext."))
     if s.without_dp:
-        pass
-    elif s.not_private:
+        blocks.append(Block("h2", "What this run does not protect"))
+        blocks.append(Block("list", items=_no_dp_caveats(s)))
+    else:
+        blocks.append(Block("h2", "What this guarantee does and does not cover"))
+        blocks.append(Block("list", items=_dp_caveats(s, trained)))
+    if s.warnings:
+        blocks.append(Block("h2", "Stored values that failed their checks"))
+        blocks.append(Block("p", "These values in the run store are outside what Veil writes (an older "
+                                 "version, a hand-edited database or another tool); they are shown above as "
+                                 "*invalid* and were not used."))
+        blocks.append(Block("list", items=[md(w, LINE) for w in s.warnings]))
+    return blocks
+
+
+def _server_optimizer(s: RunSummary) -> str:
+    """The server optimiser as it ran (``ServerOptimizer.describe()``), and who applied its step."""
+    if "server_optimizer" in s.problems:
+        return INVALID
+    if s.server_optimizer is None:
+        return "not recorded"
+    ckks = (s.encryption or {}).get("aggregation") == "ckks"
+    how = ("the weighted mean of the sites' models is the new model" if s.server_optimizer == "fedavg"
+           else "every site applied this step to the decrypted aggregate" if ckks
+           else "the coordinator applied this step to each round's weighted mean")
+    return f"{md(s.server_optimizer, 80)} ({how})"
+
+
+def _dp_blocks(s: RunSummary, trained: list[SiteRow], accountant_versions: dict[str, str],
+               mechanisms: dict[str, SiteMechanism]) -> list[Block]:
+    """A DP run's mechanism: DP-SGD and its calibration, the randomness, accountants, ε per site, worst case."""
+    from server.read.summary import section
+
+    priv = section(s.spec, "privacy")
+    cap = _v(priv, "target_epsilon")
+    target = (f"calibrated per site so that its ε over all planned rounds is at most {cap}"
+              if priv.get("noise_multiplier") is None else f"fixed at {_v(priv, 'noise_multiplier')}")
+    blocks = [Block("p",
+        "Each site trained with **DP-SGD** (Opacus): every example's gradient is clipped to L2 norm "
+        f"C = {_v(priv, 'max_grad_norm')}, Gaussian noise of standard deviation σ·C is added to each "
+        "batch's sum of clipped gradients, and batches are drawn by **Poisson sampling** (each record joins "
+        f"each step independently with probability q). The noise multiplier σ was {target}. Each site "
+        "recorded the mechanism it actually ran (σ, q, steps, C, δ) before its update left it, and ε below "
+        "is recomputed from those recorded events.")]
+    if s.not_private:
         blocks.append(Block("p", f"**Not private: {s.privacy_note.removeprefix('not private: ')}.** This run "
                                  "drew every site's DP noise and Poisson sampling from the scenario seed "
                                  "(`--reproducible-noise`, for simulation research): anyone who knows the seed "
@@ -157,27 +223,11 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
         blocks.append(Block("p", f"Worst-case site: **ε = {s.max_epsilon:.3f}** for this run, each site at "
                                  "its own δ. Lifetime ε is what each site's own ledger has composed for its "
                                  "data set across every run it joined."))
-    if s.missed:
-        blocks.append(Block("h2", "Sites that did not take part"))
-        blocks.append(Block("table", header=["site", "where", "status", "reason"], rows=[
-            [m.site, "pre-flight" if m.phase == "preflight" else f"round {m.round} ({m.phase})",
-             checked(m.problems, "status", m.status), clean(m.reason or m.code or "-", 200)] for m in s.missed]))
+    return blocks
 
-    blocks.append(Block("h2", "Encryption"))
-    if s.encryption:
-        e = s.encryption
-        params = e.get("params")
-        p: dict[str, Any] = params if isinstance(params, dict) else {}
-        on = " and ".join(k for k in ("aggregation", "evaluation") if e.get(k) == "ckks")
-        blocks.append(Block("p",
-            f"CKKS (TenSEAL) on {on}: key set {code(e.get('key_id', '?'))}, ring degree N = "
-            f"{_v(p, 'poly_modulus_degree')}, moduli {_v(p, 'coeff_mod_bit_sizes')} bits, scale "
-            f"2^{_v(p, 'scale_bits')}, released values rounded to 2^-{_v(p, 'release_bits')} after noise "
-            "flooding. The coordinator held the parameters only, never a secret key, and only added ciphertexts."))
-    else:
-        blocks.append(Block("p", "None: the coordinator saw each site's DP-SGD model update and evaluation "
-                                 "metrics in plaintext."))
-    blocks.append(Block("h2", "What this guarantee does and does not cover"))
+
+def _dp_caveats(s: RunSummary, trained: list[SiteRow]) -> list[str]:
+    """What the (ε, δ) guarantee of a DP run covers, and what it does not."""
     caveats = [
         "ε is **sample-level** differential privacy for each site's training records: it bounds what the "
         "released model updates reveal about any one record. A person with many records at a site is "
@@ -192,22 +242,29 @@ def build(summary: RunSummary, png_name: str, accountant_versions: dict[str, str
         "which composes every run it joined; ε of this run alone understates the total when there were "
         "other runs.",
     ]
-    if s.without_dp:
-        caveats.insert(0, "**This run is not private: it trained without DP.** No ε applies to it.")
-    elif s.not_private:
+    if s.not_private:
         caveats.insert(0, "**This run is not private: noise reproducible from the seed.** Its ε describes the "
                           "mechanism's shape only.")
     if s.encryption:
         caveats.append("CKKS release noise is a mitigation against known key-recovery attacks on "
                        "decryptions, not a differential-privacy mechanism, and is not counted in ε.")
-    blocks.append(Block("list", items=caveats))
-    if s.warnings:
-        blocks.append(Block("h2", "Stored values that failed their checks"))
-        blocks.append(Block("p", "These values in the run store are outside what Veil writes (an older "
-                                 "version, a hand-edited database or another tool); they are shown above as "
-                                 "*invalid* and were not used."))
-        blocks.append(Block("list", items=[md(w, LINE) for w in s.warnings]))
-    return blocks
+    return caveats
+
+
+def _no_dp_caveats(s: RunSummary) -> list[str]:
+    """What a reader of a run without DP must know: nothing bounds what it reveals about any record."""
+    caveats = [
+        "**This run is not private: it trained without differential privacy.** No ε or δ applies to it: "
+        "nothing bounds what its model, the sites' model updates, evaluation metrics, example counts or "
+        "train loss reveal about any training record.",
+        "It is the baseline that DP runs of the same scenario are compared against, not a model to release.",
+        "Each site's ledger records every round of this run as a release without DP: a site that sets an ε "
+        "cap on that data set afterwards is refused every further charge, since no finite lifetime ε holds.",
+    ]
+    if s.encryption:
+        caveats.append("CKKS hides the sites' values from the coordinator only: whoever holds the key reads "
+                       "exact aggregates, and CKKS release noise is not a differential-privacy mechanism.")
+    return caveats
 
 
 def _delta_caveat(trained: list[SiteRow]) -> str:
@@ -292,7 +349,7 @@ def write_report(summary: RunSummary, series: MetricSeries, out: Path, accountan
 
     out.mkdir(parents=True, exist_ok=True)
     image = out / "metrics.png"
-    png(series, image)
+    png(series, image, without_dp=summary.without_dp)
     blocks = build(summary, image.name, accountant_versions, mechanisms)
     md, page = out / "report.md", out / "report.html"
     md.write_text(to_markdown(blocks))
