@@ -226,6 +226,8 @@ def test_runs_show_says_not_private_and_names_the_server_optimiser(views: tuple[
     shown = _cli("runs", "show", str(no_dp), "--store", store.url)
     assert "NOT PRIVATE" in shown and "NO DP (not private)" in shown and "worst-case site ε" not in shown
     assert "  server optimiser: fedavg\n" in shown
+    site_rows = [line for line in shown.splitlines() if line.lstrip().startswith("site-")]
+    assert site_rows and all(line.count("not private") == 2 for line in site_rows)  # run and lifetime ε
     shown = _cli("runs", "show", str(adam), "--store", store.url)
     assert "  server optimiser: fedadam (η=0.1, β1=0.9, β2=0.99, τ=0.001)\n" in shown
     assert "worst-case site ε this run" in shown

@@ -264,7 +264,7 @@ def draw_summary(con: Console, summary: RunSummary) -> None:
     con.print(table(
         ["site", "data set", "train", "test", "rounds", "noise σ", "run ε", "run δ", "accountant",
          "lifetime ε", "cap", "remaining"],
-        (_site_cells(site) for site in s.sites), left=2))
+        (_site_cells(site, s.without_dp) for site in s.sites), left=2))
     if s.missed:
         con.print()
         con.print(" sites that did not take part (each site enforces its own policy and ledger):")
@@ -311,9 +311,13 @@ def _round_cells(r: RoundRow) -> list[Any]:
             checked(bad, "seconds", fmt(r.seconds, 1))]
 
 
-def _site_cells(site: SiteRow) -> list[Any]:
+def _site_cells(site: SiteRow, without_dp: bool = False) -> list[Any]:
     bad = site.problems
     cap = f"{site.epsilon_cap:g}" if site.epsilon_cap is not None else "none"
+    if without_dp:  # no mechanism, no ε; the site's ledger records each round as released without DP
+        return [site.site, site.dataset_id or "-", checked(bad, "num_train", str(site.num_train or 0)),
+                checked(bad, "num_test", str(site.num_test or 0)), site.rounds_joined, "-",
+                "not private", "-", "-", "not private", cap, "-"]
     return [site.site, site.dataset_id or "-", checked(bad, "num_train", str(site.num_train or 0)),
             checked(bad, "num_test", str(site.num_test or 0)),
             site.rounds_joined if site.planned_rounds is None  # refuse mode: trained / planned for it
