@@ -53,7 +53,7 @@ from veil.errors import ScenarioError, VeilError
 from veil.logs import get_logger
 from veil.models import build_model
 from veil.names import eval_sums
-from veil.server_opt import ServerOptimizer, ServerState, decode_aggregate
+from veil.server_opt import STATE_LAYOUT, ServerOptimizer, ServerState, decode_aggregate
 from veil.spec import Scenario, parse_scenario
 
 log = get_logger("client")
@@ -116,12 +116,13 @@ def _encrypted_update(model: torch.nn.Module, key: SecretKey, weight: float, bin
     return P.encrypted_record(enc, key.tag(enc, binding))
 
 
-def _check_state_headroom(key: SecretKey, opt: ServerOptimizer, state: ServerState, weight: float) -> None:
-    """The optimiser state this site appends must fit CKKS's headroom once weighted (the model
-    itself is checked when it is encrypted, after training)."""
-    peak = float(np.max(np.abs(state.to_stream(opt)))) * weight
+def _check_state_headroom(key: SecretKey, opt: ServerOptimizer, state: ServerState) -> None:
+    """The optimiser state this site appends must fit CKKS's headroom unweighted: every site
+    appends the same state, so the aggregate's slots sum to (sum of weights) x state, up to the
+    state itself (the model is checked when it is encrypted, after training)."""
+    peak = float(np.max(np.abs(state.to_stream(opt))))
     if peak > key.params.headroom / 2:
-        raise ValueError(f"the {opt.rule} state reaches {peak:.3g} once weighted, beyond the CKKS headroom "
+        raise ValueError(f"the {opt.rule} state reaches {peak:.3g}, beyond half the CKKS headroom "
                          f"(±{key.params.headroom / 2:g}); nothing was charged: use a larger data prime")
 
 
@@ -383,14 +384,14 @@ def _non_private_status(site: Site, task: P.TrainTask, ledger: LedgerView, refus
     it trains is still written to the ledger, as a release without DP)."""
     policy = site.policy
     delta = policy.delta_for(len(site.train))
-    spent = ledger.spent(site.fingerprint, delta=delta, accountant=policy.accountant,
-                         scope=policy.cap_scope).epsilon
+    spend = ledger.spent(site.fingerprint, delta=delta, accountant=policy.accountant, scope=policy.cap_scope)
     q, steps = poisson_plan(len(site.train), task.batch_size, task.local_epochs)
     return P.BudgetStatus(
         site_id=site.site_id, dataset_id=dataset_id(site.fingerprint), num_examples=len(site.train),
-        delta=delta, accountant=policy.accountant, cap=policy.epsilon_cap, spent=spent, noise_multiplier=0.0,
-        sample_rate=q, steps_per_round=steps, projected=spent,
-        affordable_rounds=0 if refusal else rounds, refusal=refusal, ledger=_ledger_head(ledger))
+        delta=delta, accountant=policy.accountant, cap=policy.epsilon_cap, spent=spend.epsilon,
+        noise_multiplier=0.0, sample_rate=q, steps_per_round=steps, projected=spend.epsilon,
+        affordable_rounds=0 if refusal else rounds, refusal=refusal, ledger=_ledger_head(ledger),
+        without_dp=spend.without_dp)
 
 
 def _train_non_private(msg: Message, site: Site, task: P.TrainTask, model: torch.nn.Module) -> RecordDict:
@@ -511,6 +512,11 @@ def _model_from(msg: Message, arch: str, site: Site, opt: ServerOptimizer
     model = build_model(arch)
     layers = [t.numpy() for t in model.state_dict().values()]
     if P.ENC_MODEL in msg.content:
+        task = msg.content.get(P.TASK)
+        layout = task.get(P.SERVER_STATE_LAYOUT, 1) if isinstance(task, ConfigRecord) else 1
+        if opt.stateful and layout != STATE_LAYOUT:  # a coordinator (and sites) of another Veil version
+            raise ValueError(f"the run's {opt.rule} state is laid out as version {str(layout)[:8]}; this site "
+                             f"reads version {STATE_LAYOUT}: every site and the coordinator need the same Veil")
         enc = P.encrypted_from(msg.content, P.ENC_MODEL)
         mean, _ = site_key(site, enc.key_id).decrypt_mean(enc)
         x, state = decode_aggregate(opt, mean, sum(int(a.size) for a in layers))
@@ -570,11 +576,11 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         if refusal is None and affordable == 0:
             refusal = P.Refusal("budget-exhausted", _exhausted(ledger, site))
         head = _ledger_head(ledger)
+        spend = ledger.spent(fp, delta=lifetime_delta, accountant=acc, scope=scope)
         status = P.BudgetStatus(
             site_id=site.site_id, dataset_id=dataset_id(site.fingerprint),
             num_examples=len(site.train), delta=lifetime_delta, accountant=policy.accountant,
-            cap=policy.epsilon_cap,
-            spent=ledger.spent(fp, delta=lifetime_delta, accountant=acc, scope=scope).epsilon,
+            cap=policy.epsilon_cap, spent=spend.epsilon, without_dp=spend.without_dp,
             noise_multiplier=planned.noise_multiplier, sample_rate=planned.sample_rate,
             steps_per_round=planned.steps,
             projected=ledger.project(fp, [planned] * rounds, delta=lifetime_delta,
@@ -617,7 +623,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             _reply_binding(config, site, server_round, "update")
         model, opt_state = _model_from(msg, task.arch, site, opt)  # a model that cannot be read costs no budget
         if task.encrypted and opt_state is not None:  # a state CKKS cannot carry: said before any charge
-            _check_state_headroom(site_key(site, config.get(P.ENC_KEY_ID)), opt, opt_state, _weight(config, n))
+            _check_state_headroom(site_key(site, config.get(P.ENC_KEY_ID)), opt, opt_state)
         # the round's secret seeds, drawn before the charge: no entropy, no charge, no training
         randomness = RoundRandomness.for_round(task.rng, task.seed, site.site_id, server_round)
         policy = site.policy
@@ -646,10 +652,11 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             _attach_update(content, model.cpu(), site, config, server_round, opt, opt_state)
             return Message(content=content, reply_to=msg)
         # the spend is on disk: from here on, a crash can only over-count
-        log.info("%s round %d: charged ledger %s entry %d (σ=%.4g, q=%.4g, %d steps): lifetime ε %.4f of "
+        log.info("%s round %d: charged ledger %s entry %d (σ=%.4g, q=%.4g, %d steps): lifetime ε %.4f%s of "
                  "cap %s (%s, δ=%g); DP noise and Poisson sampling %s", site.site_id, server_round,
                  charge.ledger_id, charge.seq, planned.noise_multiplier, planned.sample_rate, planned.steps,
-                 charge.epsilon_after, "none" if charge.epsilon_cap is None else f"{charge.epsilon_cap:g}",
+                 charge.epsilon_after, f" (NOT PRIVATE: plus {charge.without_dp} round(s) released without DP)"
+                 if charge.without_dp else "", "none" if charge.epsilon_cap is None else f"{charge.epsilon_cap:g}",
                  charge.accountant, charge.delta, describe(randomness.mode))
         _explain_noise_once()
         outcome = train_dp_sgd(
@@ -671,7 +678,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         eps = epsilon(_history(context), delta, task.accountant)
         lifetime = P.LifetimeSpend(dataset_id(site.fingerprint), charge.entry_id, charge.epsilon_after,
                                    charge.delta, charge.accountant, charge.epsilon_cap,
-                                   P.LedgerHead(charge.ledger_id, charge.seq, charge.entry_hash))
+                                   P.LedgerHead(charge.ledger_id, charge.seq, charge.entry_hash),
+                                   charge.without_dp)
         report = P.PrivacyReport(
             outcome.event, delta, task.accountant, accountant_version(task.accountant), eps,
             lifetime=lifetime, rng=outcome.rng,

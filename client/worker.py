@@ -201,6 +201,11 @@ class Worker:
             return True
         return False
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._closed.is_set()
+
     def close(self) -> None:
         """Stop accepting and remove the socket (an answer in progress is not waited for: ``drain``)."""
         self._closed.set()
@@ -374,6 +379,9 @@ def main(load_site: Callable[[Path], Any], inputs: Callable[[Path], list[Path]],
     try:
         worker.bind()
     except OSError as err:  # a path too long for a socket, a directory others can enter, no permission
+        if worker.closed:  # stopped while it bound (the handler removed the socket): a clean stop
+            log.info("site worker for %s stopped before it answered", site.site_id)
+            return
         log.error("site worker: cannot listen at %s: %s", args.socket, err)
         sys.exit(3)
     log.info("site worker for %s ready in %.1f s (pid %d): %d training / %d test records on %s, answering at %s",

@@ -200,6 +200,7 @@ class Charge:
     epsilon_cap: float | None
     entry_hash: str = _GENESIS
     ledger_id: str = ""
+    without_dp: int = 0  # rounds the scope released without DP, this one included
 
 
 @dataclass(frozen=True)
@@ -680,8 +681,9 @@ class SiteLedger:
             _set_meta(conn, head_seq=str(seq), head_hash=row["entry_hash"])
         # committed (fsynced into the main file); the witness follows, so it can lag, never lead
         _write_witness(self.path, Head(self.ledger_id, seq, row["entry_hash"]), self.site_id)
-        return Charge(row["entry_id"], seq, before, after, delta, accountant,
-                      row["accountant_version"], row["epsilon_cap"], row["entry_hash"], self.ledger_id)
+        return Charge(row["entry_id"], seq, before, after, delta, accountant, row["accountant_version"],
+                      row["epsilon_cap"], row["entry_hash"], self.ledger_id,
+                      len(scoped) - len(events) + int(ev is None))
 
 
 def _head_of(ledger_id: str, rows: list[dict[str, Any]], meta: dict[str, str]) -> Head:
@@ -690,6 +692,9 @@ def _head_of(ledger_id: str, rows: list[dict[str, Any]], meta: dict[str, str]) -
 
 
 def _entry(r: dict[str, Any]) -> Entry:
+    if r["mechanism"] not in ("dp-sgd", "none"):
+        raise LedgerError(f"ledger entry {r['seq']} records mechanism {str(r['mechanism'])[:32]!r}, which this "
+                          "Veil does not know: it was written by a newer Veil; use that one")
     return Entry(
         seq=r["seq"], entry_id=r["entry_id"], fingerprint=r["fingerprint"], run_ref=r["run_ref"],
         round=r["round"],

@@ -18,7 +18,7 @@ from server.store import RunStore
 from veil import protocol as P
 from veil.files import atomic_write
 from veil.models import build_model
-from veil.server_opt import ServerOptimizer
+from veil.server_opt import STATE_LAYOUT, ServerOptimizer
 
 
 def save_checkpoint(store: RunStore, run_id: int, round_number: int | None, arrays: ArrayRecord,
@@ -53,8 +53,8 @@ def save_encrypted_checkpoint(store: RunStore, run_id: int, round_number: int, m
               for k, v in build_model(arch).state_dict().items()]
     enc.to_file(path, {"arch": arch, "layout": layout, "run_id": run_id, "round": round_number,
                        "stream": "weighted sum of all layers in state_dict order, then the server optimiser's "
-                                 "state (x, m, sqrt(v), t); last value: total weight",
-                       "server_optimizer": P.server_fields(optimizer)})
+                                 "state (x, m when momentum > 0, sqrt(v), t/256); last value: total weight",
+                       "server_optimizer": P.server_fields(optimizer), "state_layout": STATE_LAYOUT})
     data = path.read_bytes()
     store.add_artifact(run_id, round_number=round_number, kind="encrypted-checkpoint", uri=path.as_uri(),
                        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))

@@ -33,6 +33,7 @@ from server.strategy import RecordingStrategy
 from veil import protocol as P
 from veil.logs import get_logger
 from veil.models import build_model, count_parameters
+from veil.server_opt import STATE_LAYOUT
 from veil.spec import Scenario
 
 log = get_logger("server")
@@ -155,6 +156,7 @@ def run_federation(grid: Grid, scenario: Scenario, store: RunStore, run_id: int,
         public[P.ENC_WEIGHT_NORM] = float(max(1, sum(st.status.num_examples for st in standings.values()
                                                      if st.status is not None)))
         public[P.ENC_EVAL] = enc.evaluation == "ckks"
+        public[P.SERVER_STATE_LAYOUT] = STATE_LAYOUT  # every site must read and write the state alike
     optimizer = scenario.server_optimizer.optimizer()
     params = count_parameters(model)
     strategy = RecordingStrategy(

@@ -161,7 +161,7 @@ class RoundWriter:
             dataset_id=life.dataset_id, ledger_entry=life.entry_id,
             lifetime_epsilon=life.epsilon, lifetime_delta=life.delta,
             ledger_accountant=life.accountant, epsilon_cap=life.cap, rng=report.rng,
-            ledger_id=reply.head.ledger_id, ledger_seq=reply.head.seq,
+            ledger_id=reply.head.ledger_id, ledger_seq=reply.head.seq, lifetime_without_dp=life.without_dp,
         ))
 
     def evaluated(self, s: Session, server_round: int, node: int, reply: EvalReply, bytes_down: int) -> None:
@@ -219,6 +219,7 @@ class RoundWriter:
                 site.dataset_id, site.epsilon_cap = b.dataset_id, b.cap
                 site.budget_delta, site.budget_accountant = b.delta, b.accountant
                 site.spent_before, site.projected_epsilon = b.spent, b.projected
+                site.without_dp_before = b.without_dp
                 site.affordable_rounds, site.num_train = b.affordable_rounds, b.num_examples
                 if b.ledger is not None:
                     site.ledger_id, site.ledger_seq = b.ledger.ledger_id, b.ledger.seq

@@ -335,3 +335,49 @@ def test_a_simulated_baseline_is_recorded_and_shown_as_not_private(tmp_path: Pat
         simulate(parse_scenario(capped), store, tmp_path / "art", progress=False, ledger_dir=tmp_path / "l")
     refused = load_summary(store, run.run_id + 1)
     assert refused.status == "refused" and all(m.code == "non-private-refused" for m in refused.refusals)
+
+
+@pytest.mark.slow  # three in-process federations
+def test_a_dp_run_after_the_baseline_says_its_lifetime_epsilon_is_no_guarantee(tmp_path: Path) -> None:
+    """A site without a cap trains the baseline, then a DP run: its ledger's lifetime ε (the DP
+    rounds composed) comes with the count of rounds released without DP, and every view marks it."""
+    import json
+
+    from privacy.requests import ephemeral_request
+    from server.coordinator import run_federation
+    from server.lifecycle import create_run
+    from server.read.summary import budget_rows, load_summary
+    from server.store import RunStore
+    from tests.flowerkit import AppGrid
+
+    drivers = {n: SiteDriver(make_site(tmp_path / f"site-{n}.ledger", site_id=f"site-{n}", seed=n, researchers=(),
+                                       accept_ephemeral=True)) for n in (1, 2)}
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+
+    def run(privacy: object) -> int:
+        parsed = parse_scenario({"name": "after", "seed": 1, "device": "cpu", "model": {"arch": "mlp"},
+                                 "federation": {"sites": 2, "rounds": 1, "min_sites": 1},
+                                 "training": {"batch_size": 30}, "privacy": privacy,
+                                 "site_policy": {"epsilon_cap": None}})
+        for d in drivers.values():
+            d.new_run()
+        run_id = create_run(store, parsed, "simulation")
+        grid = AppGrid({n: (lambda d: lambda m: d.app(m, d.context))(d) for n, d in drivers.items()})
+        run_federation(grid, parsed, store, run_id, tmp_path / "art",
+                       request=ephemeral_request(parsed.model_dump(mode="json")))
+        return run_id
+
+    first = run({"noise_multiplier": 1.0})
+    assert all(site.lifetime_without_dp == 0 for site in load_summary(store, first).sites)
+    run("none")
+    dp = run({"noise_multiplier": 1.0})
+    summary = load_summary(store, dp)
+    assert [site.lifetime_without_dp for site in summary.sites] == [1, 1]
+    assert all(site.lifetime_epsilon is not None and site.lifetime_epsilon > 0 for site in summary.sites)
+    assert [r.without_dp for r in budget_rows(store)] == [1, 1]
+    shown = _cli("runs", "show", str(dp), "--store", store.url)
+    assert shown.count("NOT PRIVATE (+1 without DP)") == 2 and "no lifetime ε holds" in shown
+    budget = _cli("budget", "--store", store.url)
+    assert budget.count("NOT PRIVATE (+1 without DP)") == 2 and "no lifetime ε holds" in budget
+    sites = json.loads(_cli("runs", "show", str(dp), "--store", store.url, "--format", "json"))["sites"]
+    assert [s["lifetime_without_dp"] for s in sites] == [1, 1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from flwr.app import Error, Message
 from sqlalchemy import select
@@ -75,6 +76,7 @@ def _model(store: RunStore, run_id: int, tmp_path: Path, secret: Path | None) ->
     return torch.load(out)
 
 
+@pytest.mark.slow  # three in-process federations, ~30 s
 def test_fedavgm_with_partial_participation_and_a_failed_round_is_the_same_model_encrypted(tmp_path: Path) -> None:
     plain_store, plain_id, plain_trained = _run(tmp_path / "plain", False, ("", 0))
     rounds_of = {site: sorted(r for s, r in plain_trained if s == site) for site, _ in plain_trained}
@@ -104,3 +106,56 @@ def _initial_model() -> dict[str, torch.Tensor]:
     from veil.models import build_model
 
     return build_model("mlp", seed=int(SCENARIO["seed"])).state_dict()  # type: ignore[call-overload]
+
+
+def test_a_state_beyond_the_headroom_is_refused_before_the_charge(tmp_path: Path) -> None:
+    """Every site appends the same state, so the aggregate reaches it unweighted: a model whose
+    values pass half the headroom cannot travel as fedavgm's x, and the site says so before it
+    charges anything (it used to decrypt to garbage, or fail after the charge)."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from privacy.ckks import SecretKey
+    from privacy.ledger import SiteLedger
+    from tests.sitekit import task
+    from veil.models import build_model
+    from veil.server_opt import STATE_LAYOUT
+
+    keys = create_keyset(tmp_path / "keys")
+    driver = SiteDriver(make_site(tmp_path / "site.ledger", keys=keys.secret))
+    t = task(encrypted=True, **P.server_fields(parse_scenario(SCENARIO).server_optimizer.optimizer()))
+    key_id = SecretKey.load(keys.secret).key_id
+    config = ConfigRecord({**dict(t.to_config()), "server-round": 1, P.ENC_KEY_ID: key_id,
+                           P.ENC_WEIGHT_NORM: 480.0, P.ENC_RUN: "run-a", P.SERVER_STATE_LAYOUT: STATE_LAYOUT})
+    model = build_model("mlp", seed=0).state_dict()
+    for factor, refused in ((1.0, False), (3000.0, True)):  # initial |w| <= 1/28: 3000x reaches ~107 > 64
+        big = {k: v * factor for k, v in model.items()}
+        reply = driver.send(RecordDict({P.ARRAYS: ArrayRecord(big), P.TASK: config}), "train")
+        with SiteLedger(driver.site.ledger) as ledger:
+            charged = len(ledger.entries())
+        if refused:
+            assert P.ENC_UPDATE not in reply and "beyond half the CKKS headroom" in str(reply), reply
+            assert charged == 1  # only the first, accepted round
+        else:
+            assert P.ENC_UPDATE in reply and charged == 1
+
+
+@pytest.mark.slow  # a CKKS federation, ~15 s
+def test_a_checkpoint_in_another_state_layout_is_refused(tmp_path: Path) -> None:
+    """An encrypted checkpoint names its state layout; one without it (an older Veil's, where t
+    travelled unscaled) would decode to a wrong FedAdam step, so `veil keys decrypt` refuses it."""
+    import json
+
+    from privacy.ckks import EncryptedVector
+
+    store, run_id, _ = _run(tmp_path / "enc", True, ("", 0))
+    with store.session() as s:
+        path = Path(s.scalars(select(S.Artifact.uri).where(S.Artifact.run_id == run_id)).one().removeprefix("file://"))
+    enc, meta = EncryptedVector.from_file(path)
+    assert meta["state_layout"] == 2
+    old = tmp_path / "old.ckks"
+    enc.to_file(old, {k: v for k, v in meta.items() if k != "state_layout"})
+    result = CliRunner().invoke(app, ["keys", "decrypt", str(old), "--key", str(tmp_path / "enc" / "keys" /
+                                                                              "secret.ckks"),
+                                      "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code != 0 and "another layout" in json.dumps(result.output)
+    assert not (tmp_path / "x.pt").exists()

@@ -44,6 +44,7 @@ ENC_UPDATE = "enc-update"  # site -> coordinator: its pre-weighted, encrypted up
 ENC_METRICS = "enc-metrics"  # site -> coordinator: its encrypted evaluation sums
 # task-config keys of an encrypted round (public values only)
 ENC_KEY_ID = "enc-key-id"
+SERVER_STATE_LAYOUT = "server-state-layout"  # task/eval key: veil.server_opt.STATE_LAYOUT of a CKKS run's state
 ENC_WEIGHT_NORM = "enc-weight-norm"  # sites weight by n / norm, so every sum stays within ±1 x |value|
 RUN_REQUEST = "run-request"  # task-config key: the researcher's signed request (privacy.requests)
 ENC_EVAL = "enc-eval"  # evaluation replies must be encrypted
@@ -239,9 +240,11 @@ class LifetimeSpend:
     accountant: str
     cap: float | None
     head: LedgerHead | None = None  # the ledger's head right after this charge
+    without_dp: int = 0  # rounds this scope released without DP: ``epsilon`` is then no lifetime guarantee
 
     def to_dict(self) -> dict[str, Any]:
-        """The lifetime fields as flat config keys, with the ledger head and the cap when present."""
+        """The lifetime fields as flat config keys, with the ledger head, the cap and the rounds
+        released without DP when present."""
         out: dict[str, Any] = {
             "dataset-id": self.dataset_id, "ledger-entry": self.entry_id,
             "lifetime-epsilon": self.epsilon, "lifetime-delta": self.delta,
@@ -251,6 +254,8 @@ class LifetimeSpend:
             out.update(self.head.to_dict())
         if self.cap is not None:
             out["epsilon-cap"] = self.cap
+        if self.without_dp:
+            out["lifetime-without-dp"] = self.without_dp
         return out
 
     @classmethod
@@ -261,8 +266,11 @@ class LifetimeSpend:
             raise ValueError(f"privacy record: lifetime ε={eps}, δ={delta} out of range")
         cap = float(_num(rec, "epsilon-cap")) if "epsilon-cap" in rec else None
         head = LedgerHead.from_config(rec)
+        without_dp = _whole(rec, "lifetime-without-dp") if "lifetime-without-dp" in rec else 0
+        if without_dp < 0:
+            raise ValueError(f"privacy record: lifetime-without-dp must be >= 0, got {without_dp}")
         return cls(_short(rec, "dataset-id"), _short(rec, "ledger-entry"), eps, delta,
-                   _short(rec, "ledger-accountant"), cap, head)
+                   _short(rec, "ledger-accountant"), cap, head, without_dp)
 
 
 @dataclass(frozen=True)
@@ -361,9 +369,11 @@ class BudgetStatus:
     affordable_rounds: int  # most planned rounds it can join within its cap
     refusal: Refusal | None = None
     ledger: LedgerHead | None = None
+    without_dp: int = 0  # rounds the cap's scope released without DP: ``spent`` is then no lifetime guarantee
 
     def to_config(self) -> ConfigRecord:
-        """The answer as the site's ``budget`` ConfigRecord; cap, refusal and ledger head only when set."""
+        """The answer as the site's ``budget`` ConfigRecord; cap, refusal, ledger head and rounds
+        released without DP only when set."""
         out: dict[str, Any] = {
             "site-id": self.site_id, "dataset-id": self.dataset_id,
             "num-examples": self.num_examples, "delta": self.delta, "accountant": self.accountant,
@@ -377,6 +387,8 @@ class BudgetStatus:
             out["refusal-code"], out["refusal-detail"] = self.refusal.code, self.refusal.detail
         if self.ledger is not None:
             out.update(self.ledger.to_dict())
+        if self.without_dp:
+            out["without-dp"] = self.without_dp
         return ConfigRecord(out)
 
     @classmethod
@@ -398,11 +410,13 @@ class BudgetStatus:
             projected=float(_num(rec, "projected")),
             affordable_rounds=_whole(rec, "affordable-rounds"), refusal=refusal,
             ledger=LedgerHead.from_config(rec),
+            without_dp=_whole(rec, "without-dp") if "without-dp" in rec else 0,
         )
         bounds = [
             ("num-examples", status.num_examples, status.num_examples >= 1, ">= 1"),
             ("steps-per-round", status.steps_per_round, status.steps_per_round >= 1, ">= 1"),
             ("affordable-rounds", status.affordable_rounds, status.affordable_rounds >= 0, ">= 0"),
+            ("without-dp", status.without_dp, status.without_dp >= 0, ">= 0"),
             ("delta", status.delta, 0 < status.delta < 1, "in (0, 1)"),
             ("noise-multiplier", status.noise_multiplier,
              status.noise_multiplier > 0 and math.isfinite(status.noise_multiplier) if private

@@ -33,6 +33,9 @@ import numpy as np
 
 ServerRule = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 SERVER_RULES: tuple[ServerRule, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+STATE_LAYOUT = 2
+"""The layout of the state in an encrypted stream (1: x, m, √v, t, before 2026-12-01; 2: x, m only
+when β > 0, √v, t · T_SCALE). Tasks and checkpoints name it; a reader refuses another one."""
 T_SCALE = 1.0 / 256
 """The step count t travels as t · T_SCALE (see the module's docstring)."""
 DEFAULT_LEARNING_RATE: dict[str, float] = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.1, "fedyogi": 0.01}

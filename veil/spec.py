@@ -264,11 +264,16 @@ class ServerOptimizerSpec(_Strict):
     beta2: float = Field(0.99, ge=0.0, lt=1.0, description="fedadam/fedyogi: second-moment decay β2")
     tau: float = Field(1e-3, gt=0.0, lt=1.0, description="fedadam/fedyogi: adaptivity τ added to √v")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_momentum(cls, raw: Any) -> Any:
+        """An unset momentum becomes the rule's default here, so the stored spec says which β ran."""
+        if isinstance(raw, dict) and raw.get("momentum") is None and raw.get("rule", "fedavg") in DEFAULT_MOMENTUM:
+            return {**raw, "momentum": DEFAULT_MOMENTUM[raw.get("rule", "fedavg")]}
+        return raw
+
     @model_validator(mode="after")
     def _fedavg_has_no_rate(self) -> ServerOptimizerSpec:
-        if self.rule == "fedavg" and self.momentum not in (None, 0.0):
-            raise ValueError(f"server_optimizer.momentum {self.momentum}: plain fedavg keeps no momentum; use "
-                             "rule: fedavgm")
         if self.rule == "fedavg" and self.learning_rate not in (None, 1.0):
             raise ValueError(f"server_optimizer.learning_rate {self.learning_rate}: plain fedavg takes the mean "
                              "as the model; for a server learning rate use rule: fedavgm (momentum: 0 for none)")

@@ -106,11 +106,17 @@ class SiteRow:
     ledger_accountant: str | None = None
     mechanism: SiteMechanism | None = None  # None: no events, or events that failed their checks
     planned_rounds: int | None = None  # the rounds the run planned for it (refuse mode); None: all
+    # rounds its ledger released without DP in the cap's scope: any, and ``lifetime_epsilon`` (the
+    # DP rounds composed) is no lifetime guarantee
+    lifetime_without_dp: int = 0
     problems: dict[str, str] = field(default_factory=dict)
 
     @property
     def remaining(self) -> float | None:
-        """Lifetime ε the site's ledger has left under its cap after this run."""
+        """Lifetime ε the site's ledger has left under its cap after this run (0 once it released
+        a round without DP: a cap then refuses every charge)."""
+        if self.lifetime_without_dp and self.epsilon_cap is not None:
+            return 0.0
         return remaining_budget(self.epsilon_cap, self.lifetime_epsilon)
 
 
@@ -322,7 +328,10 @@ def _site_row(site: S.Site, joined: int, spend: SiteEpsilon | None, last: S.Priv
         lifetime_delta=delta(check, "lifetime_delta", last.lifetime_delta if last else site.budget_delta),
         epsilon_cap=cap, ledger_accountant=ledger_accountant,
         mechanism=spend.mechanism if spend else None,
-        planned_rounds=check.opt_count("planned_rounds", site.planned_rounds), problems=check.problems,
+        planned_rounds=check.opt_count("planned_rounds", site.planned_rounds),
+        lifetime_without_dp=check.opt_count("lifetime_without_dp", last.lifetime_without_dp if last
+                                            else site.without_dp_before) or 0,
+        problems=check.problems,
     )
 
 
@@ -439,11 +448,14 @@ class BudgetRow:
     accountant: str | None
     # the site's administrator replaced a lost ledger (explicitly): what, when and why
     ledger_note: str | None = None
+    without_dp: int = 0  # rounds the ledger had released without DP: ``spent`` is then no guarantee
     problems: dict[str, str] = field(default_factory=dict)
 
     @property
     def remaining(self) -> float | None:
-        """Lifetime ε left under the cap after that run's last charge."""
+        """Lifetime ε left under the cap after that run's last charge (0 after a release without DP)."""
+        if self.without_dp and self.cap is not None:
+            return 0.0
         return remaining_budget(self.cap, self.spent)
 
 
@@ -498,7 +510,8 @@ def _budget_row(ev: S.PrivacyEvent, key: str, notes: dict[str, str]) -> BudgetRo
     return BudgetRow(
         key, opt_text(ev.dataset_id), ev.run_id, run_epsilon, spent,
         check.number("cap", ev.epsilon_cap, above=0.0), delta(check, "delta", ev.lifetime_delta),
-        check.accountant("accountant", ev.ledger_accountant), notes.get(key), problems=check.problems)
+        check.accountant("accountant", ev.ledger_accountant), notes.get(key),
+        without_dp=check.opt_count("without_dp", ev.lifetime_without_dp) or 0, problems=check.problems)
 
 
 @dataclass(frozen=True)

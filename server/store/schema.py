@@ -98,6 +98,8 @@ class Site(Base):
     budget_delta: Mapped[float | None] = mapped_column(Float)
     budget_accountant: Mapped[str | None] = mapped_column(String(16))
     spent_before: Mapped[float | None] = mapped_column(Float)
+    # rounds the site's ledger released without DP in its cap's scope, at the pre-flight (null: none said)
+    without_dp_before: Mapped[int | None] = mapped_column(Integer)
     projected_epsilon: Mapped[float | None] = mapped_column(Float)
     affordable_rounds: Mapped[int | None] = mapped_column(Integer)
     # the rounds the run planned for this site at the pre-flight (refuse mode; None: all of them)
@@ -197,6 +199,9 @@ class PrivacyEvent(Base):
     rng: Mapped[str | None] = mapped_column(String(16))
     ledger_id: Mapped[str | None] = mapped_column(String(32))
     ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the ledger entry this charge wrote
+    # rounds the site's ledger released without DP in the cap's scope, after this charge (null or 0:
+    # none); any: ``lifetime_epsilon`` composes the DP rounds only and is no lifetime guarantee
+    lifetime_without_dp: Mapped[int | None] = mapped_column(Integer)
 
 
 class RunRequest(Base):

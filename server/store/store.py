@@ -32,7 +32,7 @@ from veil.names import RunMode, RunStatus
 log = get_logger("store")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-SCHEMA_HEAD = "0009"  # the newest migration; a test checks it against Alembic's own head
+SCHEMA_HEAD = "0010"  # the newest migration; a test checks it against Alembic's own head
 MIGRATION_LOCK = 0x7665696C  # "veil": the PostgreSQL advisory lock key held while migrating
 
 

@@ -52,7 +52,7 @@ def keys_decrypt(
 
     from privacy.ckks import EncryptedVector, EncryptionError, SecretKey, unflatten
     from veil.protocol import server_optimizer_from
-    from veil.server_opt import decode_aggregate
+    from veil.server_opt import STATE_LAYOUT, decode_aggregate
 
     with errors():
         secret = SecretKey.load(key)
@@ -62,6 +62,10 @@ def keys_decrypt(
         like = [torch.empty(shape, dtype=getattr(torch, dtype)).numpy() for _, shape, dtype in layout]
         try:  # the server step every site applies to this aggregate (veil.server_opt)
             opt = server_optimizer_from(meta.get("server_optimizer") or {})
+            if opt.stateful and meta.get("state_layout") != STATE_LAYOUT:
+                raise ValueError(f"its {opt.rule} state was written in another layout (an older Veil's: "
+                                 f"{meta.get('state_layout', 1)}, this Veil reads {STATE_LAYOUT}); decrypt it "
+                                 "with the Veil that wrote it")
             model, _ = decode_aggregate(opt, mean, sum(int(a.size) for a in like))
         except ValueError as err:
             raise EncryptionError(f"{checkpoint}: {err}") from None

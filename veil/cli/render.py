@@ -286,6 +286,8 @@ def draw_summary(con: Console, summary: RunSummary) -> None:
     elif worst is not None:
         con.print(f" worst-case site ε this run = {worst:.3f} (sample-level DP, each site at its own δ); "
                   "lifetime ε is each site ledger's spend on its data set across runs", markup=False)
+    if not s.without_dp and any(site.lifetime_without_dp for site in s.sites):
+        con.print(WITHOUT_DP_NOTE, markup=False)
     if s.encryption:
         for line in _encryption_lines(s):
             say(con, line)
@@ -325,8 +327,19 @@ def _site_cells(site: SiteRow, without_dp: bool = False) -> list[Any]:
             checked(bad, "noise_multiplier", fmt(site.noise_multiplier)),
             checked(bad, "epsilon", eps(site.epsilon)),
             checked(bad, "delta", exp(site.delta)), _accountant(site.accountant, bad),
-            checked(bad, "lifetime_epsilon", eps(site.lifetime_epsilon)), checked(bad, "epsilon_cap", cap),
+            checked(bad, "lifetime_epsilon", _lifetime(site.lifetime_epsilon, site.lifetime_without_dp)),
+            checked(bad, "epsilon_cap", cap),
             INVALID if {"epsilon_cap", "lifetime_epsilon"} & set(bad) else eps(site.remaining)]
+
+
+def _lifetime(value: float | None, without_dp: int) -> str:
+    """A lifetime ε, marked NOT PRIVATE when the ledger also released rounds without DP."""
+    return eps(value) + (f" NOT PRIVATE (+{without_dp} without DP)" if without_dp else "")
+
+
+WITHOUT_DP_NOTE = (" NOT PRIVATE (+n without DP): the site's ledger also released n rounds without differential "
+                   "privacy (privacy: none); the ε shown composes its DP rounds only, and no lifetime ε holds for "
+                   "that data")
 
 
 def _accountant(name: str | None, problems: dict[str, str]) -> str:
@@ -349,11 +362,13 @@ def draw_budget(con: Console, rows: list[BudgetRow]) -> None:
     con.print(table(
         ["site", "data set", "last run", "run ε", "lifetime ε", "cap", "remaining", "δ", "accountant"],
         ((r.site, r.dataset_id or "-", str(r.run_id), checked(r.problems, "run_epsilon", eps(r.run_epsilon)),
-          checked(r.problems, "spent", eps(r.spent)),
+          checked(r.problems, "spent", _lifetime(r.spent, r.without_dp)),
           checked(r.problems, "cap", f"{r.cap:g}" if r.cap is not None else "none"),
           INVALID if {"cap", "spent"} & set(r.problems) else eps(r.remaining),
           checked(r.problems, "delta", exp(r.delta)), _accountant(r.accountant, r.problems)) for r in rows),
         left=2))
+    if any(r.without_dp for r in rows):
+        con.print(WITHOUT_DP_NOTE, markup=False)
     for site, note in dict.fromkeys((r.site, r.ledger_note) for r in rows if r.ledger_note):
         say(con, f" {clean(site, CELL)}: {clean(note, 600)}")
     draw_warnings(con, [line for r in rows for line in problem_lines(f"site {r.site} (run {r.run_id})",

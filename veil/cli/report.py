@@ -68,7 +68,9 @@ def _site_cells(site: SiteRow, mechanism: SiteMechanism | None) -> list[str]:
     return [site.site, checked(bad, "num_train", str(site.num_train or 0)), str(site.rounds_joined),
             *_mechanism_cells(mechanism, "epsilon" in bad),
             checked(bad, "epsilon", eps(site.epsilon)), checked(bad, "delta", exp(site.delta)),
-            checked(bad, "lifetime_epsilon", eps(site.lifetime_epsilon)),
+            checked(bad, "lifetime_epsilon", eps(site.lifetime_epsilon) + (
+                f" NOT PRIVATE (+{site.lifetime_without_dp} rounds without DP)"
+                if site.lifetime_without_dp else "")),
             checked(bad, "epsilon_cap", f"{site.epsilon_cap:g}" if site.epsilon_cap is not None else "none"),
             INVALID if {"epsilon_cap", "lifetime_epsilon"} & set(bad) else eps(site.remaining)]
 

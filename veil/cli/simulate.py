@@ -24,7 +24,7 @@ def simulate(
     artifacts_dir: Annotated[Path, typer.Option(help="where checkpoints are written")] = Path("veil-artifacts"),
     ledger_dir: Annotated[Path, typer.Option(
         help="where the simulated sites keep their privacy ledgers; reuse it and their budgets "
-        "carry over between runs")] = Path("veil-ledgers"),
+        "carry over between runs (--no-dp: veil-ledgers-no-dp unless given)")] = Path("veil-ledgers"),
     output: Annotated[Literal["text", "json"], typer.Option("--format", help="summary format")] = "text",
     verbose: Annotated[bool, typer.Option(help="show Flower's own round log")] = False,
     reproducible_noise: Annotated[bool, typer.Option(
@@ -50,6 +50,11 @@ def simulate(
         )
         if no_dp:
             spec = _without_dp(spec)
+            if ledger_dir == DEFAULT_LEDGERS:  # keep the DP runs' ledgers free of releases without DP
+                ledger_dir = NO_DP_LEDGERS
+                typer.echo(f"--no-dp: the simulated sites keep their ledgers in {NO_DP_LEDGERS}/, apart from "
+                           f"{DEFAULT_LEDGERS}/: a round without DP on a ledger refuses every later capped charge "
+                           "there", err=True)
         if spec.federation.min_sites > spec.federation.sites:  # after --sites shrinks it
             spec = spec.with_overrides(**{"federation.min_sites": spec.federation.sites})
         end_on_signals()  # imports Ray: after a bad scenario is reported
@@ -70,6 +75,10 @@ def simulate(
             raise
         summary = load_summary(run_store, result.run_id)
     echo_summary(summary, output, run_store.safe_url)
+
+
+DEFAULT_LEDGERS = Path("veil-ledgers")
+NO_DP_LEDGERS = Path("veil-ledgers-no-dp")
 
 
 def _without_dp(spec: Scenario) -> Scenario:
