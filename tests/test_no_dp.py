@@ -1,6 +1,6 @@
 """The labelled non-private baseline (``privacy: none``): sites train without DP only when their
-policy promises no ε, nothing is charged or reported as ε, and the coordinator and every view
-record the run as not private."""
+policy promises no ε; no ε is charged or reported, each round is on the site's ledger as a
+release without DP, and the coordinator and every view record the run as not private."""
 
 from __future__ import annotations
 
@@ -362,7 +362,7 @@ def test_a_dp_run_after_the_baseline_says_its_lifetime_epsilon_is_no_guarantee(t
         for d in drivers.values():
             d.new_run()
         run_id = create_run(store, parsed, "simulation")
-        grid = AppGrid({n: (lambda d: lambda m: d.app(m, d.context))(d) for n, d in drivers.items()})
+        grid = AppGrid({n: _answering(d) for n, d in drivers.items()})
         run_federation(grid, parsed, store, run_id, tmp_path / "art",
                        request=ephemeral_request(parsed.model_dump(mode="json")))
         return run_id
@@ -381,3 +381,8 @@ def test_a_dp_run_after_the_baseline_says_its_lifetime_epsilon_is_no_guarantee(t
     assert budget.count("NOT PRIVATE (+1 without DP)") == 2 and "no lifetime ε holds" in budget
     sites = json.loads(_cli("runs", "show", str(dp), "--store", store.url, "--format", "json"))["sites"]
     assert [s["lifetime_without_dp"] for s in sites] == [1, 1]
+
+
+def _answering(driver: SiteDriver):  # type: ignore[no-untyped-def]
+    """A grid handler: ``driver``'s ClientApp answers each message in its current run's context."""
+    return lambda msg: driver.app(msg, driver.context)
