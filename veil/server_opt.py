@@ -130,10 +130,10 @@ class ServerState:
         never reads it)."""
         if stream.size != opt.state_values(params):
             raise ValueError(f"the {opt.rule} state holds {opt.state_values(params)} values, got {stream.size}")
-        slots = iter(range(0, stream.size - 1, params))
-        x = stream[next(slots):][:params].copy()
-        m = stream[next(slots):][:params].copy() if opt.keeps_momentum else np.zeros(params)
-        v = np.square(np.maximum(stream[next(slots):][:params], 0.0)) if opt.adaptive else None
+        rows = iter(stream[:-1].reshape(-1, params))  # x, then m (β > 0), then √v (adaptive)
+        x = next(rows).copy()
+        m = next(rows).copy() if opt.keeps_momentum else np.zeros(params)
+        v = np.square(np.maximum(next(rows), 0.0)) if opt.adaptive else None
         t = round(float(stream[-1]) / T_SCALE)
         if t < 0:
             raise ValueError(f"the server optimiser's step count is {t}: the aggregate is broken")
