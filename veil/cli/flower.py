@@ -198,6 +198,12 @@ def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], N
             raise (RunFailedError if status == "failed" else BudgetRefusedError)(ended)
     if crashed and code == 0:
         return int(ExitCode.ERROR)
+    if code == 0 and ended is None:
+        # Flower's stream also ends cleanly when the SuperLink shuts down mid-run (a coordinator stopped
+        # or killed and reaped): without the ServerApp's last line the run's outcome is unknown here
+        raise DeployError(f"the coordinator's log stream ended before the run did (its last line, "
+                          f"'{RUN_END_MARK} …', never came: the coordinator may have stopped or restarted); "
+                          "the run's outcome is in its store: veil runs --store URL")
     return code
 
 
