@@ -21,6 +21,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from veil.processes import bin_path, flower_exe
 
 CONNECTION = "veil"
 SERVERAPP_CRASHED = "An unhandled exception occurred in the ServerApp"  # Flower 1.41/1.42's words
+STARTED_RUN = "Successfully started run "  # `flwr run`'s words before the Flower run id (1.41/1.42)
+END_LINE_RETRIES_S = (0.0, 1.0, 2.0)  # pauses before each re-read of a finished run's log
 
 
 def project_root() -> Path:
@@ -151,6 +154,25 @@ def _flwr_json(args: list[str], address: str, ca: Path, failure: str) -> dict[st
     return answer
 
 
+def _end_line_later(flower_run: str, env: dict[str, str], cwd: str, on_line: Callable[[str], None]) -> str | None:
+    """What follows ``RUN_END_MARK`` in Flower run ``flower_run``'s stored log (shown through ``on_line``), read
+    with ``flwr log --show`` a few times over a few seconds; None when it is not there or the SuperLink is gone."""
+    for pause in END_LINE_RETRIES_S:
+        time.sleep(pause)
+        try:
+            done = subprocess.run([flower_exe("flwr"), "log", flower_run, CONNECTION, "--show"], env=env, cwd=cwd,
+                                  capture_output=True, text=True, timeout=60, check=False)
+        except subprocess.TimeoutExpired:
+            return None
+        if done.returncode != 0:
+            return None
+        ends = [line for line in done.stdout.splitlines() if RUN_END_MARK in line]
+        if ends:
+            on_line(ends[-1])
+            return ends[-1].split(RUN_END_MARK, 1)[1].strip()
+    return None
+
+
 def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], None],
            timeout: float | None = None) -> int:
     """Start the signed run request on the coordinator and stream its log; the `flwr run` exit code."""
@@ -176,6 +198,7 @@ def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], N
             timer.start()
         refused = crashed = False
         ended: str | None = None
+        flower_run: str | None = None
         try:
             for line in proc.stdout:
                 on_line(line.rstrip("\n"))
@@ -183,6 +206,8 @@ def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], N
                 crashed = crashed or SERVERAPP_CRASHED in line
                 if RUN_END_MARK in line:
                     ended = line.split(RUN_END_MARK, 1)[1].strip()
+                if flower_run is None and STARTED_RUN in line:
+                    flower_run = next(iter(line.split(STARTED_RUN, 1)[1].split()), None)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -190,6 +215,10 @@ def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], N
         if timed_out:
             raise DeployError(f"stopped following after {timeout:.0f}s; the run goes on at the coordinator "
                               "(see `veil runs`)")
+        if code == 0 and ended is None and not refused and not crashed and flower_run is not None:
+            # The stream stops once Flower marks the run finished, which can come before the ServerApp's
+            # last log upload lands: read the finished run's whole log again for its last line
+            ended = _end_line_later(flower_run, env, tmp, on_line)
     if refused:  # `flwr run --stream` exits 0 even when the ServerApp fails: read what it said
         return int(ExitCode.REQUEST_REFUSED)
     if ended is not None:  # "run 7 failed: <first reason>"
@@ -200,7 +229,7 @@ def submit(request_json: str, address: str, ca: Path, on_line: Callable[[str], N
         return int(ExitCode.ERROR)
     if code == 0 and ended is None:
         # Flower's stream also ends cleanly when the SuperLink shuts down mid-run (a coordinator stopped
-        # or killed and reaped): without the ServerApp's last line the run's outcome is unknown here
+        # or killed and reaped), and then the log cannot be read again: the run's outcome is unknown here
         raise DeployError(f"the coordinator's log stream ended before the run did (its last line, "
                           f"'{RUN_END_MARK} …', never came: the coordinator may have stopped or restarted); "
                           "the run's outcome is in its store: veil runs --store URL")
