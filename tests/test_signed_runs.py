@@ -29,7 +29,7 @@ from privacy.ledger import SiteLedger
 from privacy.requests import load_private_key, sign_request
 from server.store import RunStore
 from server.store import schema as S
-from tests.test_deployment import _free_port, _listening, _wait_for
+from tests.test_deployment import _free_port, _listening, _site_state, _wait_for
 
 pytestmark = pytest.mark.slow
 VEIL = [sys.executable, "-m", "veil.cli"]
@@ -116,6 +116,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             run("coordinator", "register", f"keys/{site}.node-key.pub", "--store", url, "--coordinator",
                 f"127.0.0.1:{port}", "--ca", "certs/ca.crt")
             start(site, "site", "start", "--config", f"{site}.yaml")
+        for site, proc in zip(SITES, procs[1:], strict=True):  # a run waits only round_timeout_s for its sites
+            _wait_for(lambda n=site: _site_state(base, n) == "connected", 180, f"{site} to connect", proc)
         store = RunStore(url, migrate=False)
         yield Federation(base, port, store)
         store.close()
