@@ -64,17 +64,21 @@ class Procs:
         return self.start([*VEIL, "site", "start", "--config", f"{name}.yaml"], f"{name}.log")
 
     def stop_all(self) -> None:
-        for proc in self.started:
+        # Only the groups of leaders still running now: a leader reaped earlier freed its pid, which
+        # another test's process may hold by now (as a group leader too). A group whose leader is
+        # reaped below keeps its id while any member lives, so the last sweep reaches only its own.
+        running = [proc for proc in self.started if proc.poll() is None]
+        for proc in running:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.started:
+        for proc in running:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        for proc in self.started:  # a SuperNode's helpers live in their own group; the daemon stops them
+        for proc in running:  # a SuperNode's helpers live in their own group; the daemon stops them
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
@@ -155,7 +159,7 @@ def test_sites_outlast_a_coordinator_outage_and_a_late_coordinator(procs: Procs)
     down = time.monotonic()
     site_b = procs.site("site-b")
     _wait_for(lambda: _state(base, "site-a") == "waiting", 45, "site-a to notice the coordinator is gone")
-    _wait_for(lambda: _state(base, "site-b") == "waiting", 60, "site-b to wait for the coordinator")
+    _wait_for(lambda: _state(base, "site-b") == "waiting", 120, "site-b to wait for the coordinator")
     time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down)))
     assert site_a.poll() is None and site_b.poll() is None  # still there after 90 s: nothing gave up
     assert {_state(base, "site-a"), _state(base, "site-b")} <= {"waiting", "restarting", "starting"}
@@ -164,9 +168,10 @@ def test_sites_outlast_a_coordinator_outage_and_a_late_coordinator(procs: Procs)
     restarted = time.monotonic()
     procs.superlink(port)
     listening = time.monotonic() - restarted
+    back = time.monotonic()  # README: sites find a coordinator that is back (listening) within ~20 s
     for name in ("site-a", "site-b"):
-        _wait_for(lambda n=name: _state(base, n) == "connected", RECONNECT_S - (time.monotonic() - restarted),
-                  f"{name} to reconnect within {RECONNECT_S:.0f} s of the restart")
+        _wait_for(lambda n=name: _state(base, n) == "connected", RECONNECT_S - (time.monotonic() - back),
+                  f"{name} to reconnect within {RECONNECT_S:.0f} s of the coordinator listening again")
     connected = time.monotonic() - restarted
     _wait_for(lambda: {node_a, node_b} <= _online_nodes(base, port), 30, "the SuperLink to list both online")
     restarts = {n: read_status(base / f"{n}.yaml")["restarts"] for n in ("site-a", "site-b")}
