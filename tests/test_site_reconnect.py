@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from client.supervisor import read_status, status_path
-from tests.test_deployment import _events, _free_port, _listening, _wait_for
+from tests.test_deployment import _events, _free_port, _listening, _site_state, _wait_for
 
 VEIL = [sys.executable, "-m", "veil.cli"]
 BIN = Path(sys.executable).parent
@@ -130,8 +130,7 @@ def _online_nodes(base: Path, port: int) -> set[int]:
     return {int(n["node-id"]) for n in answer.get("nodes", []) if n.get("status") == "online"}
 
 
-def _state(base: Path, name: str) -> str:
-    return str(read_status(base / f"{name}.yaml").get("state"))
+_state = _site_state  # the state `veil site start` last wrote for a site
 
 
 @pytest.fixture
